@@ -1,0 +1,102 @@
+// NB-SMT arithmetic kernels: pure math on pointers and shapes, no ONNX Runtime types.
+//
+// The contract is SPEC.md §2-§3. The ORT glue (src/ort/) quantizes activations,
+// lays the reduction axis out in the "packed" order described below (im2col for
+// Conv), calls accumulate(), and scales the integer accumulators to float.
+//
+// Packed layout. Every reduction of K elements is split among T threads
+// according to the mapping (channel blocks or interleave). The glue reorders
+// each row of activations and weights into S steps x T slots,
+//     packed[s * T + t] = element that thread t handles at step s,
+// with 0 in idle slots (a missing element at the end of a block). A zero
+// operand makes its slot inactive, so idle slots need no special case and the
+// kernel below is independent of the mapping.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace nbsmt {
+
+enum class Reduce : int { kActivations = 0, kWeights = 1 };
+
+// The largest reduction length for which an int32 accumulator is exact
+// (|acc| <= K * 255 * 127 < 2^31).
+constexpr int64_t kMaxReductionLength = 66052;
+
+struct SmtConfig {
+  int threads = 2;                   // T: 1, 2 or 4
+  Reduce reduce = Reduce::kActivations;
+  bool act_signed = false;           // activations in [-127, 127] (else [0, 255])
+};
+
+// Counters of SPEC.md §3.4, summed over a call.
+struct SmtStats {
+  int64_t groups = 0;            // output elements x steps
+  int64_t active_slots = 0;      // sum over (element, step) of n
+  int64_t collisions = 0;        // (element, step) pairs with n >= 2
+  int64_t reduced_operands = 0;  // operands of active threads changed by R
+  void add(const SmtStats& o) {
+    groups += o.groups;
+    active_slots += o.active_slots;
+    collisions += o.collisions;
+    reduced_operands += o.reduced_operands;
+  }
+};
+
+// Runs fn(data, i) for i in [0, total), possibly concurrently. The ORT glue
+// backs it with KernelContext_ParallelFor; tests use run_serial.
+struct Parallel {
+  void* ctx = nullptr;
+  void (*run)(void* ctx, void (*fn)(void*, size_t), size_t total, void* data) = nullptr;
+  void operator()(void (*fn)(void*, size_t), size_t total, void* data) const {
+    if (run == nullptr || total <= 1) {
+      for (size_t i = 0; i < total; ++i) fn(data, i);
+    } else {
+      run(ctx, fn, total, data);
+    }
+  }
+};
+
+// One NB-SMT "GEMM":
+//   acc[p * acc_row_stride + m * acc_col_stride] =
+//       NB-SMT reduction over s in [0, steps) of (x[p][s*T + t], w[m][s*T + t]), t < T
+// x: P rows of steps*T quantized activations (row stride x_stride, elements);
+// w: M rows of steps*T int8 weights in [-127, 127] (row stride w_stride).
+// stats (nullable): counters of this call are *added* to *stats.
+// The result is identical, integer for integer, whatever `parallel` does.
+void accumulate(const SmtConfig& cfg, int64_t P, int64_t M, int64_t steps,
+                const int16_t* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
+                int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
+                SmtStats* stats, const Parallel& parallel);
+
+// Straightforward loop over the SPEC rules; the ground truth accumulate() is
+// tested against in C++ (and the NumPy reference in Python).
+void accumulate_scalar(const SmtConfig& cfg, int64_t P, int64_t M, int64_t steps,
+                       const int16_t* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
+                       int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
+                       SmtStats* stats);
+
+// SPEC.md §3.3 operand reduction R to a 4-bit window (values stay on the 8-bit grid).
+inline int reduce_unsigned(int v) {
+  if (v < 16) return v;
+  // round_half_even(v / 16) for v >= 0
+  int q = v >> 4, r = v & 15;
+  if (r > 8 || (r == 8 && (q & 1))) ++q;
+  if (q > 15) q = 15;
+  return q * 16;
+}
+inline int reduce_signed(int v) {
+  if (v >= -8 && v <= 7) return v;
+  // round_half_even(v / 16) with floor division (works for negatives)
+  int q = v >> 4, r = v - q * 16;  // r in [0, 16)
+  if (r > 8 || (r == 8 && (q & 1))) ++q;
+  if (q < -8) q = -8;
+  if (q > 7) q = 7;
+  return q * 16;
+}
+
+// SPEC.md §2: Xq = clip(round_half_even(float32(x) / s_x), lo, hi); NaN -> 0.
+int16_t quantize_activation(float x, float x_scale, bool act_signed);
+
+}  // namespace nbsmt

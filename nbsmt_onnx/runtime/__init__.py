@@ -1,0 +1,1 @@
+"""Finding the custom-op library and creating ONNX Runtime sessions."""
