@@ -1,0 +1,1 @@
+"""Graph passes: rewrite, probe, fold. Passes never call each other; api.py orders them."""
