@@ -1,0 +1,617 @@
+"""Post-training BatchNorm recalibration under NB-SMT (SPEC.md §4) and fused-layer correction (§5.2).
+
+Strategies for models with BatchNormalization (the math and costs are in
+docs/recalibration.md):
+
+``train-mode``
+    The paper's procedure. One pass in which every recalibrated BN normalises
+    with the statistics of the current batch (``graph.probe.use_batch_statistics``);
+    the new running statistics are the population mean and variance of each
+    BN's input over all samples of that pass. One pass, any depth.
+``sequential``
+    Replacement, exact for eval mode: each BN's new statistics are measured
+    with every upstream BN already recalibrated. BNs are grouped by
+    dependency level (``graph.bn.dependency_levels``); level d is measured
+    in pass d+1 on the model with levels < d written back, so the cost is
+    (number of levels) passes. When the whole calibration set is one batch,
+    the train-mode pass *is* the sequential result and one pass suffices.
+``relative``
+    Ours: the clean (float) model's BN-input statistics (mu_c, var_c) and the
+    NB-SMT model's (mu_n, var_n) are measured on the same data, the latter
+    sequentially as above, and the *original* statistics are moved by the
+    NB-SMT-induced shift: ``mean' = mean + (mu_n - mu_c)``,
+    ``var' = var * ratio(var_n, var_c)`` with the regularised, bounded ratio
+    of :class:`VarianceRatio`. Cost: (number of levels) passes; the clean
+    model runs alongside the first one.
+``one-pass``
+    For comparison only (SPEC §4 shows it destroys deep models): every BN
+    measured once with the *old* upstream statistics, all replaced at once.
+
+For models whose BN is already fused (no BN after an NbSmt op),
+:func:`correct_fused_layers` matches each op's output statistics to the clean
+model's on the same data, sequentially, and returns per-channel
+``y' = a*y + b`` folded into ``w_scale`` and ``B``.
+
+Every pass streams the data: per batch only per-channel (count, mean, M2)
+leave the graph, merged on the host in float64 (``calibration.statistics``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+from nbsmt_onnx.calibration.statistics import ChannelAccumulator, ChannelStatistics
+from nbsmt_onnx.errors import ConfigError, DataError, ModelError
+from nbsmt_onnx.graph.bn import (
+    BatchNormInfo,
+    BatchNormStatistics,
+    dependency_levels,
+    find_batchnorms,
+    group_by_level,
+    is_nbsmt,
+    layers_without_batchnorm,
+    nbsmt_channel_axis,
+    read_batchnorm_statistics,
+)
+from nbsmt_onnx.graph.fold import (
+    ChannelAffine,
+    Skip,
+    apply_channel_corrections,
+    write_batchnorm_statistics,
+)
+from nbsmt_onnx.graph.probe import (
+    CHANNEL_FIRST,
+    CHANNEL_LAST,
+    ProbeResult,
+    ProbeSpec,
+    add_statistics_probes,
+    use_batch_statistics,
+)
+from nbsmt_onnx.runtime.session import create_session
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("train-mode", "sequential", "relative", "one-pass")
+#: Provisional default; the project's choice is made by measurement on real models (issue 3).
+DEFAULT_STRATEGY = "relative"
+CORRECTIONS = ("mean", "mean+var")
+DEFAULT_CORRECTION = "mean+var"
+
+Feed = Mapping[str, np.ndarray]
+DataSource = Callable[[], Iterable[Feed]]
+
+
+class _Session(Protocol):
+    def run(
+        self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any]
+    ) -> list[Any]: ...
+
+
+SessionFactory = Callable[[onnx.ModelProto], _Session]
+
+
+@dataclass(frozen=True)
+class PassProgress:
+    """Progress of one pass over the calibration data (given to the ``progress`` callback)."""
+
+    pass_index: int  # 1-based
+    total_passes: int
+    description: str
+    batches: int  # batches finished in this pass
+    finished: bool
+
+
+ProgressCallback = Callable[[PassProgress], None]
+
+
+@dataclass(frozen=True)
+class VarianceRatio:
+    """Regularised, bounded per-channel variance ratio ``num / den`` (relative strategy, §5.2).
+
+    ``ratio = clip((num + e) / (den + e), 1/bound, bound)`` with
+    ``e = eps + floor * mean_over_channels(den_ref)``: ``eps`` is the BN's
+    epsilon (0 for fused layers), the ``floor`` term keeps channels whose
+    calibration variance is tiny against the layer's typical variance (dead
+    or rarely active channels on out-of-domain data) from producing huge
+    ratios from noise, and ``bound`` caps what a small calibration set may
+    do to any channel (default 4: the std changes at most 2x).
+    """
+
+    floor: float = 0.01
+    bound: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not (self.floor >= 0 and np.isfinite(self.floor)):
+            raise ConfigError(
+                f"variance-ratio floor must be a finite number >= 0, got {self.floor}"
+            )
+        if not (self.bound >= 1 and np.isfinite(self.bound)):
+            raise ConfigError(
+                f"variance-ratio bound must be a finite number >= 1, got {self.bound}"
+            )
+
+    def __call__(
+        self, num: np.ndarray, den: np.ndarray, reference: np.ndarray, eps: float = 0.0
+    ) -> np.ndarray:
+        e = max(eps + self.floor * float(np.mean(reference)), 1e-12)
+        return np.clip((num + e) / (den + e), 1.0 / self.bound, self.bound)
+
+
+DEFAULT_RATIO = VarianceRatio()
+
+
+@dataclass(frozen=True)
+class BatchNormUpdate:
+    """What recalibration did to one BN (for the report)."""
+
+    name: str
+    level: int
+    epsilon: float
+    old: BatchNormStatistics
+    new: BatchNormStatistics
+    #: BN-input statistics on the NB-SMT model, as the strategy measured them
+    measured: ChannelStatistics
+    #: BN-input statistics on the clean model (``relative`` only)
+    reference: ChannelStatistics | None = None
+
+    @property
+    def mean_shift(self) -> float:
+        """RMS over channels of (new mean - old mean), in units of the old std."""
+        z = (self.new.mean - self.old.mean) / np.sqrt(self.old.var + self.epsilon)
+        return float(np.sqrt(np.mean(z * z)))
+
+    @property
+    def std_ratio(self) -> float:
+        """Geometric mean over channels of new std / old std."""
+        r = (self.new.var + self.epsilon) / (self.old.var + self.epsilon)
+        return float(np.exp(0.5 * np.mean(np.log(r))))
+
+
+@dataclass(frozen=True)
+class RecalibrationResult:
+    """New BN statistics, the NB-SMT model with them written in, and the cost in passes."""
+
+    strategy: str
+    model: onnx.ModelProto
+    updates: tuple[BatchNormUpdate, ...]
+    skipped: tuple[Skip, ...]
+    #: passes over the calibration data
+    passes: int
+    #: full-data model executions (a pass running the clean and NB-SMT models counts 2)
+    model_runs: int
+
+    @property
+    def statistics(self) -> dict[str, BatchNormStatistics]:
+        return {u.name: u.new for u in self.updates}
+
+
+@dataclass(frozen=True)
+class LayerCorrection:
+    """The per-channel correction of one NbSmt op's output (SPEC §5.2)."""
+
+    name: str
+    level: int
+    correction: ChannelAffine
+    #: op output statistics on the NB-SMT model (upstream already corrected), before correction
+    measured: ChannelStatistics
+    #: op output statistics on the clean model
+    reference: ChannelStatistics
+
+    @property
+    def mean_shift(self) -> float:
+        """RMS over channels of (mu_n - mu_c), in units of the clean std (before correction)."""
+        z = (self.measured.mean - self.reference.mean) / np.sqrt(self.reference.variance + 1e-12)
+        return float(np.sqrt(np.mean(z * z)))
+
+    @property
+    def std_ratio(self) -> float:
+        """Geometric mean over channels of NB-SMT std / clean std (before correction)."""
+        r = (self.measured.variance + 1e-12) / (self.reference.variance + 1e-12)
+        return float(np.exp(0.5 * np.mean(np.log(r))))
+
+
+@dataclass(frozen=True)
+class CorrectionResult:
+    variant: str
+    model: onnx.ModelProto
+    corrections: tuple[LayerCorrection, ...]
+    passes: int
+    model_runs: int
+
+    @property
+    def affine(self) -> dict[str, ChannelAffine]:
+        return {c.name: c.correction for c in self.corrections}
+
+
+class _Runner:
+    """Runs passes over the data; counts them; reports progress; checks data is re-iterable."""
+
+    def __init__(
+        self,
+        data: DataSource,
+        session_factory: SessionFactory,
+        progress: ProgressCallback | None,
+        total_passes: int,
+    ) -> None:
+        self.data = data
+        self.session_factory = session_factory
+        self.progress = progress
+        self.total_passes = total_passes
+        self.passes = 0
+        self.model_runs = 0
+        self._shape: tuple[int, int] | None = None  # (batches, first-input samples) of pass 1
+
+    def run_pass(
+        self, probed: Sequence[ProbeResult], description: str
+    ) -> list[dict[str, ChannelStatistics]]:
+        """One pass over the data running each probed model; merged statistics per model."""
+        self.passes += 1
+        self.model_runs += len(probed)
+        logger.info("pass %d/%d: %s", self.passes, self.total_passes, description)
+        sessions = [self.session_factory(p.model) for p in probed]
+        accs: list[dict[str, ChannelAccumulator | None]] = [
+            dict.fromkeys(p.outputs) for p in probed
+        ]
+        batches = samples = 0
+        for feed in _iterate(self.data):
+            for p, session, acc in zip(probed, sessions, accs, strict=True):
+                names = p.output_names
+                values = dict(zip(names, session.run(names, dict(feed)), strict=True))
+                for tensor, outs in p.outputs.items():
+                    stats = outs.statistics(values)
+                    if acc[tensor] is None:
+                        acc[tensor] = ChannelAccumulator(stats.channels)
+                    acc[tensor].add(stats)  # type: ignore[union-attr]
+            batches += 1
+            first = next(iter(feed.values()), None)
+            samples += int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
+            if self.progress is not None:
+                self.progress(
+                    PassProgress(self.passes, self.total_passes, description, batches, False)
+                )
+        if batches == 0:
+            raise DataError(
+                f"calibration data yielded no batches in pass {self.passes}; pass a callable that "
+                "returns a fresh iterator each time (recalibration reads the data several times)"
+            )
+        if self._shape is None:
+            self._shape = (batches, samples)
+        elif self._shape != (batches, samples):
+            raise DataError(
+                f"calibration data changed between passes ({self._shape[0]} batches/{self._shape[1]} "
+                f"samples, then {batches}/{samples}); use a deterministic data source (fixed seed)"
+            )
+        if self.progress is not None:
+            self.progress(PassProgress(self.passes, self.total_passes, description, batches, True))
+        out: list[dict[str, ChannelStatistics]] = []
+        for acc in accs:
+            result: dict[str, ChannelStatistics] = {}
+            for tensor, a in acc.items():
+                if a is None or a.result.total_count == 0:
+                    raise DataError(f"no elements of tensor {tensor!r} were seen in calibration")
+                result[tensor] = a.result
+            out.append(result)
+        return out
+
+
+def _iterate(data: DataSource) -> Iterator[Feed]:
+    if not callable(data):
+        raise ConfigError(
+            "calibration data must be a callable returning an iterable of feed dicts "
+            "(it is read once per pass)"
+        )
+    yield from data()
+
+
+def _is_single_batch(data: DataSource) -> bool:
+    it = iter(_iterate(data))
+    first = next(it, None)
+    return first is not None and next(it, None) is None
+
+
+def _select_batchnorms(
+    model: onnx.ModelProto, names: Iterable[str] | None
+) -> tuple[list[BatchNormInfo], list[Skip]]:
+    infos = find_batchnorms(model)
+    skipped: list[Skip] = []
+    if names is None:
+        selected = []
+        for info in infos:
+            if info.recalibration_blocker is not None:
+                skipped.append(Skip(info.name, info.recalibration_blocker))
+            elif not info.affected:
+                skipped.append(
+                    Skip(info.name, "no NbSmt op upstream: its input is unchanged, left as is")
+                )
+            else:
+                selected.append(info)
+        return selected, skipped
+    wanted = list(dict.fromkeys(names))
+    by_name = {i.name: i for i in infos}
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise ConfigError(
+            f"no BatchNormalization nodes named {unknown}; the model has {sorted(by_name)}"
+        )
+    for name in wanted:
+        blocker = by_name[name].recalibration_blocker
+        if blocker is not None:
+            raise ConfigError(f"BN {name!r} cannot be recalibrated: {blocker}")
+    chosen = set(wanted)
+    skipped = [Skip(i.name, "not selected") for i in infos if i.name not in chosen]
+    return [by_name[n] for n in wanted], skipped
+
+
+def recalibrate_batchnorm(
+    model: onnx.ModelProto,
+    data: DataSource,
+    *,
+    strategy: str = DEFAULT_STRATEGY,
+    float_model: onnx.ModelProto | None = None,
+    batchnorms: Iterable[str] | None = None,
+    ratio: VarianceRatio = DEFAULT_RATIO,
+    single_batch_shortcut: bool = True,
+    session_factory: SessionFactory = create_session,
+    progress: ProgressCallback | None = None,
+) -> RecalibrationResult:
+    """Re-estimate the running statistics of the BNs of an NB-SMT model.
+
+    ``model`` is the NB-SMT model (BN nodes kept); ``float_model`` the clean
+    model with the same BN node names (required by ``relative``). ``data``
+    is called once per pass and must yield the same feed dicts each time.
+    ``batchnorms`` defaults to every BN that can be recalibrated and has an
+    NbSmt op upstream; the others are listed in ``skipped``. The returned
+    model has the new statistics written into its BN nodes (fold them with
+    ``graph.fold.FoldBatchNormIntoNbSmt``).
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy == "relative" and float_model is None:
+        raise ConfigError(
+            "strategy 'relative' needs the float model to measure the clean statistics"
+        )
+    infos, skipped = _select_batchnorms(model, batchnorms)
+    if not infos:
+        logger.info("no BatchNormalization to recalibrate")
+        return RecalibrationResult(strategy, _copy(model), (), tuple(skipped), 0, 0)
+    old = {i.name: read_batchnorm_statistics(model, i.name) for i in infos}
+    levels = dependency_levels(model, [i.name for i in infos])
+    groups = group_by_level(levels)
+    by_name = {i.name: i for i in infos}
+    updates: list[BatchNormUpdate] = []
+
+    if strategy == "train-mode" or (
+        strategy == "sequential" and single_batch_shortcut and _is_single_batch(data)
+    ):
+        if strategy == "sequential":
+            logger.info("calibration data is one batch: sequential is exact in one train-mode pass")
+        runner = _Runner(data, session_factory, progress, 1)
+        probed = use_batch_statistics(model, [i.name for i in infos])
+        (measured,) = runner.run_pass(
+            [probed], f"{strategy}: {len(infos)} BNs in batch-statistics mode"
+        )
+        updates += [
+            _replacement(by_name[n], levels[n], old[n], measured[by_name[n].input]) for n in levels
+        ]
+        return _finish(strategy, model, updates, skipped, runner)
+
+    if strategy == "one-pass":
+        runner = _Runner(data, session_factory, progress, 1)
+        probed = add_statistics_probes(model, [i.input for i in infos], only_statistics=True)
+        (measured,) = runner.run_pass(
+            [probed], f"one-pass: {len(infos)} BNs, old upstream statistics"
+        )
+        updates += [
+            _replacement(by_name[n], levels[n], old[n], measured[by_name[n].input]) for n in levels
+        ]
+        return _finish(strategy, model, updates, skipped, runner)
+
+    reference: dict[str, ChannelStatistics] = {}
+    clean_probe: ProbeResult | None = None
+    if strategy == "relative":
+        assert float_model is not None
+        clean_inputs = _float_batchnorm_inputs(float_model, [i.name for i in infos])
+        clean_probe = add_statistics_probes(
+            float_model, sorted(set(clean_inputs.values())), only_statistics=True
+        )
+    runner = _Runner(data, session_factory, progress, len(groups))
+    current = model
+    for level, group in enumerate(groups):
+        probed = add_statistics_probes(
+            current, [by_name[n].input for n in group], only_statistics=True
+        )
+        description = f"{strategy}: level {level}, {len(group)} BNs"
+        if clean_probe is not None and level == 0:
+            measured, clean = runner.run_pass(
+                [probed, clean_probe], description + " (+ clean model)"
+            )
+            reference = {n: clean[t] for n, t in clean_inputs.items()}
+        else:
+            (measured,) = runner.run_pass([probed], description)
+        level_updates = []
+        for name in group:
+            info = by_name[name]
+            stats = measured[info.input]
+            if strategy == "relative":
+                level_updates.append(
+                    _relative(info, level, old[name], stats, reference[name], ratio)
+                )
+            else:
+                level_updates.append(_replacement(info, level, old[name], stats))
+        current = write_batchnorm_statistics(current, {u.name: u.new for u in level_updates})
+        updates.extend(level_updates)
+    return RecalibrationResult(
+        strategy, current, tuple(updates), tuple(skipped), runner.passes, runner.model_runs
+    )
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _finish(
+    strategy: str,
+    model: onnx.ModelProto,
+    updates: list[BatchNormUpdate],
+    skipped: list[Skip],
+    runner: _Runner,
+) -> RecalibrationResult:
+    new_model = write_batchnorm_statistics(model, {u.name: u.new for u in updates})
+    return RecalibrationResult(
+        strategy, new_model, tuple(updates), tuple(skipped), runner.passes, runner.model_runs
+    )
+
+
+def _replacement(
+    info: BatchNormInfo, level: int, old: BatchNormStatistics, measured: ChannelStatistics
+) -> BatchNormUpdate:
+    _check_channels(info, measured)
+    new = BatchNormStatistics(measured.mean, measured.variance)
+    return BatchNormUpdate(info.name, level, info.epsilon, old, new, measured)
+
+
+def _relative(
+    info: BatchNormInfo,
+    level: int,
+    old: BatchNormStatistics,
+    measured: ChannelStatistics,
+    reference: ChannelStatistics,
+    ratio: VarianceRatio,
+) -> BatchNormUpdate:
+    _check_channels(info, measured)
+    _check_channels(info, reference)
+    var_c = reference.variance
+    k = ratio(measured.variance, var_c, var_c, info.epsilon)
+    new = BatchNormStatistics(old.mean + (measured.mean - reference.mean), old.var * k)
+    return BatchNormUpdate(info.name, level, info.epsilon, old, new, measured, reference)
+
+
+def _check_channels(info: BatchNormInfo, stats: ChannelStatistics) -> None:
+    if info.channels is not None and stats.channels != info.channels:
+        raise ModelError(
+            f"BN {info.name!r} has {info.channels} channels but its input has {stats.channels} "
+            "along axis 1; the model is inconsistent"
+        )
+
+
+def _float_batchnorm_inputs(float_model: onnx.ModelProto, names: Sequence[str]) -> dict[str, str]:
+    """BN name -> its input tensor in the clean model (matched by node name)."""
+    found = {
+        n.name: n.input[0] for n in float_model.graph.node if n.op_type == "BatchNormalization"
+    }
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ModelError(
+            f"the float model has no BatchNormalization nodes named {missing}; "
+            "pass the model the NB-SMT model was rewritten from"
+        )
+    return {n: found[n] for n in names}
+
+
+def correct_fused_layers(
+    model: onnx.ModelProto,
+    float_model: onnx.ModelProto,
+    data: DataSource,
+    *,
+    variant: str = DEFAULT_CORRECTION,
+    layers: Iterable[str] | None = None,
+    ratio: VarianceRatio = DEFAULT_RATIO,
+    session_factory: SessionFactory = create_session,
+    progress: ProgressCallback | None = None,
+) -> CorrectionResult:
+    """Per-channel correction of NbSmt op outputs against the clean model (SPEC §5.2).
+
+    For each layer (default: every NbSmt op not followed by a BN), in
+    dependency order with upstream layers already corrected, measure its
+    output statistics on the NB-SMT model (mu_n, var_n) and on the clean
+    model (mu_c, var_c) at the node of the same name, and fold
+
+    - ``mean``:      y' = y + (mu_c - mu_n)
+    - ``mean+var``:  y' = a*(y - mu_n) + mu_c,  a = sqrt(ratio(var_c, var_n))
+
+    into the op's ``w_scale`` and ``B``. Returns the corrected model.
+    """
+    if variant not in CORRECTIONS:
+        raise ConfigError(f"unknown correction {variant!r}; choose one of {', '.join(CORRECTIONS)}")
+    names = list(dict.fromkeys(layers)) if layers is not None else layers_without_batchnorm(model)
+    nodes = {n.name: n for n in model.graph.node if is_nbsmt(n)}
+    unknown = [n for n in names if n not in nodes]
+    if unknown:
+        raise ConfigError(f"no NbSmt ops named {unknown} in the model")
+    if not names:
+        return CorrectionResult(variant, _copy(model), (), 0, 0)
+    float_nodes = {n.name: n for n in float_model.graph.node}
+    clean_specs: dict[str, ProbeSpec] = {}
+    for name in names:
+        fnode = float_nodes.get(name)
+        if fnode is None or fnode.op_type not in ("Conv", "MatMul", "Gemm"):
+            raise ModelError(
+                f"the float model has no Conv/MatMul/Gemm named {name!r}; pass the model the "
+                "NB-SMT model was rewritten from"
+            )
+        axis = CHANNEL_FIRST if fnode.op_type == "Conv" else CHANNEL_LAST
+        clean_specs[name] = ProbeSpec(fnode.output[0], axis)
+    clean_probe = add_statistics_probes(
+        float_model, list(clean_specs.values()), only_statistics=True
+    )
+    levels = dependency_levels(model, names)
+    groups = group_by_level(levels)
+    runner = _Runner(data, session_factory, progress, len(groups))
+    current = model
+    reference: dict[str, ChannelStatistics] = {}
+    results: list[LayerCorrection] = []
+    for level, group in enumerate(groups):
+        specs = {n: ProbeSpec(nodes[n].output[0], nbsmt_channel_axis(nodes[n])) for n in group}
+        probed = add_statistics_probes(current, list(specs.values()), only_statistics=True)
+        description = f"correction {variant}: level {level}, {len(group)} layers"
+        if level == 0:
+            measured, clean = runner.run_pass(
+                [probed, clean_probe], description + " (+ clean model)"
+            )
+            reference = {n: clean[s.tensor] for n, s in clean_specs.items()}
+        else:
+            (measured,) = runner.run_pass([probed], description)
+        level_results = []
+        for name in group:
+            mu = measured[specs[name].tensor]
+            ref = reference[name]
+            if mu.channels != ref.channels:
+                raise ModelError(
+                    f"layer {name!r} has {mu.channels} output channels in the NB-SMT model and "
+                    f"{ref.channels} in the float model"
+                )
+            if variant == "mean":
+                a = np.ones(mu.channels)
+            else:
+                a = np.sqrt(ratio(ref.variance, mu.variance, ref.variance))
+            corr = ChannelAffine(a, ref.mean - a * mu.mean)
+            level_results.append(LayerCorrection(name, level, corr, mu, ref))
+        current = apply_channel_corrections(current, {c.name: c.correction for c in level_results})
+        results.extend(level_results)
+    return CorrectionResult(variant, current, tuple(results), runner.passes, runner.model_runs)
+
+
+__all__ = [
+    "CORRECTIONS",
+    "DEFAULT_CORRECTION",
+    "DEFAULT_STRATEGY",
+    "STRATEGIES",
+    "BatchNormUpdate",
+    "CorrectionResult",
+    "DataSource",
+    "LayerCorrection",
+    "PassProgress",
+    "RecalibrationResult",
+    "SessionFactory",
+    "VarianceRatio",
+    "correct_fused_layers",
+    "recalibrate_batchnorm",
+]

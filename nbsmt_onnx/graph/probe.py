@@ -1,0 +1,439 @@
+"""Expose per-channel statistics of chosen tensors as extra graph outputs.
+
+Calibration must not export whole activation tensors (SPEC.md §4): for each
+probed tensor ``x`` this pass adds, to a *copy* of the model, a few standard
+ONNX nodes that reduce ``x`` per channel to
+
+- ``count``: int64 scalar, elements per channel in this batch (N x spatial),
+  taken from ``Size(x) / C`` so dynamic batch and spatial sizes work;
+- ``mean``: float64 [C], the batch mean;
+- ``m2``: float64 [C], the sum of squared deviations from the batch mean.
+
+``x`` is cast to float64 before reducing: the cast is exact, and sums of up
+to millions of float32 values then keep ~1e-13 relative accuracy, so the host
+accumulator (``calibration.statistics``) matches a NumPy float64 computation
+over all data to ~1e-12 rather than float32's ~1e-6. The centred M2 (two
+reductions per batch) avoids the cancellation of sum-of-squares formulas.
+
+Layouts: ``channel_axis=1`` is ONNX's NC... layout (BatchNormalization
+inputs, NbSmtConv outputs; also [N, C] for BN after a fully connected layer);
+``channel_axis=-1`` is [..., C] (NbSmtMatMul / MatMul / Gemm outputs).
+
+:func:`use_batch_statistics` is the train-mode rewrite built on the same
+nodes: selected BatchNormalization nodes normalise with the statistics of the
+current batch instead of their running statistics.
+
+The mapping from probed tensor to output names is returned as Python objects;
+names are made by :class:`~nbsmt_onnx.graph.naming.NameGenerator` and never
+parsed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from nbsmt_onnx.calibration.statistics import ChannelStatistics
+from nbsmt_onnx.errors import InternalError, UnsupportedModelError
+from nbsmt_onnx.graph.bn import node_inputs
+from nbsmt_onnx.graph.naming import NameGenerator
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_FIRST = 1
+CHANNEL_LAST = -1
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """A tensor of the main graph to measure, and where its channel axis is."""
+
+    tensor: str
+    channel_axis: int = CHANNEL_FIRST
+
+    def __post_init__(self) -> None:
+        if self.channel_axis not in (CHANNEL_FIRST, CHANNEL_LAST):
+            raise InternalError(
+                f"channel_axis must be {CHANNEL_FIRST} or {CHANNEL_LAST}, got {self.channel_axis}"
+            )
+
+
+@dataclass(frozen=True)
+class ProbeOutputs:
+    """Names of the graph outputs that carry one probed tensor's batch statistics."""
+
+    tensor: str
+    channel_axis: int
+    count: str
+    mean: str
+    m2: str
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return (self.count, self.mean, self.m2)
+
+    def statistics(self, values: Mapping[str, np.ndarray]) -> ChannelStatistics:
+        """Convert one run's outputs (name -> array) into :class:`ChannelStatistics`."""
+        count = int(np.asarray(values[self.count]).reshape(()))
+        mean = np.asarray(values[self.mean], dtype=np.float64)
+        if count == 0:
+            return ChannelStatistics.empty(mean.shape[0])
+        return ChannelStatistics.from_moments(count, mean, values[self.m2])
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The probed copy of the model and, per probed tensor, its statistic outputs."""
+
+    model: onnx.ModelProto
+    outputs: dict[str, ProbeOutputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        names: list[str] = []
+        for probe in self.outputs.values():
+            names.extend(probe.names)
+        return names
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """Version of the default ONNX domain the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise UnsupportedModelError(
+        "the model imports no default ONNX opset; re-export it with a standard opset (>= 11)"
+    )
+
+
+def _available_tensors(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(o for o in node.output if o)
+    return names
+
+
+class _StatisticsBuilder:
+    """Emits the reduction nodes for one graph, respecting the model's opset."""
+
+    def __init__(self, model: onnx.ModelProto, names: NameGenerator) -> None:
+        self.opset = default_opset(model)
+        if self.opset < 11:
+            raise UnsupportedModelError(
+                f"statistics probes need ONNX opset >= 11, the model has {self.opset}; "
+                "convert it with onnx.version_converter"
+            )
+        self.names = names
+        self.initializers: list[onnx.TensorProto] = []
+        self._constants: dict[tuple[str, tuple[int, ...]], str] = {}
+
+    def _const_i64(self, purpose: str, values: Sequence[int]) -> str:
+        key = (purpose, tuple(values))
+        if key not in self._constants:
+            name = self.names.new("nbsmt_probe", purpose)
+            self.initializers.append(
+                numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+            )
+            self._constants[key] = name
+        return self._constants[key]
+
+    def _reduce_sum(
+        self, nodes: list[onnx.NodeProto], base: str, x: str, axes: Sequence[int], keepdims: int
+    ) -> str:
+        out = self.names.new(base, "sum")
+        if self.opset >= 13:
+            axes_name = self._const_i64("axes", axes)
+            nodes.append(
+                helper.make_node(
+                    "ReduceSum",
+                    [x, axes_name],
+                    [out],
+                    name=self.names.new(base, "ReduceSum"),
+                    keepdims=keepdims,
+                )
+            )
+        else:
+            nodes.append(
+                helper.make_node(
+                    "ReduceSum",
+                    [x],
+                    [out],
+                    name=self.names.new(base, "ReduceSum"),
+                    axes=list(axes),
+                    keepdims=keepdims,
+                )
+            )
+        return out
+
+    def _node(
+        self,
+        nodes: list[onnx.NodeProto],
+        op: str,
+        inputs: list[str],
+        base: str,
+        purpose: str,
+        **attrs: Any,
+    ) -> str:
+        out = self.names.new(base, purpose)
+        nodes.append(helper.make_node(op, inputs, [out], name=self.names.new(base, op), **attrs))
+        return out
+
+    def moments(self, x: str, channel_axis: int) -> tuple[list[onnx.NodeProto], str, str, str]:
+        """Nodes computing (count int64 scalar, mean float64 [C], m2 float64 [C]) of ``x``."""
+        nodes: list[onnx.NodeProto] = []
+        base = x
+        xd = self._node(nodes, "Cast", [x], base, "f64", to=TensorProto.DOUBLE)
+        shape = self._node(nodes, "Shape", [x], base, "shape")
+        if channel_axis == CHANNEL_FIRST:
+            grouped = self._node(
+                nodes, "Reshape", [xd, self._const_i64("shape_n_c_rest", [0, 0, -1])], base, "ncs"
+            )
+            axes: list[int] = [0, 2]
+            channels = self._node(
+                nodes, "Gather", [shape, self._const_i64("index_1", [1])], base, "channels", axis=0
+            )
+        else:
+            channels = self._node(
+                nodes,
+                "Gather",
+                [shape, self._const_i64("index_last", [-1])],
+                base,
+                "channels",
+                axis=0,
+            )
+            target = self._node(
+                nodes,
+                "Concat",
+                [self._const_i64("minus_one", [-1]), channels],
+                base,
+                "shape_rest_c",
+                axis=0,
+            )
+            grouped = self._node(nodes, "Reshape", [xd, target], base, "sc")
+            axes = [0]
+        size = self._node(nodes, "Size", [x], base, "size")
+        count_1 = self._node(nodes, "Div", [size, channels], base, "count_1d")
+        count = self._node(
+            nodes, "Reshape", [count_1, self._const_i64("scalar_shape", [])], base, "count"
+        )
+        count_d = self._node(nodes, "Cast", [count], base, "count_f64", to=TensorProto.DOUBLE)
+        total = self._reduce_sum(nodes, base, grouped, axes, keepdims=1)
+        mean_k = self._node(nodes, "Div", [total, count_d], base, "mean_keepdims")
+        centred = self._node(nodes, "Sub", [grouped, mean_k], base, "centred")
+        squared = self._node(nodes, "Mul", [centred, centred], base, "centred_sq")
+        m2 = self._reduce_sum(nodes, base, squared, axes, keepdims=0)
+        mean = self._node(nodes, "Reshape", [mean_k, self._const_i64("flat", [-1])], base, "mean")
+        return nodes, count, mean, m2
+
+
+def _check(model: onnx.ModelProto, when: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if when == "before":
+            raise UnsupportedModelError(f"the model fails onnx.checker: {first}") from err
+        raise InternalError(f"statistics probe produced an invalid model: {first}") from err
+
+
+def _stat_outputs(probe: ProbeOutputs) -> list[onnx.ValueInfoProto]:
+    return [
+        helper.make_tensor_value_info(probe.count, TensorProto.INT64, []),
+        helper.make_tensor_value_info(probe.mean, TensorProto.DOUBLE, [None]),
+        helper.make_tensor_value_info(probe.m2, TensorProto.DOUBLE, [None]),
+    ]
+
+
+def _normalise_specs(probes: Iterable[ProbeSpec | str]) -> list[ProbeSpec]:
+    specs: dict[str, ProbeSpec] = {}
+    for probe in probes:
+        spec = ProbeSpec(probe) if isinstance(probe, str) else probe
+        previous = specs.get(spec.tensor)
+        if previous is not None and previous.channel_axis != spec.channel_axis:
+            raise InternalError(
+                f"tensor {spec.tensor!r} probed with two channel axes "
+                f"({previous.channel_axis} and {spec.channel_axis})"
+            )
+        specs[spec.tensor] = spec
+    return list(specs.values())
+
+
+def add_statistics_probes(
+    model: onnx.ModelProto,
+    probes: Iterable[ProbeSpec | str],
+    *,
+    only_statistics: bool = False,
+    check: bool = True,
+) -> ProbeResult:
+    """Return a copy of ``model`` that also outputs per-channel batch statistics of ``probes``.
+
+    ``probes`` are tensor names of the main graph (channel axis 1) or
+    :class:`ProbeSpec` objects. The original model is not modified. The
+    probed model keeps all original outputs unless ``only_statistics``: then
+    the statistics are its only outputs and every node they do not depend
+    on is removed, so a pass measuring early layers does not pay for the
+    rest of the network (graph inputs are all kept, so the same feeds work).
+    """
+    specs = _normalise_specs(probes)
+    if check:
+        _check(model, "before")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    available = _available_tensors(graph)
+    missing = [s.tensor for s in specs if s.tensor not in available]
+    if missing:
+        raise InternalError(f"cannot probe tensors missing from the main graph: {missing}")
+    builder = _StatisticsBuilder(out, NameGenerator.for_model(out))
+    outputs: dict[str, ProbeOutputs] = {}
+    for spec in specs:
+        nodes, count, mean, m2 = builder.moments(spec.tensor, spec.channel_axis)
+        graph.node.extend(nodes)
+        probe = ProbeOutputs(spec.tensor, spec.channel_axis, count, mean, m2)
+        graph.output.extend(_stat_outputs(probe))
+        outputs[spec.tensor] = probe
+    graph.initializer.extend(builder.initializers)
+    if only_statistics:
+        keep = [o for o in graph.output if o.name in {n for p in outputs.values() for n in p.names}]
+        del graph.output[:]
+        graph.output.extend(keep)
+        prune_to_outputs(graph)
+    if check:
+        _check(out, "after")
+    logger.debug("added statistics probes for %d tensors", len(outputs))
+    return ProbeResult(out, outputs)
+
+
+def use_batch_statistics(
+    model: onnx.ModelProto, bn_names: Iterable[str], *, check: bool = True
+) -> ProbeResult:
+    """Copy of ``model`` where the named BatchNormalization nodes use batch statistics.
+
+    Each selected BN's ``mean``/``var`` inputs are replaced by the mean and
+    population variance of its input over the current batch (computed in
+    float64, cast to the dtype of the original running statistics), so it
+    normalises like a BN in training mode. The batch statistics of every
+    selected BN input are also graph outputs (returned like
+    :func:`add_statistics_probes`), so one pass both runs the train-mode
+    network and measures it.
+    """
+    wanted = list(dict.fromkeys(bn_names))
+    if check:
+        _check(model, "before")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    by_name = {n.name: n for n in graph.node if n.op_type == "BatchNormalization"}
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        raise InternalError(f"no BatchNormalization nodes named {unknown} in the main graph")
+    stat_dtype = _running_stat_dtypes(graph)
+    names = NameGenerator.for_model(out)
+    builder = _StatisticsBuilder(out, names)
+    outputs: dict[str, ProbeOutputs] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    selected = set(wanted)
+    for node in graph.node:
+        if node.op_type == "BatchNormalization" and node.name in selected:
+            x = node.input[0]
+            if x in outputs:
+                probe = outputs[x]
+            else:
+                nodes, count, mean, m2 = builder.moments(x, CHANNEL_FIRST)
+                new_nodes.extend(nodes)
+                probe = ProbeOutputs(x, CHANNEL_FIRST, count, mean, m2)
+                outputs[x] = probe
+            count_d = names.new(node.name, "batch_count_f64")
+            var64 = names.new(node.name, "batch_var_f64")
+            mean_t = names.new(node.name, "batch_mean")
+            var_t = names.new(node.name, "batch_var")
+            to = stat_dtype.get(node.name, TensorProto.FLOAT)
+            new_nodes.extend(
+                [
+                    helper.make_node(
+                        "Cast",
+                        [probe.count],
+                        [count_d],
+                        name=names.new(node.name, "Cast"),
+                        to=TensorProto.DOUBLE,
+                    ),
+                    helper.make_node(
+                        "Div", [probe.m2, count_d], [var64], name=names.new(node.name, "Div")
+                    ),
+                    helper.make_node(
+                        "Cast", [probe.mean], [mean_t], name=names.new(node.name, "Cast"), to=to
+                    ),
+                    helper.make_node(
+                        "Cast", [var64], [var_t], name=names.new(node.name, "Cast"), to=to
+                    ),
+                ]
+            )
+            replaced = onnx.NodeProto()
+            replaced.CopyFrom(node)
+            replaced.input[3] = mean_t
+            replaced.input[4] = var_t
+            new_nodes.append(replaced)
+        else:
+            new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    for probe in outputs.values():
+        graph.output.extend(_stat_outputs(probe))
+    graph.initializer.extend(builder.initializers)
+    if check:
+        _check(out, "after")
+    return ProbeResult(out, outputs)
+
+
+def prune_to_outputs(graph: onnx.GraphProto) -> None:
+    """Remove nodes, initializers and value_info the graph outputs do not depend on.
+
+    Graph inputs are kept even when unused, so callers can feed the same dict.
+    """
+    all_nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(all_nodes) for o in n.output if o}
+    needed: set[str] = set()
+    stack = [o.name for o in graph.output]
+    keep: set[int] = set()
+    while stack:
+        tensor = stack.pop()
+        if tensor in needed:
+            continue
+        needed.add(tensor)
+        i = producer.get(tensor)
+        if i is not None and i not in keep:
+            keep.add(i)
+            stack.extend(node_inputs(all_nodes[i]))
+    nodes = [n for i, n in enumerate(all_nodes) if i in keep]
+    inits = [t for t in graph.initializer if t.name in needed]
+    infos = [v for v in graph.value_info if v.name in needed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+
+
+def _running_stat_dtypes(graph: onnx.GraphProto) -> dict[str, int]:
+    """Element type of each BN's running-mean input, where it is known."""
+    known: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
+    for vi in list(graph.input) + list(graph.value_info):
+        if vi.type.HasField("tensor_type"):
+            known.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    known.setdefault(node.output[0], attr.t.data_type)
+    return {
+        n.name: known[n.input[3]]
+        for n in graph.node
+        if n.op_type == "BatchNormalization" and len(n.input) > 3 and n.input[3] in known
+    }
