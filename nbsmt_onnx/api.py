@@ -1,0 +1,515 @@
+"""The Python API: ``transform`` and ``inspect`` — the one place that orders the steps.
+
+``transform(model, calib_data, config)``:
+
+1. load the model once (``io.load_model``) and name every node;
+2. open and validate the calibration data (the first batch is checked before
+   any long pass starts);
+3. plan the rewrite on the float model (what becomes NB-SMT, what not and why);
+4. calibrate activation ranges on the float model (one streaming pass);
+5. rewrite into the simulation model; check it (onnx.checker + shape inference);
+6. recalibrate BatchNorm statistics (issue 3; off until that module lands);
+7. verify and measure: run the simulation model once over the calibration
+   data with the ``stats`` outputs exposed (outputs must be finite);
+8. build the exports (QDQ from the final simulation model) and verify the QDQ
+   model with stock ONNX Runtime against the ``threads=1`` simulation;
+9. assemble the report.
+
+Nothing is written to disk here: :class:`TransformResult` holds the models
+and the report; ``TransformResult.save`` writes them through ``io``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from nbsmt_onnx import io
+from nbsmt_onnx.calibration.data import CalibrationData, model_inputs, open_calibration_data
+from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
+from nbsmt_onnx.config import ImagePreprocessing, TransformConfig
+from nbsmt_onnx.errors import ConfigError, NbsmtError, OutputError, UnsupportedModelError
+from nbsmt_onnx.graph.qdq import MIN_QDQ_OPSET, to_qdq
+from nbsmt_onnx.graph.rewrite import (
+    RewritePlan,
+    RewriteResult,
+    SkippedNode,
+    ensure_node_names,
+    plan_rewrite,
+    rewrite_model,
+)
+from nbsmt_onnx.ops import schema
+from nbsmt_onnx.report import add_stats_outputs, build_report
+from nbsmt_onnx.runtime.library import get_library_path
+from nbsmt_onnx.runtime.session import SessionOptions, create_session
+
+log = logging.getLogger(__name__)
+
+METADATA_VERSION_KEY = "nbsmt_onnx.version"
+METADATA_SETTINGS_KEY = "nbsmt_onnx.settings"
+METADATA_KIND_KEY = "nbsmt_onnx.kind"
+
+
+def _version() -> str:
+    from nbsmt_onnx import __version__
+
+    return __version__
+
+
+@dataclass
+class TransformResult:
+    """What ``transform`` produced: the models (in memory) and the report dict."""
+
+    sim_model: onnx.ModelProto
+    qdq_model: onnx.ModelProto | None
+    report: dict[str, Any]
+    config: TransformConfig
+    source_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def default_output(self) -> Path:
+        """``<input stem>.nbsmt.onnx`` beside the input (``.qdq.onnx`` for a QDQ-only export)."""
+        if self.source_path is None:
+            raise OutputError("the model was passed as a ModelProto; give an output path")
+        suffix = ".qdq.onnx" if self.config.export == "qdq" else ".nbsmt.onnx"
+        stem = (
+            self.source_path.name[: -len(".onnx")]
+            if self.source_path.name.endswith(".onnx")
+            else self.source_path.name
+        )
+        return self.source_path.with_name(stem + suffix)
+
+    def output_paths(
+        self, output: str | Path | None = None, qdq_output: str | Path | None = None
+    ) -> dict[str, Path]:
+        """Where ``save`` writes each export: {"sim": path, "qdq": path} as configured."""
+        out = Path(output) if output is not None else self.default_output()
+        paths: dict[str, Path] = {}
+        if self.config.export == "qdq":
+            paths["qdq"] = Path(qdq_output) if qdq_output is not None else out
+            return paths
+        paths["sim"] = out
+        if self.config.exports_qdq:
+            if qdq_output is not None:
+                paths["qdq"] = Path(qdq_output)
+            else:
+                stem = out.name[: -len(".onnx")] if out.name.endswith(".onnx") else out.name
+                paths["qdq"] = out.with_name(stem + ".qdq.onnx")
+        return paths
+
+    def save(
+        self,
+        output: str | Path | None = None,
+        *,
+        qdq_output: str | Path | None = None,
+        report_path: str | Path | None = None,
+        force: bool = False,
+    ) -> list[Path]:
+        """Write the configured exports (and the report, if a path is given); all or nothing.
+
+        Every destination is checked before anything is written; if a later
+        write fails, the files written by this call are removed again.
+        """
+        paths = self.output_paths(output, qdq_output)
+        protect = (self.source_path,) if self.source_path is not None else ()
+        all_paths = [*paths.values(), *([Path(report_path)] if report_path is not None else [])]
+        if len({p.resolve() for p in all_paths}) != len(all_paths):
+            raise OutputError("two outputs would be written to the same path; give distinct paths")
+        for p in all_paths:
+            io.check_destination(p, force=force, protect=tuple(Path(x) for x in protect))
+        written: list[Path] = []
+        try:
+            for kind, path in paths.items():
+                model = self.sim_model if kind == "sim" else self.qdq_model
+                if model is None:
+                    raise OutputError(
+                        f"no {kind} model was built; run transform with export={kind!r} or 'both'"
+                    )
+                written += io.save_model(model, path, force=force, protect=protect)
+            if report_path is not None:
+                written.append(write_report(self.report, report_path, force=force))
+        except NbsmtError:
+            for p in written:
+                p.unlink(missing_ok=True)
+            raise
+        return written
+
+
+def write_report(report: dict[str, Any], path: str | Path, *, force: bool = False) -> Path:
+    """Write the JSON report atomically (same rules as model files)."""
+    import os
+    import tempfile
+
+    dest = Path(path)
+    io.check_destination(dest, force=force, protect=())
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, dest)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {dest}: {err.strerror or err}") from err
+    return dest
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        io.check_model(copy, what="input model")
+        return copy, None
+    path = Path(model)
+    return io.load_model(path), path
+
+
+def _upgrade_for_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    opset = io.default_opset(model)
+    if opset >= MIN_QDQ_OPSET:
+        return model
+    from onnx import version_converter
+
+    log.info("converting the model from opset %d to %d for the QDQ export", opset, MIN_QDQ_OPSET)
+    try:
+        converted = version_converter.convert_version(model, MIN_QDQ_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as err:
+        raise UnsupportedModelError(
+            f"QDQ export needs opset >= {MIN_QDQ_OPSET} and converting this opset-{opset} model failed "
+            f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); use --export sim"
+        ) from err
+    return converted
+
+
+def _register_schemas() -> None:
+    from nbsmt_onnx.ops.onnx_schema import register_schemas
+
+    register_schemas()
+
+
+def _recalibrate(
+    float_model: onnx.ModelProto, sim: RewriteResult, data: CalibrationData, config: TransformConfig
+) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+    """Step 6 — BatchNorm recalibration (issue 3).
+
+    Calls ``nbsmt_onnx.calibration.recalibrate.recalibrate`` when that module
+    exists and recalibration is enabled (the default is off until it lands).
+    """
+    rc = config.recalibration
+    if not rc.enabled:
+        return sim.model, None
+    if data.is_random:
+        log.warning(
+            "recalibration skipped: random calibration data would corrupt the BN statistics"
+        )
+        return sim.model, {"skipped": "random calibration data"}
+    if importlib.util.find_spec("nbsmt_onnx.calibration.recalibrate") is None:
+        raise ConfigError(
+            "BatchNorm recalibration is not available in this version; run without --recalibrate"
+        )
+    from nbsmt_onnx.calibration import recalibrate as recal_module
+
+    result = recal_module.recalibrate(  # type: ignore[attr-defined]
+        float_model=float_model,
+        sim_model=sim.model,
+        data=data,
+        config=rc,
+        progress=config.progress,
+    )
+    return result.model, result.report
+
+
+def _run_with_stats(
+    sim_model: onnx.ModelProto, data: CalibrationData, config: TransformConfig
+) -> dict[str, np.ndarray] | None:
+    """Run the simulation model over the data (or one batch) with ``stats`` exposed; sum them.
+
+    Also the verification run: the model must load with the library and give
+    finite outputs.
+    """
+    probe, stats_names = add_stats_outputs(sim_model)
+    out_names = [o.name for o in sim_model.graph.output]
+    with io.session_source(probe) as source:
+        session = create_session(source, SessionOptions())
+    totals = {n: np.zeros(len(schema.STATS_FIELDS), dtype=np.int64) for n in stats_names}
+    order = list(stats_names)
+    wanted = out_names + [stats_names[n] for n in order]
+    batches = data.batches()
+    with tqdm(
+        total=data.num_batches if config.collect_stats else 1,
+        desc="NB-SMT stats",
+        unit="batch",
+        file=sys.stderr,
+        disable=not config.progress or None,
+        leave=False,
+    ) as bar:
+        for batch in batches:
+            values = session.run(wanted, batch)
+            for name, v in zip(out_names, values[: len(out_names)], strict=True):
+                arr = np.asarray(v)
+                if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                    raise UnsupportedModelError(
+                        f"the simulation model produced NaN/Inf in output {name!r}; check the calibration ranges"
+                    )
+            for n, v in zip(order, values[len(out_names) :], strict=True):
+                totals[n] += np.asarray(v, dtype=np.int64)
+            bar.update(1)
+            if not config.collect_stats:
+                break
+    return totals if config.collect_stats else None
+
+
+def _set_threads(model: onnx.ModelProto, threads: int) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.domain == schema.DOMAIN:
+            for attr in node.attribute:
+                if attr.name == "threads":
+                    attr.i = threads
+    return out
+
+
+def compare_qdq(
+    sim_model: onnx.ModelProto, qdq_model: onnx.ModelProto, batch: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Run the QDQ model (stock ORT, no library) and the ``threads=1`` simulation on one batch.
+
+    Returns the largest absolute difference per output and relative to the
+    output's peak magnitude (float32 rounding, see ``graph.qdq``).
+    """
+    t1 = _set_threads(sim_model, 1)
+    with io.session_source(t1) as source:
+        sim_out = create_session(source, SessionOptions()).run(None, batch)
+    with io.session_source(qdq_model) as source:
+        qdq_out = create_session(source, SessionOptions(register_library=False)).run(None, batch)
+    names = [o.name for o in sim_model.graph.output]
+    result = {}
+    for name, a, b in zip(names, sim_out, qdq_out, strict=True):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+        peak = float(np.max(np.abs(a))) if a.size else 0.0
+        result[name] = {"max_abs_diff": diff, "relative_to_peak": diff / peak if peak else diff}
+    return result
+
+
+def _metadata(model: onnx.ModelProto, kind: str, settings: dict[str, Any]) -> None:
+    entries = {
+        METADATA_VERSION_KEY: _version(),
+        METADATA_SETTINGS_KEY: json.dumps(settings, sort_keys=True),
+        METADATA_KIND_KEY: kind,
+    }
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+
+
+def _no_candidates_error(plan: RewritePlan) -> UnsupportedModelError:
+    if not plan.skipped:
+        return UnsupportedModelError(
+            "nothing to rewrite: the model has no Conv, MatMul or Gemm node"
+        )
+    reasons: dict[str, int] = {}
+    for s in plan.skipped:
+        reasons[s.reason] = reasons.get(s.reason, 0) + 1
+    top = "; ".join(f"{n}x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+    return UnsupportedModelError(
+        f"nothing to rewrite: every Conv/MatMul/Gemm was skipped ({top}); see 'nbsmt-onnx inspect'"
+    )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def transform(
+    model: str | Path | onnx.ModelProto,
+    calib_data: Any,
+    config: TransformConfig | None = None,
+    *,
+    images: ImagePreprocessing | None = None,
+) -> TransformResult:
+    """Rewrite ``model`` into an NB-SMT simulation model (and a QDQ model) — see the module doc.
+
+    ``calib_data``: a path (.npz, .npy, folder of arrays or images), ``"random"``
+    (smoke tests only), a dict of arrays, or an iterable of feed dicts.
+    """
+    started = time.perf_counter()
+    warnings: list[str] = []
+    config = TransformConfig() if config is None else config
+    if not isinstance(config, TransformConfig):
+        raise ConfigError(f"config must be a TransformConfig; got {type(config).__name__}")
+    get_library_path()  # fail before any long pass if the library is missing
+    _register_schemas()
+
+    float_model, source_path = _load(model)
+    if config.exports_qdq:
+        float_model = _upgrade_for_qdq(float_model)
+    ensure_node_names(float_model)
+
+    specs = model_inputs(float_model)
+    data = open_calibration_data(
+        calib_data,
+        specs,
+        num_samples=config.num_samples,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        images=images,
+    )
+    if data.is_random:
+        msg = (
+            "calibration with RANDOM data: scales are meaningless for real inputs (smoke test only)"
+        )
+        log.warning(msg)
+        warnings.append(msg)
+    data.first_batch()
+
+    plan = plan_rewrite(float_model, config.selection)
+    if not plan.candidates:
+        raise _no_candidates_error(plan)
+
+    ranges: dict[str, ActivationRange] = collect_ranges(
+        float_model, plan.activation_tensors, data, config.ranges, progress=config.progress
+    )
+
+    rewritten = rewrite_model(float_model, plan, ranges, config)
+    io.check_model(rewritten.model, what="simulation model")
+
+    sim_model, recal_report = _recalibrate(float_model, rewritten, data, config)
+
+    stats = _run_with_stats(sim_model, data, config)
+
+    settings = config.to_dict()
+    _metadata(sim_model, "simulation", settings)
+    qdq_model = None
+    exports: dict[str, Any] = {"sim": config.exports_sim, "qdq": config.exports_qdq}
+    if config.exports_qdq:
+        qdq_model = to_qdq(sim_model)
+        io.check_model(qdq_model, what="QDQ model")
+        _metadata(qdq_model, "qdq", settings)
+        exports["qdq_vs_threads1_simulation"] = compare_qdq(
+            sim_model, qdq_model, data.first_batch()
+        )
+
+    report = build_report(
+        version=_version(),
+        settings=settings,
+        source=str(source_path) if source_path else "<ModelProto>",
+        data={
+            "source": data.description,
+            "samples": data.num_samples,
+            "batch_size": data.batch_size,
+            "seed": data.seed,
+            "random": data.is_random,
+        },
+        rewritten=rewritten.rewritten,
+        skipped=rewritten.skipped,
+        stats=stats,
+        threads=config.threads,
+        recalibration=recal_report,
+        exports=exports,
+        warnings=warnings,
+    )
+    report["wall_time_s"] = round(time.perf_counter() - started, 3)
+    return TransformResult(sim_model, qdq_model, report, config, source_path, warnings)
+
+
+@dataclass(frozen=True)
+class BatchNormEntry:
+    """A BN layer as ``inspect`` shows it."""
+
+    name: str
+    producer: str | None
+    producer_op: str | None
+    fold_target: str | None
+    note: str
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """What ``transform`` would do to a model, without calibration data."""
+
+    path: str
+    opset: int
+    rewritten: tuple[tuple[str, str, str], ...]  # (node, op type, weight origin)
+    skipped: tuple[SkippedNode, ...]
+    batchnorms: tuple[BatchNormEntry, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.path,
+            "opset": self.opset,
+            "rewritten": [
+                {"node": n, "op_type": o, "weight_origin": w} for n, o, w in self.rewritten
+            ],
+            "skipped": [
+                {"node": s.node_name, "op_type": s.op_type, "reason": s.reason}
+                for s in self.skipped
+            ],
+            "batchnorms": [b.__dict__ for b in self.batchnorms],
+        }
+
+
+def inspect(
+    model: str | Path | onnx.ModelProto, config: TransformConfig | None = None
+) -> InspectResult:
+    """List what ``transform`` would rewrite, what not and why, and the BatchNorm layers."""
+    config = config or TransformConfig()
+    float_model, source_path = _load(model)
+    ensure_node_names(float_model)
+    plan = plan_rewrite(float_model, config.selection)
+    bns: Sequence[BatchNormEntry] = ()
+    if any(n.op_type == "BatchNormalization" for n in float_model.graph.node):
+        bns = _inspect_batchnorms(float_model, plan, config)
+    return InspectResult(
+        path=str(source_path) if source_path else "<ModelProto>",
+        opset=io.default_opset(float_model),
+        rewritten=tuple((c.node_name, c.op_type, c.weight_origin) for c in plan.candidates),
+        skipped=plan.skipped,
+        batchnorms=tuple(bns),
+    )
+
+
+def _inspect_batchnorms(
+    model: onnx.ModelProto, plan: RewritePlan, config: TransformConfig
+) -> list[BatchNormEntry]:
+    """BN layers of the model as they would be after the rewrite (fold targets, blockers)."""
+    from nbsmt_onnx.graph.bn import find_batchnorms
+
+    # Placeholder ranges: only the graph structure matters here, not the scales.
+    preview = rewrite_model(
+        model, plan, {t: ActivationRange(0.0, 1.0, False) for t in plan.activation_tensors}, config
+    ).model
+    out = []
+    for info in find_batchnorms(preview):
+        if info.fold_target:
+            note = f"folds into {info.fold_target}"
+        elif not info.affected:
+            note = "not affected by NB-SMT (no NB-SMT op upstream)"
+        else:
+            note = (
+                f"kept, recalibrated in place: {info.fold_blocker}"
+                if info.recalibratable
+                else (f"not recalibrated: {info.recalibration_blocker}")
+            )
+        out.append(
+            BatchNormEntry(info.name, info.producer, info.producer_op, info.fold_target, note)
+        )
+    return out

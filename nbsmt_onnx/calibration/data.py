@@ -1,0 +1,713 @@
+"""Calibration data: where samples come from, how they are sampled, batched and validated.
+
+Sources (:func:`open_calibration_data` picks one from what the user passed):
+
+- ``.npz`` keyed by input name (a single-input model also takes the unkeyed
+  ``arr_0`` of ``np.savez(path, x)``) or a single ``.npy`` for a single-input
+  model. An array whose rank equals the model input's rank holds samples
+  along axis 0; an array of rank one less is one sample.
+- a folder of ``.npy`` / ``.npz`` files (the same rules per file; only the
+  headers are read until a sample is needed);
+- a folder of images (PNG/JPEG, searched recursively) for a model with one
+  4-D input, preprocessed as :class:`~nbsmt_onnx.config.ImagePreprocessing`
+  says; decoding needs Pillow (the ``nbsmt-onnx[images]`` extra);
+- ``"random"``: standard-normal samples, for smoke tests only;
+- in the Python API: a mapping of arrays (like an ``.npz``), or an iterable of
+  feed dicts, each one a complete batch passed to the model as is.
+
+A *sample* is one slice along axis 0 (the batch axis) of every input.
+Indexable sources draw ``num_samples`` of them with ``np.random.default_rng(seed)``
+(a random subset in random order, reproducible); feed iterables are taken in
+order. Samples are stacked into batches of ``batch_size``, or of the model's
+batch size when it is fixed. Every sample is checked against the model's
+input names, dtypes and shapes, and for NaN/Inf, before it reaches a session;
+errors name the input and the sample. Data are streamed: only the batch being
+built (and, for ``.npz``, the arrays of the open file) is in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from nbsmt_onnx.config import ImagePreprocessing
+from nbsmt_onnx.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARRAY_SUFFIXES = (".npy", ".npz")
+RANDOM = "random"
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, NumPy dtype and shape (None for a dynamic dimension)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        dims = [
+            "N" if i == 0 and d is None else ("?" if d is None else str(d))
+            for i, d in enumerate(self.shape)
+        ]
+        return "(" + ", ".join(dims) + ")"
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.shape[0] if self.shape else None
+
+
+def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
+    """The inputs a caller must feed (graph inputs that are not initializers)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise DataError(
+                f"model input {vi.name!r} is not a tensor; calibration supports tensor inputs only"
+            )
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        shape: tuple[int | None, ...] = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in tt.shape.dim
+        )
+        specs.append(InputSpec(vi.name, np.dtype(dtype), shape))
+    return tuple(specs)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+class _Validator:
+    """Checks samples/feeds against the model inputs; casts float precision once, with a log line."""
+
+    def __init__(self, specs: tuple[InputSpec, ...], where: str) -> None:
+        self.specs = specs
+        self.where = where
+        self._cast_logged: set[str] = set()
+
+    def _names(self, keys: Iterable[str], index: int) -> None:
+        keys = set(keys)
+        expected = {s.name for s in self.specs}
+        missing = sorted(expected - keys)
+        extra = sorted(keys - expected)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing input(s) {', '.join(missing)}")
+            if extra:
+                parts.append(f"unknown input(s) {', '.join(extra)}")
+            raise DataError(
+                f"{self.where}: sample {index}: {'; '.join(parts)}; the model's inputs are "
+                + ", ".join(f"{s.name} {s.describe()}" for s in self.specs)
+            )
+
+    def _array(self, spec: InputSpec, value: Any, index: int, batched: bool) -> np.ndarray:
+        arr = np.asarray(value)
+        if arr.dtype != spec.dtype:
+            if arr.dtype.kind == "f" and spec.dtype.kind == "f":
+                if spec.name not in self._cast_logged:
+                    log.info(
+                        "%s: casting input %r from %s to %s",
+                        self.where,
+                        spec.name,
+                        arr.dtype,
+                        spec.dtype,
+                    )
+                    self._cast_logged.add(spec.name)
+                arr = arr.astype(spec.dtype)
+            else:
+                raise DataError(
+                    f"{self.where}: input {spec.name!r} sample {index} has dtype {arr.dtype}; "
+                    f"the model expects {spec.dtype}"
+                )
+        expected = spec.shape if batched else spec.shape[1:]
+        ok = arr.ndim == len(expected) and all(
+            e is None or e == a for e, a in zip(expected, arr.shape, strict=True)
+        )
+        if not ok:
+            hint = (
+                " (resize images with --resize/--center-crop)"
+                if arr.ndim == 3 and not batched
+                else ""
+            )
+            what = "feed" if batched else "sample"
+            raise DataError(
+                f"{self.where}: input {spec.name!r} {what} {index} has shape {_fmt_shape(arr.shape)}; "
+                f"the model expects {spec.describe() if batched else _fmt_shape_spec(spec.shape[1:])}{hint}"
+            )
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            bad = "NaN" if np.any(np.isnan(arr)) else "Inf"
+            raise DataError(
+                f"{self.where}: input {spec.name!r} sample {index} contains {bad}; clean the data"
+            )
+        return arr
+
+    def sample(self, sample: Mapping[str, Any], index: int) -> Feed:
+        self._names(sample.keys(), index)
+        return {s.name: self._array(s, sample[s.name], index, batched=False) for s in self.specs}
+
+    def feed(self, feed: Mapping[str, Any], index: int) -> Feed:
+        self._names(feed.keys(), index)
+        return {s.name: self._array(s, feed[s.name], index, batched=True) for s in self.specs}
+
+
+def _fmt_shape_spec(shape: tuple[int | None, ...]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _IndexedSource:
+    """Samples addressable by index: ``len()`` and ``get(i) -> {name: array without batch axis}``."""
+
+    description = ""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, index: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def _split_rank(arr_shape: tuple[int, ...], spec: InputSpec, where: str) -> int | None:
+    """How many samples an array holds: shape[0] for rank == model rank, None (=1, no axis) for rank - 1."""
+    if len(arr_shape) == len(spec.shape):
+        return int(arr_shape[0])
+    if len(arr_shape) == len(spec.shape) - 1:
+        return None
+    raise DataError(
+        f"{where}: array for input {spec.name!r} has shape {_fmt_shape(arr_shape)}; the model expects "
+        f"{spec.describe()} (a stack of samples) or {_fmt_shape_spec(spec.shape[1:])} (one sample)"
+    )
+
+
+def _match_keys(keys: list[str], specs: tuple[InputSpec, ...], where: str) -> dict[str, str]:
+    """Map model input name -> key in the file."""
+    names = [s.name for s in specs]
+    if set(names) <= set(keys):
+        extra = sorted(set(keys) - set(names))
+        if extra:
+            log.warning("%s: ignoring arrays %s (not model inputs)", where, ", ".join(extra))
+        return {n: n for n in names}
+    if len(specs) == 1 and len(keys) == 1:
+        return {names[0]: keys[0]}
+    missing = sorted(set(names) - set(keys))
+    raise DataError(
+        f"{where}: no array for model input(s) {', '.join(missing)}; the file has "
+        f"{', '.join(keys) or 'no arrays'}; save it with np.savez(path, **{{input_name: array}})"
+    )
+
+
+class _ArrayGroup:
+    """A set of arrays (one per input) that share a sample axis."""
+
+    def __init__(self, arrays: Mapping[str, Any], specs: tuple[InputSpec, ...], where: str) -> None:
+        counts = {s.name: _split_rank(tuple(np.shape(arrays[s.name])), s, where) for s in specs}
+        values = set(counts.values())
+        if len(values) != 1:
+            raise DataError(
+                f"{where}: inputs hold different numbers of samples: "
+                + ", ".join(f"{k}={1 if v is None else v}" for k, v in counts.items())
+            )
+        (count,) = values
+        self.stacked = count is not None
+        self.count = 1 if count is None else count
+        self.arrays = arrays
+
+    def get(self, index: int) -> dict[str, np.ndarray]:
+        if not self.stacked:
+            return {k: np.asarray(v) for k, v in self.arrays.items()}
+        return {k: np.asarray(v[index]) for k, v in self.arrays.items()}
+
+
+class ArraySource(_IndexedSource):
+    """In-memory or memory-mapped arrays: an ``.npz``, an ``.npy`` or a mapping from the API."""
+
+    def __init__(self, arrays: Mapping[str, Any], specs: tuple[InputSpec, ...], where: str) -> None:
+        keys = _match_keys(list(arrays.keys()), specs, where)
+        self.description = where
+        self._group = _ArrayGroup({n: arrays[k] for n, k in keys.items()}, specs, where)
+
+    def __len__(self) -> int:
+        return self._group.count
+
+    def get(self, index: int) -> dict[str, np.ndarray]:
+        return self._group.get(index)
+
+
+def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+def _npy_header_shape(fh: Any) -> tuple[int, ...]:
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _, _ = np.lib.format.read_array_header_1_0(fh)
+    else:
+        shape, _, _ = np.lib.format.read_array_header_2_0(fh)
+    return tuple(shape)
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Array shapes in an .npy/.npz file, read from the headers only."""
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as fh:
+                return {"": _npy_header_shape(fh)}
+        with zipfile.ZipFile(path) as z:
+            shapes = {}
+            for member in z.namelist():
+                if member.endswith(".npy"):
+                    with z.open(member) as fh:
+                        shapes[member[: -len(".npy")]] = _npy_header_shape(fh)
+            return shapes
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+class ArrayFolderSource(_IndexedSource):
+    """A folder of .npy/.npz files; a few decoded files are cached (LRU)."""
+
+    _CACHE_FILES = 4
+
+    def __init__(self, folder: Path, files: list[Path], specs: tuple[InputSpec, ...]) -> None:
+        self.description = f"{folder} ({len(files)} array files)"
+        self._specs = specs
+        self._files = files
+        self._index: list[tuple[int, int | None]] = []  # (file, sample within file or None)
+        self._keys: list[dict[str, str]] = []
+        for fi, f in enumerate(files):
+            shapes = _file_shapes(f)
+            where = str(f)
+            if f.suffix.lower() == ".npy":
+                if len(specs) != 1:
+                    raise DataError(
+                        f"{where}: an .npy file holds one array but the model has inputs "
+                        f"{', '.join(s.name for s in specs)}; use .npz files keyed by input name"
+                    )
+                keys = {specs[0].name: ""}
+            else:
+                keys = _match_keys(list(shapes), specs, where)
+            self._keys.append(keys)
+            counts = {_split_rank(shapes[keys[s.name]], s, where) for s in specs}
+            if len(counts) != 1:
+                raise DataError(f"{where}: inputs hold different numbers of samples")
+            (count,) = counts
+            if count is None:
+                self._index.append((fi, None))
+            else:
+                self._index.extend((fi, j) for j in range(count))
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _arrays(self, fi: int) -> dict[str, np.ndarray]:
+        if fi in self._cache:
+            self._cache.move_to_end(fi)
+            return self._cache[fi]
+        f = self._files[fi]
+        raw = {"": _load_npy(f)} if f.suffix.lower() == ".npy" else _load_npz(f)
+        arrays = {name: raw[key] for name, key in self._keys[fi].items()}
+        self._cache[fi] = arrays
+        if len(self._cache) > self._CACHE_FILES:
+            self._cache.popitem(last=False)
+        return arrays
+
+    def get(self, index: int) -> dict[str, np.ndarray]:
+        fi, j = self._index[index]
+        arrays = self._arrays(fi)
+        return {k: np.asarray(v if j is None else v[j]) for k, v in arrays.items()}
+
+
+class ImageFolderSource(_IndexedSource):
+    """A folder of PNG/JPEG images for a model with one 4-D input; decoded one at a time."""
+
+    def __init__(
+        self, folder: Path, files: list[Path], spec: InputSpec, pre: ImagePreprocessing
+    ) -> None:
+        self.description = f"{folder} ({len(files)} images)"
+        if len(spec.shape) != 4:
+            raise DataError(
+                f"{folder}: images need a model with one 4-D input; input {spec.name!r} is {spec.describe()}"
+            )
+        channel_axis = 1 if pre.layout == "NCHW" else 3
+        channels = spec.shape[channel_axis]
+        if channels not in (None, 1, 3):
+            raise DataError(
+                f"{folder}: input {spec.name!r} {spec.describe()} has {channels} channels at the "
+                f"{pre.layout} channel axis; images give 1 or 3 (check --layout)"
+            )
+        self._channels = channels or 3
+        self._files = files
+        self._spec = spec
+        self._pre = pre
+        _require_pillow()
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def get(self, index: int) -> dict[str, np.ndarray]:
+        return {
+            self._spec.name: load_image(
+                self._files[index], self._pre, self._channels, self._spec.dtype
+            )
+        }
+
+
+def _require_pillow() -> Any:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError(
+            "reading images needs Pillow: pip install 'nbsmt-onnx[images]' (or pip install pillow), "
+            "or convert the images to .npy/.npz"
+        ) from None
+    return Image
+
+
+def _size(spec: tuple[int, ...], w: int, h: int) -> tuple[int, int]:
+    """(width, height) for a resize spec: N = shorter side to N, (H, W) exact."""
+    if len(spec) == 2:
+        return spec[1], spec[0]
+    n = spec[0]
+    if w <= h:
+        return n, max(1, round(h * n / w))
+    return max(1, round(w * n / h)), n
+
+
+def load_image(path: Path, pre: ImagePreprocessing, channels: int, dtype: np.dtype) -> np.ndarray:
+    """Decode and preprocess one image into a sample (no batch axis) of the given layout."""
+    image_mod = _require_pillow()
+    try:
+        with image_mod.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if pre.resize is not None:
+                im = im.resize(_size(pre.resize, *im.size), resample=image_mod.Resampling.BILINEAR)
+            if pre.crop is not None:
+                cw, ch = (
+                    (pre.crop[0], pre.crop[0]) if len(pre.crop) == 1 else (pre.crop[1], pre.crop[0])
+                )
+                w, h = im.size
+                if cw > w or ch > h:
+                    raise DataError(
+                        f"{path}: image of {h}x{w} is smaller than the crop {ch}x{cw}; add --resize"
+                    )
+                left, top = (w - cw) // 2, (h - ch) // 2
+                im = im.crop((left, top, left + cw, top + ch))
+            pixels = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as err:  # Pillow raises several types for corrupt files
+        raise DataError(f"cannot decode image {path}: {err}") from err
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if dtype.kind == "f":
+        arr = pixels.astype(np.float32) / np.float32(pre.scale)
+        mean = np.asarray(
+            pre.mean[:channels] if len(pre.mean) >= channels else pre.mean, dtype=np.float32
+        )
+        std = np.asarray(
+            pre.std[:channels] if len(pre.std) >= channels else pre.std, dtype=np.float32
+        )
+        arr = ((arr - mean) / std).astype(dtype)
+    else:
+        arr = pixels.astype(dtype)
+    if pre.channel_order == "BGR" and channels == 3:
+        arr = arr[..., ::-1]
+    if pre.layout == "NCHW":
+        arr = np.transpose(arr, (2, 0, 1))
+    return np.ascontiguousarray(arr)
+
+
+class RandomSource(_IndexedSource):
+    """Standard-normal samples (float inputs with static non-batch dims only). Smoke tests only."""
+
+    description = "random (smoke test only)"
+
+    def __init__(self, specs: tuple[InputSpec, ...], count: int, seed: int) -> None:
+        for s in specs:
+            if s.dtype.kind != "f":
+                raise DataError(
+                    f"--calib random cannot generate data for {s.dtype} input {s.name!r}; pass real data"
+                )
+            if not s.shape or any(d is None for d in s.shape[1:]):
+                raise DataError(
+                    f"--calib random needs static shapes; input {s.name!r} is {s.describe()}; pass real data"
+                )
+        self._specs = specs
+        self._count = count
+        self._seed = seed
+
+    def __len__(self) -> int:
+        return self._count
+
+    def get(self, index: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self._seed, index])
+        return {
+            s.name: rng.standard_normal(tuple(int(d) for d in s.shape[1:] if d is not None)).astype(
+                s.dtype
+            )
+            for s in self._specs
+        }
+
+
+# --------------------------------------------------------------------------- the data object
+
+
+class CalibrationData:
+    """A re-iterable stream of validated batches (feed dicts) drawn from one source.
+
+    Every call of :meth:`batches` yields the same batches in the same order.
+    """
+
+    def __init__(
+        self,
+        specs: tuple[InputSpec, ...],
+        *,
+        source: _IndexedSource | None = None,
+        feeds: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        description: str,
+        is_random: bool = False,
+    ) -> None:
+        if (source is None) == (feeds is None):
+            raise ConfigError("CalibrationData needs exactly one of source= or feeds=")
+        self.specs = specs
+        self.description = description
+        self.is_random = is_random
+        self._source = source
+        self._feeds = feeds
+        self.requested_samples = num_samples
+        self.seed = seed
+        if source is not None:
+            for s in specs:
+                if not s.shape:
+                    raise DataError(
+                        f"input {s.name!r} is a scalar (no batch axis); pass complete feeds through the Python API"
+                    )
+            total = len(source)
+            if total == 0:
+                raise DataError(f"calibration data {description} holds no samples")
+            if num_samples < total:
+                order = np.random.default_rng(seed).permutation(total)[:num_samples]
+            else:
+                if num_samples > total:
+                    log.warning(
+                        "calibration data has %d samples; using all of them (%d requested)",
+                        total,
+                        num_samples,
+                    )
+                order = np.random.default_rng(seed).permutation(total)
+            fixed = {s.fixed_batch for s in specs}
+            if len(fixed) != 1:
+                raise DataError(
+                    "model inputs disagree on the batch dimension: "
+                    + ", ".join(f"{s.name} {s.describe()}" for s in specs)
+                )
+            (model_batch,) = fixed
+            if model_batch is not None:
+                if model_batch != batch_size:
+                    log.info(
+                        "model has a fixed batch size of %d; batching by %d",
+                        model_batch,
+                        model_batch,
+                    )
+                batch_size = model_batch
+                usable = len(order) - len(order) % batch_size
+                if usable == 0:
+                    raise DataError(
+                        f"the model's fixed batch size is {batch_size} but only {len(order)} samples are available"
+                    )
+                if usable != len(order):
+                    log.warning(
+                        "dropping %d sample(s) that do not fill a batch of %d",
+                        len(order) - usable,
+                        batch_size,
+                    )
+                order = order[:usable]
+            self._order = [int(i) for i in order]
+            self.batch_size = batch_size
+            self.num_samples = len(self._order)
+            self.num_batches: int | None = -(-self.num_samples // batch_size)
+        else:
+            self._order = []
+            self.batch_size = batch_size
+            self.num_samples = num_samples
+            self.num_batches = None
+
+    def batches(self) -> Iterator[Feed]:
+        """Yield validated feed dicts (float data cast to the model's float type)."""
+        validator = _Validator(self.specs, f"calibration data {self.description}")
+        if self._source is not None:
+            for start in range(0, len(self._order), self.batch_size):
+                chunk = self._order[start : start + self.batch_size]
+                samples = [validator.sample(self._source.get(i), i) for i in chunk]
+                yield {s.name: np.stack([smp[s.name] for smp in samples]) for s in self.specs}
+            return
+        assert self._feeds is not None
+        seen = 0
+        for i, feed in enumerate(self._feeds()):
+            if seen >= self.num_samples:
+                break
+            if not isinstance(feed, Mapping):
+                raise DataError(
+                    f"calibration feed {i} is a {type(feed).__name__}; expected a dict of input name -> array"
+                )
+            checked = validator.feed(feed, i)
+            first = next(iter(checked.values()))
+            seen += int(first.shape[0]) if first.ndim else 1
+            yield checked
+        if seen == 0:
+            raise DataError("calibration data yielded no feeds")
+
+    def first_batch(self) -> Feed:
+        """The first batch (validates the data early; used to fail fast)."""
+        for batch in self.batches():
+            return batch
+        raise DataError(f"calibration data {self.description} holds no samples")
+
+
+def _list_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    arrays = [p for p in files if p.suffix.lower() in ARRAY_SUFFIXES]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return arrays, images
+
+
+def open_calibration_data(
+    data: Any,
+    specs: tuple[InputSpec, ...],
+    *,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    images: ImagePreprocessing | None = None,
+) -> CalibrationData:
+    """Build :class:`CalibrationData` from a path, ``"random"``, a mapping of arrays or feed dicts."""
+    common = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed}
+    if isinstance(data, CalibrationData):
+        return data
+    if isinstance(data, str) and data == RANDOM:
+        return CalibrationData(
+            specs,
+            source=RandomSource(specs, num_samples, seed),
+            description="random",
+            is_random=True,
+            **common,
+        )
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.exists():
+            raise DataError(f"calibration data {path} does not exist")
+        if path.is_dir():
+            arrays, imgs = _list_files(path)
+            if arrays and imgs:
+                raise DataError(f"{path} mixes array files and images; keep one kind per folder")
+            if arrays:
+                return CalibrationData(
+                    specs,
+                    source=ArrayFolderSource(path, arrays, specs),
+                    description=str(path),
+                    **common,
+                )
+            if imgs:
+                if len(specs) != 1:
+                    raise DataError(
+                        f"{path}: image folders need a single-input model; the model has {len(specs)} inputs"
+                    )
+                source = ImageFolderSource(path, imgs, specs[0], images or ImagePreprocessing())
+                return CalibrationData(specs, source=source, description=str(path), **common)
+            raise DataError(f"{path} contains no .npy/.npz files and no PNG/JPEG images")
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            return CalibrationData(
+                specs,
+                source=ArraySource(_load_npz(path), specs, str(path)),
+                description=str(path),
+                **common,
+            )
+        if suffix == ".npy":
+            if len(specs) != 1:
+                raise DataError(
+                    f"{path}: an .npy file holds one array but the model has inputs "
+                    f"{', '.join(s.name for s in specs)}; use an .npz keyed by input name"
+                )
+            arrays = {specs[0].name: _load_npy(path)}
+            return CalibrationData(
+                specs, source=ArraySource(arrays, specs, str(path)), description=str(path), **common
+            )
+        if suffix in IMAGE_SUFFIXES:
+            raise DataError(f"{path} is a single image; pass the folder that contains the images")
+        raise DataError(
+            f"unsupported calibration data {path}: give an .npz, an .npy, a folder or 'random'"
+        )
+    if isinstance(data, Mapping):
+        return CalibrationData(
+            specs, source=ArraySource(data, specs, "arrays"), description="arrays", **common
+        )
+    if callable(data):
+        return CalibrationData(specs, feeds=data, description="feeds", **common)
+    if isinstance(data, Iterable):
+        if isinstance(data, (list, tuple)):
+            items = data
+        else:  # a one-shot iterator: keep what the passes need so it can be replayed
+            items = _take_feeds(data, num_samples)
+        return CalibrationData(specs, feeds=lambda: items, description="feeds", **common)
+    raise DataError(
+        f"calibration data of type {type(data).__name__} is not supported: pass a path, 'random', "
+        "a dict of arrays or an iterable of feed dicts"
+    )
+
+
+def _take_feeds(it: Iterable[Any], num_samples: int) -> list[Any]:
+    out: list[Any] = []
+    seen = 0
+    for feed in it:
+        out.append(feed)
+        if isinstance(feed, Mapping) and feed:
+            first = np.asarray(next(iter(feed.values())))
+            seen += int(first.shape[0]) if first.ndim else 1
+        else:
+            seen += 1
+        if seen >= num_samples:
+            break
+    log.info(
+        "kept %d feed(s) of a one-shot iterator in memory so every pass can replay them", len(out)
+    )
+    return out

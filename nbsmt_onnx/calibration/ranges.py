@@ -1,0 +1,256 @@
+"""Activation ranges for quantization (SPEC.md §2), measured on the float model.
+
+``max`` estimator: one pass. A copy of the model gets, for every tensor to
+calibrate, a ``ReduceMin`` and a ``ReduceMax`` over the whole tensor as extra
+graph outputs; the session returns two scalars per tensor and batch, and the
+host keeps the running minimum and maximum. Nothing else leaves the graph,
+so memory is independent of the number of samples.
+
+``percentile`` estimator: the pass above gives the exact range, a second
+pass exposes the tensors themselves one batch at a time and adds them to a
+fixed histogram (``bins`` bins over the exact range) per tensor; the batch is
+dropped right after. The percentile is read from the cumulative histogram
+with a resolution of one bin (``(max - min) / bins``), rounded outwards so
+the estimate never cuts more than asked. Memory: one batch of the probed
+tensors plus ``bins`` counters per tensor.
+
+Signedness (``min < 0``) always comes from the exact minimum, whatever the
+estimator: a tensor that is ever negative is quantized signed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from nbsmt_onnx import io
+from nbsmt_onnx.calibration.data import CalibrationData
+from nbsmt_onnx.config import RangeConfig
+from nbsmt_onnx.errors import DataError, InternalError
+from nbsmt_onnx.graph.naming import NameGenerator
+from nbsmt_onnx.ops import schema
+from nbsmt_onnx.runtime.session import SessionOptions, create_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActivationRange:
+    """The calibrated range of one tensor and the quantization it implies (SPEC §2)."""
+
+    min: float
+    max: float
+    signed: bool
+
+    @classmethod
+    def from_min_max(cls, lo: float, hi: float) -> ActivationRange:
+        return cls(float(lo), float(hi), bool(lo < 0))
+
+    def scale(self) -> np.float32:
+        """``max / 255`` (unsigned) or ``max(|min|, |max|) / 127`` (signed), in float32.
+
+        A tensor that was zero on all calibration data gets scale 1 (as a
+        weight channel of zeros does): any scale quantizes zeros to zero.
+        """
+        if self.signed:
+            peak = max(abs(np.float32(self.min)), abs(np.float32(self.max)))
+            scale = np.float32(peak) / np.float32(127)
+        else:
+            scale = np.float32(max(self.max, 0.0)) / np.float32(255)
+        if not scale > 0 or not np.isfinite(scale):
+            return np.float32(1.0)
+        return np.float32(scale)
+
+
+class MinMax:
+    """Running min/max of several tensors; mergeable."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.lo = {n: np.inf for n in names}
+        self.hi = {n: -np.inf for n in names}
+
+    def update(self, name: str, lo: float, hi: float) -> None:
+        if np.isnan(lo) or np.isnan(hi):
+            raise DataError(
+                f"tensor {name!r} contains NaN on the calibration data; check the data and the model"
+            )
+        if lo > hi:  # empty tensor this batch: ReduceMin gives +inf, ReduceMax -inf
+            return
+        if np.isinf(lo) or np.isinf(hi):
+            raise DataError(
+                f"tensor {name!r} contains Inf on the calibration data; check the data and the model"
+            )
+        self.lo[name] = min(self.lo[name], float(lo))
+        self.hi[name] = max(self.hi[name], float(hi))
+
+    def merge(self, other: MinMax) -> None:
+        for n in other.lo:
+            self.update(n, other.lo[n], other.hi[n])
+
+    def ranges(self) -> dict[str, ActivationRange]:
+        out = {}
+        for n in self.lo:
+            if self.lo[n] > self.hi[n]:
+                raise DataError(
+                    f"tensor {n!r} was empty on every calibration batch; cannot calibrate it"
+                )
+            out[n] = ActivationRange.from_min_max(self.lo[n], self.hi[n])
+        return out
+
+
+class Histogram:
+    """A fixed-edge histogram of one tensor's values (bounded memory, mergeable)."""
+
+    def __init__(self, lo: float, hi: float, bins: int) -> None:
+        self.lo, self.hi, self.bins = float(lo), float(hi), bins
+        self.counts = np.zeros(bins, dtype=np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        if self.hi <= self.lo:
+            self.counts[0] += values.size
+            return
+        v = values.astype(np.float64, copy=False).ravel()
+        idx = np.floor((v - self.lo) / (self.hi - self.lo) * self.bins).astype(np.int64)
+        np.clip(idx, 0, self.bins - 1, out=idx)
+        self.counts += np.bincount(idx, minlength=self.bins)
+
+    def percentile_range(self, percentile: float) -> tuple[float, float]:
+        """(lower, upper): the (100-p)-th and p-th percentiles, rounded outwards to bin edges."""
+        total = int(self.counts.sum())
+        if total == 0 or self.hi <= self.lo:
+            return self.lo, self.hi
+        width = (self.hi - self.lo) / self.bins
+        cum = np.cumsum(self.counts)
+        upper_bin = int(np.searchsorted(cum, percentile / 100.0 * total, side="left"))
+        lower_bin = int(np.searchsorted(cum, (100.0 - percentile) / 100.0 * total, side="right"))
+        upper = min(self.hi, self.lo + (upper_bin + 1) * width)
+        lower = max(self.lo, self.lo + lower_bin * width)
+        return lower, upper
+
+
+def _probe_model(
+    model: onnx.ModelProto, tensors: Sequence[str], expose: bool
+) -> tuple[onnx.ModelProto, dict[str, tuple[str, ...]]]:
+    """A copy of ``model`` whose only outputs are min/max scalars (or copies) of ``tensors``."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    g = probe.graph
+    names = NameGenerator.for_model(probe)
+    outputs: dict[str, tuple[str, ...]] = {}
+    del g.output[:]
+    for t in tensors:
+        if expose:
+            out = names.new(t, "probe")
+            g.node.append(
+                helper.make_node("Identity", [t], [out], name=names.new(t, "probe_identity"))
+            )
+            g.output.append(helper.make_empty_tensor_value_info(out))
+            outputs[t] = (out,)
+        else:
+            lo, hi = names.new(t, "range_min"), names.new(t, "range_max")
+            g.node.append(
+                helper.make_node(
+                    "ReduceMin", [t], [lo], name=names.new(t, "range_reducemin"), keepdims=0
+                )
+            )
+            g.node.append(
+                helper.make_node(
+                    "ReduceMax", [t], [hi], name=names.new(t, "range_reducemax"), keepdims=0
+                )
+            )
+            g.output.extend(
+                [
+                    helper.make_tensor_value_info(lo, onnx.TensorProto.FLOAT, []),
+                    helper.make_tensor_value_info(hi, onnx.TensorProto.FLOAT, []),
+                ]
+            )
+            outputs[t] = (lo, hi)
+    return probe, outputs
+
+
+def _uses_nbsmt(model: onnx.ModelProto) -> bool:
+    return any(n.domain == schema.DOMAIN for n in model.graph.node)
+
+
+def _progress(data: CalibrationData, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    return tqdm(
+        total=data.num_batches,
+        desc=desc,
+        unit="batch",
+        file=sys.stderr,
+        disable=not enabled or None,
+        leave=False,
+    )
+
+
+def _run(
+    model: onnx.ModelProto,
+    data: CalibrationData,
+    outputs: list[str],
+    desc: str,
+    progress: bool,
+    threads: int,
+):  # type: ignore[no-untyped-def]
+    with io.session_source(model) as source:
+        session = create_session(
+            source, SessionOptions(intra_op_threads=threads, register_library=_uses_nbsmt(model))
+        )
+    with _progress(data, desc, progress) as bar:
+        for batch in data.batches():
+            yield session.run(outputs, batch)
+            bar.update(1)
+
+
+def collect_ranges(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    data: CalibrationData,
+    config: RangeConfig | None = None,
+    *,
+    progress: bool = False,
+    intra_op_threads: int = 0,
+) -> dict[str, ActivationRange]:
+    """Calibrate the range of every tensor in ``tensors`` on ``data`` with the float ``model``."""
+    config = config or RangeConfig()
+    tensors = list(dict.fromkeys(tensors))
+    if not tensors:
+        return {}
+    probe, outs = _probe_model(model, tensors, expose=False)
+    order = [o for t in tensors for o in outs[t]]
+    minmax = MinMax(tensors)
+    batches = 0
+    for values in _run(probe, data, order, "ranges", progress, intra_op_threads):
+        by_name = dict(zip(order, values, strict=True))
+        for t in tensors:
+            lo_name, hi_name = outs[t]
+            minmax.update(t, float(by_name[lo_name]), float(by_name[hi_name]))
+        batches += 1
+    if batches == 0:
+        raise DataError("calibration data yielded no batches")
+    exact = minmax.ranges()
+    log.info("ranges: %d tensor(s) over %d batch(es)", len(tensors), batches)
+    if config.estimator == "max":
+        return exact
+    if config.estimator != "percentile":
+        raise InternalError(f"unknown estimator {config.estimator!r}")
+    hists = {t: Histogram(exact[t].min, exact[t].max, config.bins) for t in tensors}
+    probe, outs = _probe_model(model, tensors, expose=True)
+    order = [outs[t][0] for t in tensors]
+    for values in _run(probe, data, order, "ranges (histogram)", progress, intra_op_threads):
+        for t, v in zip(tensors, values, strict=True):
+            hists[t].add(np.asarray(v))
+    out = {}
+    for t in tensors:
+        lo, hi = hists[t].percentile_range(config.percentile)
+        signed = exact[t].signed
+        # An unsigned tensor keeps 0 as its lower end; a signed one keeps a negative lower end.
+        out[t] = ActivationRange(min(lo, 0.0) if signed else max(lo, 0.0), hi, signed)
+    return out

@@ -1,0 +1,257 @@
+"""Settings of ``transform`` and friends: frozen dataclasses validated on construction.
+
+An unknown option cannot be passed (dataclasses reject unknown keywords) and an
+invalid value fails when the object is built, with a ``ConfigError`` that lists
+the valid choices. Nothing downstream re-validates.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nbsmt_onnx.errors import ConfigError
+from nbsmt_onnx.ops import schema
+
+RANGE_ESTIMATORS = ("max", "percentile")
+EXPORT_CHOICES = ("sim", "qdq", "both")
+STRATEGY_CHOICES = ("train-mode", "sequential", "relative")
+CORRECTION_CHOICES = ("none", "mean", "mean+var")
+LAYOUT_CHOICES = ("NCHW", "NHWC")
+CHANNEL_ORDER_CHOICES = ("RGB", "BGR")
+
+#: Op types the rewrite pass can turn into NB-SMT ops (used to validate selections).
+REWRITABLE_OP_TYPES = ("Conv", "MatMul", "Gemm")
+
+
+def _choice(name: str, value: object, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{name} must be one of {valid}; got {value!r}")
+
+
+def _tuple_of_str(name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        items = tuple(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise ConfigError(f"{name} must be a list of strings; got {value!r}") from None
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{name} must be a list of strings; got item {item!r}")
+    return items
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which candidate nodes the rewrite pass may touch.
+
+    A candidate is rewritten when it matches the include rules (no include
+    rule = everything matches) and no exclude rule. ``names`` match node names
+    exactly, ``regex`` with ``re.fullmatch`` on node names, ``op_types`` on the
+    ONNX op type (Conv, MatMul, Gemm). ``keep_first`` / ``keep_last`` keep the
+    first / last NB-SMT layer(s) in float (see docs/transform.md: a candidate
+    is "first" when no other candidate is upstream of it and "last" when no
+    other candidate is downstream).
+    """
+
+    include_names: tuple[str, ...] = ()
+    include_regex: tuple[str, ...] = ()
+    include_op_types: tuple[str, ...] = ()
+    exclude_names: tuple[str, ...] = ()
+    exclude_regex: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    keep_first: bool = False
+    keep_last: bool = False
+
+    def __post_init__(self) -> None:
+        for attr in (
+            "include_names",
+            "include_regex",
+            "include_op_types",
+            "exclude_names",
+            "exclude_regex",
+            "exclude_op_types",
+        ):
+            object.__setattr__(self, attr, _tuple_of_str(attr, getattr(self, attr)))
+        for attr in ("include_regex", "exclude_regex"):
+            for pattern in getattr(self, attr):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ConfigError(
+                        f"{attr}: invalid regular expression {pattern!r}: {err}"
+                    ) from None
+        for attr in ("include_op_types", "exclude_op_types"):
+            for op_type in getattr(self, attr):
+                _choice(attr, op_type, REWRITABLE_OP_TYPES)
+
+    @property
+    def has_include_rules(self) -> bool:
+        return bool(self.include_names or self.include_regex or self.include_op_types)
+
+    def exclusion_reason(self, node_name: str, op_type: str) -> str | None:
+        """Why the user's rules exclude this node, or None if it is selected."""
+        if self.has_include_rules:
+            included = (
+                node_name in self.include_names
+                or op_type in self.include_op_types
+                or any(re.fullmatch(p, node_name) for p in self.include_regex)
+            )
+            if not included:
+                return "excluded by the user: matches no --include rule"
+        if node_name in self.exclude_names:
+            return f"excluded by the user: name {node_name!r} in --exclude"
+        if op_type in self.exclude_op_types:
+            return f"excluded by the user: op type {op_type} in --exclude-op-type"
+        for pattern in self.exclude_regex:
+            if re.fullmatch(pattern, node_name):
+                return f"excluded by the user: name matches --exclude-regex {pattern!r}"
+        return None
+
+
+@dataclass(frozen=True)
+class RangeConfig:
+    """How activation ranges are estimated on the float model (SPEC §2).
+
+    ``max``: the exact minimum/maximum over all calibration samples.
+    ``percentile``: the ``percentile``-th percentile of the values (and the
+    ``100 - percentile``-th for the lower end of signed tensors), estimated from
+    a fixed-size histogram of ``bins`` bins spanning the exact min/max, so
+    memory does not depend on the number of samples.
+    """
+
+    estimator: str = "max"
+    percentile: float = 99.99
+    bins: int = 4096
+
+    def __post_init__(self) -> None:
+        _choice("range estimator", self.estimator, RANGE_ESTIMATORS)
+        if not (50.0 < float(self.percentile) <= 100.0):
+            raise ConfigError(f"percentile must be in (50, 100]; got {self.percentile!r}")
+        if not (isinstance(self.bins, int) and 16 <= self.bins <= 1 << 20):
+            raise ConfigError(f"bins must be an integer in [16, 1048576]; got {self.bins!r}")
+
+
+@dataclass(frozen=True)
+class RecalibrationConfig:
+    """BatchNorm recalibration settings (SPEC §4-§5, issue 3).
+
+    ``enabled`` is False until the recalibration module lands; the other
+    fields are validated now so the CLI/API surface does not change later.
+    """
+
+    enabled: bool = False
+    strategy: str = "relative"
+    fold: bool = True
+    correction: str = "mean+var"
+
+    def __post_init__(self) -> None:
+        _choice("strategy", self.strategy, STRATEGY_CHOICES)
+        _choice("correction", self.correction, CORRECTION_CHOICES)
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """Everything ``nbsmt_onnx.transform`` needs besides the model and the data."""
+
+    threads: int = 2
+    mapping: str = "channel"
+    reduce: str = "activations"
+    num_samples: int = 512
+    batch_size: int = 16
+    seed: int = 0
+    ranges: RangeConfig = field(default_factory=RangeConfig)
+    selection: Selection = field(default_factory=Selection)
+    export: str = "sim"
+    recalibration: RecalibrationConfig = field(default_factory=RecalibrationConfig)
+    collect_stats: bool = True
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("threads", self.threads, schema.THREADS_CHOICES)
+        _choice("mapping", self.mapping, schema.MAPPING_CHOICES)
+        _choice("reduce", self.reduce, schema.REDUCE_CHOICES)
+        _choice("export", self.export, EXPORT_CHOICES)
+        for name in ("num_samples", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer; got {self.seed!r}")
+        for name, cls in (
+            ("ranges", RangeConfig),
+            ("selection", Selection),
+            ("recalibration", RecalibrationConfig),
+        ):
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name} must be a {cls.__name__}; got {getattr(self, name)!r}")
+
+    @property
+    def exports_qdq(self) -> bool:
+        return self.export in ("qdq", "both")
+
+    @property
+    def exports_sim(self) -> bool:
+        return self.export in ("sim", "both")
+
+    def smt_attributes(self, act_signed: bool) -> schema.SmtAttributes:
+        return schema.SmtAttributes(
+            threads=self.threads,
+            mapping=self.mapping,
+            reduce=self.reduce,
+            act_signed=int(act_signed),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable settings (for the report and model metadata)."""
+        out = asdict(self)
+        out.pop("progress")
+        return out
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How a folder of images becomes model input (only used for image folders).
+
+    Steps, in order: decode (to RGB, or grayscale when the model has one
+    channel), resize (``resize``: shorter side to N, or exact ``(H, W)``),
+    center crop (``crop``: N or ``(H, W)``), divide by ``scale``, subtract
+    ``mean`` and divide by ``std`` (per channel, in RGB order), reorder the
+    channels (``channel_order``) and lay out as ``layout`` (batch axis added).
+    """
+
+    resize: tuple[int, ...] | None = None
+    crop: tuple[int, ...] | None = None
+    scale: float = 255.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    layout: str = "NCHW"
+    channel_order: str = "RGB"
+
+    def __post_init__(self) -> None:
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, int):
+                value = (value,)
+            value = tuple(value)
+            if len(value) not in (1, 2) or any(not isinstance(v, int) or v < 1 for v in value):
+                raise ConfigError(
+                    f"{name} must be N or (H, W) with positive integers; got {value!r}"
+                )
+            object.__setattr__(self, name, value)
+        _choice("layout", self.layout, LAYOUT_CHOICES)
+        _choice("channel order", self.channel_order, CHANNEL_ORDER_CHOICES)
+        if not self.scale > 0:
+            raise ConfigError(f"pixel scale must be positive; got {self.scale!r}")
+        for name in ("mean", "std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) not in (1, 3):
+                raise ConfigError(f"{name} must have 1 or 3 values; got {value!r}")
+            object.__setattr__(self, name, value)
+        if any(s == 0 for s in self.std):
+            raise ConfigError(f"std must not contain zero; got {self.std!r}")
