@@ -192,6 +192,23 @@ OrtStatusPtr ORT_API_CALL compute_kernel(void* kernel, OrtKernelContext* ctx) {
 
 void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<ConvKernel*>(kernel); }
 
+std::string conv_dim_symbol(AutoPad auto_pad, const std::string& in, int64_t k, int64_t s,
+                            int64_t d, int64_t pb, int64_t pe) {
+  const std::string dk = std::to_string((k - 1) * d + 1);
+  const std::string st = std::to_string(s);
+  switch (auto_pad) {
+    case AutoPad::kSameUpper:
+    case AutoPad::kSameLower:
+      return s == 1 ? in : "ceil((" + in + ")/" + st + ")";
+    case AutoPad::kValid:
+      return "floor(((" + in + ")-" + dk + ")/" + st + ")+1";
+    case AutoPad::kNotSet:
+      if (s == 1 && pb + pe == (k - 1) * d) return in;  // "same" padding by hand
+      break;
+  }
+  return "floor(((" + in + ")+" + std::to_string(pb + pe) + "-" + dk + ")/" + st + ")+1";
+}
+
 // Y = [N, M, out...] when the shapes allow; otherwise nothing is set (ORT keeps the
 // type). Errors are reported at kernel creation / compute, not here: ORT ignores
 // the status returned by shape inference.
@@ -218,10 +235,15 @@ OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* op, OrtShapeInferContex
       } else if (have_w && wd[2 + i].known()) {
         k = wd[2 + i].value;
       }
-      if (k < 0 || !xd[2 + i].known()) continue;  // stays unknown
-      const ConvDim d = conv_output_dim(attrs.auto_pad, xd[2 + i].value, k, p.strides[i],
-                                        p.dilations[i], p.pads[i], p.pads[i + rank - 2]);
-      yd[2 + i].value = d.out;
+      if (k < 0) continue;  // stays unknown
+      const int64_t s = p.strides[i], dl = p.dilations[i];
+      const int64_t pb = p.pads[i], pe = p.pads[i + rank - 2];
+      if (xd[2 + i].known()) {
+        yd[2 + i].value = conv_output_dim(attrs.auto_pad, xd[2 + i].value, k, s, dl, pb, pe).out;
+      } else if (!xd[2 + i].symbol.empty()) {
+        // A name that spells out the formula: equal names really are equal sizes.
+        yd[2 + i].symbol = conv_dim_symbol(attrs.auto_pad, xd[2 + i].symbol, k, s, dl, pb, pe);
+      }
     }
     infer_set_output(api, ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, yd);
   } catch (...) {

@@ -1,5 +1,6 @@
 #include "op_common.h"
 
+#include <atomic>
 #include <cmath>
 
 namespace nbsmt::ort {
@@ -141,12 +142,23 @@ void infer_set_output(const OrtApi* api, OrtShapeInferContext* ctx, size_t index
                       ONNXTensorElementDataType type, const std::vector<InferDim>& dims) {
   OrtTensorTypeAndShapeInfo* info = nullptr;
   throw_if_error(api, api->CreateTensorTypeAndShapeInfo(&info), "CreateTensorTypeAndShapeInfo");
+  // ORT writes every dim without a symbol as a value, so an unknown dim needs a
+  // name of its own (a fresh one: nothing says it equals any other dim).
+  static std::atomic<uint64_t> next_unknown{0};
+  std::vector<std::string> names;
   std::vector<int64_t> values;
-  std::vector<const char*> symbols;
   for (const InferDim& d : dims) {
-    values.push_back(d.value);
-    symbols.push_back(d.symbol.c_str());
+    values.push_back(d.known() ? d.value : -1);
+    if (d.known()) {
+      names.emplace_back();
+    } else if (!d.symbol.empty()) {
+      names.push_back(d.symbol);
+    } else {
+      names.push_back("nbsmt_unk_" + std::to_string(next_unknown.fetch_add(1)));
+    }
   }
+  std::vector<const char*> symbols;
+  for (const std::string& n : names) symbols.push_back(n.c_str());
   OrtStatus* st = api->SetTensorElementType(info, type);
   if (st == nullptr) st = api->SetDimensions(info, values.data(), values.size());
   if (st == nullptr) st = api->SetSymbolicDimensions(info, symbols.data(), symbols.size());

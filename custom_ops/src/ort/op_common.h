@@ -61,7 +61,8 @@ struct InferDim {
 bool infer_input_dims(const OrtApi* api, OrtShapeInferContext* ctx, size_t index,
                       std::vector<InferDim>* dims, ONNXTensorElementDataType* type);
 
-// Sets the type and shape of output `index`.
+// Sets the type and shape of output `index`. Unknown dims keep their symbol, or
+// get a fresh unique one ("nbsmt_unk_<n>").
 void infer_set_output(const OrtApi* api, OrtShapeInferContext* ctx, size_t index,
                       ONNXTensorElementDataType type, const std::vector<InferDim>& dims);
 
