@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+__version__ = "0.1.0"
+
+from nbsmt_onnx.api import InspectResult, TransformResult, inspect, transform
+from nbsmt_onnx.config import (
+    ImagePreprocessing,
+    RangeConfig,
+    RecalibrationConfig,
+    Selection,
+    TransformConfig,
+)
 from nbsmt_onnx.errors import NbsmtError
 from nbsmt_onnx.runtime.library import get_library_path
 
-__version__ = "0.1.0"
-
-__all__ = ["NbsmtError", "__version__", "get_library_path"]
+__all__ = [
+    "ImagePreprocessing",
+    "InspectResult",
+    "NbsmtError",
+    "RangeConfig",
+    "RecalibrationConfig",
+    "Selection",
+    "TransformConfig",
+    "TransformResult",
+    "__version__",
+    "get_library_path",
+    "inspect",
+    "transform",
+]

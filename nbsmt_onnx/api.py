@@ -21,6 +21,7 @@ and the report; ``TransformResult.save`` writes them through ``io``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -67,6 +68,39 @@ def _version() -> str:
     return __version__
 
 
+def _stem(path: Path) -> str:
+    return path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+
+
+def output_paths(
+    source: Path | None,
+    export: str,
+    output: str | Path | None = None,
+    qdq_output: str | Path | None = None,
+) -> dict[str, Path]:
+    """Where each export goes: ``{"sim": path, "qdq": path}`` for the exports configured.
+
+    Default (no ``output``): ``<input stem>.nbsmt.onnx`` beside the input, or
+    ``<input stem>.qdq.onnx`` for a QDQ-only export. With both exports the
+    QDQ model goes to ``<output stem>.qdq.onnx`` unless ``qdq_output`` is given.
+    """
+    if output is None:
+        if source is None:
+            raise OutputError("the model was passed as a ModelProto; give an output path")
+        suffix = ".qdq.onnx" if export == "qdq" else ".nbsmt.onnx"
+        out = source.with_name(_stem(source) + suffix)
+    else:
+        out = Path(output)
+    if export == "qdq":
+        return {"qdq": Path(qdq_output) if qdq_output is not None else out}
+    paths = {"sim": out}
+    if export == "both":
+        paths["qdq"] = (
+            Path(qdq_output) if qdq_output is not None else out.with_name(_stem(out) + ".qdq.onnx")
+        )
+    return paths
+
+
 @dataclass
 class TransformResult:
     """What ``transform`` produced: the models (in memory) and the report dict."""
@@ -78,35 +112,11 @@ class TransformResult:
     source_path: Path | None = None
     warnings: list[str] = field(default_factory=list)
 
-    def default_output(self) -> Path:
-        """``<input stem>.nbsmt.onnx`` beside the input (``.qdq.onnx`` for a QDQ-only export)."""
-        if self.source_path is None:
-            raise OutputError("the model was passed as a ModelProto; give an output path")
-        suffix = ".qdq.onnx" if self.config.export == "qdq" else ".nbsmt.onnx"
-        stem = (
-            self.source_path.name[: -len(".onnx")]
-            if self.source_path.name.endswith(".onnx")
-            else self.source_path.name
-        )
-        return self.source_path.with_name(stem + suffix)
-
     def output_paths(
         self, output: str | Path | None = None, qdq_output: str | Path | None = None
     ) -> dict[str, Path]:
-        """Where ``save`` writes each export: {"sim": path, "qdq": path} as configured."""
-        out = Path(output) if output is not None else self.default_output()
-        paths: dict[str, Path] = {}
-        if self.config.export == "qdq":
-            paths["qdq"] = Path(qdq_output) if qdq_output is not None else out
-            return paths
-        paths["sim"] = out
-        if self.config.exports_qdq:
-            if qdq_output is not None:
-                paths["qdq"] = Path(qdq_output)
-            else:
-                stem = out.name[: -len(".onnx")] if out.name.endswith(".onnx") else out.name
-                paths["qdq"] = out.with_name(stem + ".qdq.onnx")
-        return paths
+        """Where ``save`` writes each export (see :func:`output_paths`)."""
+        return output_paths(self.source_path, self.config.export, output, qdq_output)
 
     def save(
         self,
@@ -218,13 +228,13 @@ def _recalibrate(
             "recalibration skipped: random calibration data would corrupt the BN statistics"
         )
         return sim.model, {"skipped": "random calibration data"}
-    if importlib.util.find_spec("nbsmt_onnx.calibration.recalibrate") is None:
+    module = "nbsmt_onnx.calibration.recalibrate"
+    recal_module = importlib.import_module(module) if importlib.util.find_spec(module) else None
+    if recal_module is None or not hasattr(recal_module, "recalibrate"):
         raise ConfigError(
             "BatchNorm recalibration is not available in this version; run without --recalibrate"
         )
-    from nbsmt_onnx.calibration import recalibrate as recal_module
-
-    result = recal_module.recalibrate(  # type: ignore[attr-defined]
+    result = recal_module.recalibrate(
         float_model=float_model,
         sim_model=sim.model,
         data=data,

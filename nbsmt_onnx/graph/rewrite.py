@@ -33,6 +33,7 @@ consumers of the same tensor. Weight chains that become unused are removed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -474,6 +475,7 @@ def rewrite_model(
     replacement: dict[int, list[onnx.NodeProto]] = {}
     rewritten: list[RewrittenNode] = []
     dropped_inputs: set[str] = set()
+    weight_tensors: list[str] = []  # the Wq initializer of each rewritten node
 
     for cand in plan.candidates:
         if cand.node_name not in by_name:
@@ -567,7 +569,13 @@ def rewrite_model(
                 weight_shared=shared,
             )
         )
+        weight_tensors.append(wq)
 
+    uses = {w: weight_tensors.count(w) for w in weight_tensors}
+    rewritten = [
+        dataclasses.replace(r, weight_shared=uses[w] > 1)
+        for r, w in zip(rewritten, weight_tensors, strict=True)
+    ]
     if replacement:
         nodes: list[onnx.NodeProto] = []
         for i, node in enumerate(graph.node):
