@@ -416,6 +416,10 @@ def _check_vectors(
 ) -> None:
     if np.asarray(x_scale).size != 1:
         raise ModelError(f"{op} activation scale must be a scalar, got shape {np.shape(x_scale)}")
+    sx = float(np.asarray(x_scale, dtype=np.float32).reshape(-1)[0])
+    if not (math.isfinite(sx) and sx > 0):
+        # Same rule as the C++ op: a zero, negative or non-finite step quantizes nothing sensibly.
+        raise ModelError(f"{op} activation scale must be finite and > 0, got {sx}")
     if np.shape(w_scale) != (channels,):
         raise ModelError(f"{op} {scale_name} must have shape [{channels}], got {np.shape(w_scale)}")
     if bias is not None and np.shape(bias) != (channels,):

@@ -106,7 +106,9 @@ def _smt(rng: np.random.Generator) -> dict[str, Any]:
 
 
 def _vectors(rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray | None]:
-    w_scale = rng.uniform(1e-4, 0.05, m).astype(np.float32)
+    # negative and zero channel scales appear after folding a BN with gamma < 0 or = 0
+    w_scale = rng.uniform(1e-4, 0.05, m) * rng.choice([1.0, -1.0, 0.0], m, p=[0.75, 0.2, 0.05])
+    w_scale = w_scale.astype(np.float32)
     bias = rng.normal(0, 3, m).astype(np.float32) if rng.random() < 0.5 else None
     return w_scale, bias
 

@@ -618,6 +618,10 @@ def test_bad_inputs_raise_model_error() -> None:
         ref.nbsmt_conv(x, w, 1.0, ones, threads=3)
     with pytest.raises(ModelError, match="empty"):
         ref.nbsmt_conv(x, np.zeros((2, 4, 7, 7), np.int8), 1.0, ones)
+    with pytest.raises(ModelError, match="> 0"):
+        ref.nbsmt_conv(x, w, 0.0, ones)
+    with pytest.raises(ModelError, match="> 0"):
+        ref.nbsmt_matmul(np.zeros((2, 4), np.float32), np.zeros((4, 2), np.int8), np.nan, ones)
     with pytest.raises(ModelError, match="Bq"):
         ref.nbsmt_matmul(np.zeros((2, 5), np.float32), np.zeros((4, 2), np.int8), 1.0, ones)
 
