@@ -33,7 +33,9 @@ class Builder:
             self.inits.append(numpy_helper.from_array(value, name))
         return name
 
-    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs: object) -> str:
+    def node(
+        self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs: object
+    ) -> str:
         domain = schema.DOMAIN if op in schema.OP_TYPES else ""
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs[0]
@@ -41,12 +43,14 @@ class Builder:
     def conv(
         self, name: str, x: str, cin: int, cout: int, k: int = 3, bias: bool = True, group: int = 1
     ) -> str:
-        w = (self.rng.normal(size=(cout, cin // group, k, k)) / np.sqrt(cin * k * k / group)).astype(
-            np.float32
-        )
+        w = (
+            self.rng.normal(size=(cout, cin // group, k, k)) / np.sqrt(cin * k * k / group)
+        ).astype(np.float32)
         inputs = [x, self.init(f"{name}.W", w)]
         if bias:
-            inputs.append(self.init(f"{name}.B", self.rng.normal(size=cout).astype(np.float32) * 0.1))
+            inputs.append(
+                self.init(f"{name}.B", self.rng.normal(size=cout).astype(np.float32) * 0.1)
+            )
         pads = [k // 2] * 4
         return self.node("Conv", inputs, [f"{name}.out"], name, pads=pads, group=group)
 
@@ -62,9 +66,9 @@ class Builder:
         group: int = 1,
         threads: int = 2,
     ) -> str:
-        w = (self.rng.normal(size=(cout, cin // group, k, k)) / np.sqrt(cin * k * k / group)).astype(
-            np.float32
-        )
+        w = (
+            self.rng.normal(size=(cout, cin // group, k, k)) / np.sqrt(cin * k * k / group)
+        ).astype(np.float32)
         wq, sw = quantize_weights(w, axis=0)
         inputs = [
             x,
@@ -73,11 +77,20 @@ class Builder:
             self.init(f"{name}.w_scale", sw),
         ]
         if bias:
-            inputs.append(self.init(f"{name}.B", self.rng.normal(size=cout).astype(np.float32) * 0.1))
+            inputs.append(
+                self.init(f"{name}.B", self.rng.normal(size=cout).astype(np.float32) * 0.1)
+            )
         pads = [k // 2] * 4
         return self.node(
-            schema.CONV, inputs, [f"{name}.out"], name, pads=pads, group=group,
-            kernel_shape=[k, k], threads=threads, act_signed=0,
+            schema.CONV,
+            inputs,
+            [f"{name}.out"],
+            name,
+            pads=pads,
+            group=group,
+            kernel_shape=[k, k],
+            threads=threads,
+            act_signed=0,
         )
 
     def nbsmt_matmul(
@@ -92,8 +105,12 @@ class Builder:
             self.init(f"{name}.b_scale", sw),
         ]
         if bias:
-            inputs.append(self.init(f"{name}.bias", self.rng.normal(size=n).astype(np.float32) * 0.1))
-        return self.node(schema.MATMUL, inputs, [f"{name}.out"], name, threads=threads, act_signed=0)
+            inputs.append(
+                self.init(f"{name}.bias", self.rng.normal(size=n).astype(np.float32) * 0.1)
+            )
+        return self.node(
+            schema.MATMUL, inputs, [f"{name}.out"], name, threads=threads, act_signed=0
+        )
 
     def bn(
         self,
@@ -119,12 +136,16 @@ class Builder:
         """Per-channel y = a*x + b on axis 1 (emulates an NB-SMT-induced shift with standard ops)."""
         shape = (1, -1, 1, 1)
         mul = self.node(
-            "Mul", [x, self.init(f"{name}.a", a.astype(np.float32).reshape(shape))],
-            [f"{name}.mul"], f"{name}.Mul",
+            "Mul",
+            [x, self.init(f"{name}.a", a.astype(np.float32).reshape(shape))],
+            [f"{name}.mul"],
+            f"{name}.Mul",
         )
         return self.node(
-            "Add", [mul, self.init(f"{name}.b", b.astype(np.float32).reshape(shape))],
-            [f"{name}.out"], f"{name}.Add",
+            "Add",
+            [mul, self.init(f"{name}.b", b.astype(np.float32).reshape(shape))],
+            [f"{name}.out"],
+            f"{name}.Add",
         )
 
     def model(
@@ -155,9 +176,7 @@ def image_batches(
 ) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
     """A re-iterable data source with varying batch and spatial sizes (x >= 0, like post-ReLU)."""
     rng = np.random.default_rng(seed)
-    batches = [
-        np.abs(rng.normal(size=(n, c, hw, hw)) + 0.3).astype(np.float32) for n, hw in sizes
-    ]
+    batches = [np.abs(rng.normal(size=(n, c, hw, hw)) + 0.3).astype(np.float32) for n, hw in sizes]
 
     def source() -> Iterator[dict[str, np.ndarray]]:
         for b in batches:
@@ -213,7 +232,9 @@ def channel_moments(batches: list[np.ndarray], axis: int = 1) -> tuple[np.ndarra
 def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
     for i, t in enumerate(model.graph.initializer):
         if t.name == name:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+            model.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(value.astype(np.float32), name)
+            )
             return
     raise KeyError(name)
 

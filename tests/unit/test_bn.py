@@ -44,7 +44,9 @@ def test_other_consumers_block_folding_but_not_recalibration() -> None:
     s = b.node("Add", [y1, c1], ["add.out"], "residual")  # conv1's output has a second user
     info = _by_name(b.model([image_input()], [s]))["bn1"]
     assert info.fold_target is None
-    assert "other consumers" in (info.fold_blocker or "") and "residual" in (info.fold_blocker or "")
+    assert "other consumers" in (info.fold_blocker or "") and "residual" in (
+        info.fold_blocker or ""
+    )
     assert info.recalibratable
 
 
@@ -89,7 +91,9 @@ def test_training_mode_and_dynamic_parameters_are_blockers() -> None:
     c2 = b.nbsmt_conv("conv2", y1, 4, 4, x_scale=0.02)
     b.nodes.append(
         helper.make_node(
-            "BatchNormalization", [c2, "bn2.scale", "bn2.B", "mean_in", "bn2.var"], ["bn2.out"],
+            "BatchNormalization",
+            [c2, "bn2.scale", "bn2.B", "mean_in", "bn2.var"],
+            ["bn2.out"],
             name="bn2",
         )
     )

@@ -121,7 +121,7 @@ def test_probe_leaves_input_model_untouched_and_names_unique() -> None:
     assert len(node_names) == len(set(node_names))
     outs = result.outputs["conv1.out"]
     assert outs.tensor == "conv1.out" and len(set(outs.names)) == 3
-    assert [o.name for o in result.model.graph.output][0] == "conv1.out/f64"
+    assert result.model.graph.output[0].name == "conv1.out/f64"
     onnx.checker.check_model(result.model)
 
 

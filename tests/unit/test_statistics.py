@@ -27,9 +27,7 @@ def _batches(rng: np.random.Generator, channels: int = 5) -> list[np.ndarray]:
 
 
 def _numpy_all_at_once(batches: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
-    flat = np.concatenate(
-        [np.moveaxis(b, 1, 0).reshape(b.shape[1], -1) for b in batches], axis=1
-    )
+    flat = np.concatenate([np.moveaxis(b, 1, 0).reshape(b.shape[1], -1) for b in batches], axis=1)
     return flat.mean(axis=1), flat.var(axis=1), flat.shape[1]  # np.var: population (ddof=0)
 
 
