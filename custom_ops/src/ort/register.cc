@@ -10,6 +10,7 @@
 // The domain is deliberately never released: at process exit ONNX Runtime (a
 // separate library, possibly finalized first) may already be gone, and releasing
 // it is ORT's code. It is a single small allocation per load of this library.
+#include <cstdio>
 #include <mutex>
 #include <string>
 
@@ -21,16 +22,31 @@ namespace {
 using nbsmt::ort::kDomain;
 using nbsmt::ort::kOrtApiVersion;
 
+// ONNX Runtime before 1.24 dereferences a null type while building the shape
+// inference context of a node whose optional input is given as "" (segfault,
+// observed with 1.17.3 - 1.23.2, fixed in 1.24.1). There the ops register no
+// InferOutputShapeFn: ORT still infers the output types, only not the shapes.
+bool shape_inference_is_safe(const char* ort_version) {
+  int major = 0, minor = 0;
+  if (ort_version == nullptr || std::sscanf(ort_version, "%d.%d", &major, &minor) != 2) {
+    return false;
+  }
+  return major > 1 || (major == 1 && minor >= 24);
+}
+
 std::mutex g_mutex;
 OrtCustomOpDomain* g_domain = nullptr;  // guarded by g_mutex; created once, never released
 
-OrtStatus* shared_domain(const OrtApi* api, OrtCustomOpDomain** out) {
+OrtStatus* shared_domain(const OrtApi* api, const char* ort_version, OrtCustomOpDomain** out) {
   std::lock_guard<std::mutex> lock(g_mutex);
   if (g_domain == nullptr) {
     nbsmt::ort::NbSmtCustomOp* ops[] = {nbsmt::ort::conv_custom_op(),
                                         nbsmt::ort::matmul_custom_op()};
-    // Shape inference callbacks have no API argument; they read it from the op.
-    for (auto* op : ops) op->api = api;
+    const bool infer = shape_inference_is_safe(ort_version);
+    for (auto* op : ops) {
+      op->api = api;  // shape inference callbacks have no API argument
+      if (!infer) op->InferOutputShapeFn = nullptr;
+    }
     OrtCustomOpDomain* domain = nullptr;
     if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
     for (auto* op : ops) {
@@ -65,6 +81,6 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     return api->CreateStatus(ORT_INVALID_ARGUMENT, "RegisterCustomOps: options is null");
   }
   OrtCustomOpDomain* domain = nullptr;
-  if (OrtStatus* st = shared_domain(api, &domain)) return st;
+  if (OrtStatus* st = shared_domain(api, api_base->GetVersionString(), &domain)) return st;
   return api->AddCustomOpDomain(options, domain);
 }
