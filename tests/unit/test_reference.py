@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -807,3 +811,37 @@ def test_reference_evaluator_runs_a_graph() -> None:
     want, _ = ref.nbsmt_matmul(f, wm, inits["ms"], sm, bias, mapping="interleave", reduce="weights")
     np.testing.assert_array_equal(y, want)
     np.testing.assert_array_equal(cstats, want_stats)
+
+
+def test_reference_evaluator_with_schemas_registered_first(tmp_path: Path) -> None:
+    """onnx.reference reads the registered schema's defaults when it is imported after
+    registration (pads=None, auto_pad as bytes, ...); the ops must cope. Needs a fresh
+    process because onnx.reference snapshots the schemas at import."""
+    script = textwrap.dedent(
+        """
+        from nbsmt_onnx.ops import onnx_schema
+        onnx_schema.register_schemas()
+        import numpy as np
+        import onnx.reference.op_run as op_run
+        from onnx import helper as h, numpy_helper as nh
+        from nbsmt_onnx.ops import reference as ref
+        assert "NbSmtConv" in op_run._schemas
+        w = np.arange(54, dtype=np.int8).reshape(2, 3, 3, 3) - 27
+        node = h.make_node("NbSmtConv", ["x", "w", "s", "ws"], ["y", "st"], domain="nbsmt", pads=[1, 1, 1, 1])
+        graph = h.make_graph(
+            [node], "g", [h.make_tensor_value_info("x", 1, [1, 3, 4, 4])],
+            [h.make_tensor_value_info("y", 1, None), h.make_tensor_value_info("st", 7, None)],
+            initializer=[nh.from_array(w, "w"), nh.from_array(np.array(0.01, np.float32), "s"),
+                         nh.from_array(np.ones(2, np.float32), "ws")],
+        )
+        model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("nbsmt", 1)])
+        x = np.random.default_rng(0).random((1, 3, 4, 4)).astype(np.float32)
+        y, st = ref.reference_evaluator(model).run(None, {"x": x})
+        want, want_st = ref.nbsmt_conv(x, w, 0.01, np.ones(2, np.float32), pads=[1, 1, 1, 1])
+        assert np.array_equal(y, want) and np.array_equal(st, want_st)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
