@@ -106,7 +106,7 @@ class _Validator:
         self.where = where
         self._cast_logged: set[str] = set()
 
-    def _names(self, keys: Iterable[str], index: int) -> None:
+    def _names(self, keys: Iterable[str], index: int, what: str) -> None:
         keys = set(keys)
         expected = {s.name for s in self.specs}
         missing = sorted(expected - keys)
@@ -118,7 +118,7 @@ class _Validator:
             if extra:
                 parts.append(f"unknown input(s) {', '.join(extra)}")
             raise DataError(
-                f"{self.where}: sample {index}: {'; '.join(parts)}; the model's inputs are "
+                f"{self.where}: {what} {index}: {'; '.join(parts)}; the model's inputs are "
                 + ", ".join(f"{s.name} {s.describe()}" for s in self.specs)
             )
 
@@ -164,11 +164,11 @@ class _Validator:
         return arr
 
     def sample(self, sample: Mapping[str, Any], index: int) -> Feed:
-        self._names(sample.keys(), index)
+        self._names(sample.keys(), index, "sample")
         return {s.name: self._array(s, sample[s.name], index, batched=False) for s in self.specs}
 
     def feed(self, feed: Mapping[str, Any], index: int) -> Feed:
-        self._names(feed.keys(), index)
+        self._names(feed.keys(), index, "feed")
         return {s.name: self._array(s, feed[s.name], index, batched=True) for s in self.specs}
 
 
