@@ -36,6 +36,7 @@ class Case:
     with_stats: bool
     kind: str
     runtime_weights: bool = False  # feed Wq/scales/bias as graph inputs, not initializers
+    empty_bias_name: bool = False  # an absent bias written as "" rather than left out
     notes: dict[str, Any] = field(default_factory=dict)
 
     def expected(self) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +47,8 @@ class Case:
         shapes = ", ".join("-" if a is None else f"{a.dtype}{list(a.shape)}" for a in self.inputs)
         return (
             f"{self.op} seed={self.seed} kind={self.kind} inputs=({shapes}) "
-            f"attrs={self.attributes} stats={self.with_stats} runtime_weights={self.runtime_weights}"
+            f"attrs={self.attributes} stats={self.with_stats} runtime_weights={self.runtime_weights} "
+            f"empty_bias_name={self.empty_bias_name}"
         )
 
     def __str__(self) -> str:
@@ -159,6 +161,7 @@ def conv_case(seed: int) -> Case:
         with_stats=bool(rng.random() < 0.7),
         kind=kind,
         runtime_weights=bool(rng.random() < 0.1),
+        empty_bias_name=bias is None and bool(rng.random() < 0.3),
     )
 
 
@@ -185,6 +188,7 @@ def matmul_case(seed: int) -> Case:
         with_stats=bool(rng.random() < 0.7),
         kind=kind,
         runtime_weights=bool(rng.random() < 0.1),
+        empty_bias_name=bias is None and bool(rng.random() < 0.3),
     )
 
 
@@ -270,7 +274,7 @@ def build_model(cases: Sequence[Case]) -> tuple[onnx.ModelProto, dict[str, np.nd
                 feeds[tensor] = value
             else:
                 inits.append(numpy_helper.from_array(value, tensor))
-        while node_inputs and node_inputs[-1] == "":
+        while node_inputs and node_inputs[-1] == "" and not case.empty_bias_name:
             node_inputs.pop()
         node_outputs = [f"c{i}_Y"] + ([f"c{i}_stats"] if case.with_stats else [])
         nodes.append(

@@ -86,6 +86,7 @@ def test_random_cases_cover_every_feature() -> None:
                 f"conv stats={c.with_stats}",
                 f"conv batch>1={x.shape[0] > 1}",  # type: ignore[union-attr]
                 f"conv runtime_weights={c.runtime_weights}",
+                f"conv empty_bias_name={c.empty_bias_name}",
             ]
         )
         if group > 1 and c_g == 1:
@@ -110,6 +111,7 @@ def test_random_cases_cover_every_feature() -> None:
                 f"matmul kind={c.kind}",
                 f"matmul bias={c.inputs[4] is not None}",
                 f"matmul stats={c.with_stats}",
+                f"matmul empty_bias_name={c.empty_bias_name}",
             ]
         )
         if c.inputs[1].shape[0] % a["threads"]:  # type: ignore[union-attr]
@@ -129,6 +131,7 @@ def test_random_cases_cover_every_feature() -> None:
             f"{op} stats={b}" for b in (True, False)
         ]
     required += ["conv batch>1=True", "conv batch>1=False", "conv runtime_weights=True"]
+    required += ["conv empty_bias_name=True", "matmul empty_bias_name=True"]
     required += [
         "conv depthwise",
         "conv grouped",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from ops_cases import (
     Case,
@@ -128,6 +129,15 @@ def test_saved_model_runs_in_fresh_process(tmp_path: Path) -> None:
     assert not failures, "\n".join(failures)
 
 
+def _ort_version() -> tuple[int, int]:
+    major, minor = ort.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+@pytest.mark.skipif(
+    _ort_version() < (1, 24),
+    reason="the library registers InferOutputShape only on ORT >= 1.24 (older ORT crashes on '' inputs)",
+)
 def test_ort_infers_output_shapes() -> None:
     """ORT's own shape inference (the op's InferOutputShape) gives Y's static shape."""
     cases = [conv_case(s) for s in range(40)] + [matmul_case(s) for s in range(40)]
