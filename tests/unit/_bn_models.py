@@ -211,12 +211,14 @@ def collect(
     session_factory: Callable[[onnx.ModelProto], object] = plain_session,
 ) -> dict[str, list[np.ndarray]]:
     """Run ``model`` over all data and return the batches of ``tensors`` (brute force)."""
-    session = session_factory(with_outputs(model, tensors))
+    inputs = {i.name for i in model.graph.input}
+    computed = [t for t in tensors if t not in inputs]
+    session = session_factory(with_outputs(model, computed))
     got: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     for feed in data():
-        values = session.run(list(tensors), feed)  # type: ignore[attr-defined]
-        for t, v in zip(tensors, values, strict=True):
-            got[t].append(v)
+        values = dict(zip(computed, session.run(computed, feed), strict=True))  # type: ignore[attr-defined]
+        for t in tensors:
+            got[t].append(feed[t] if t in inputs else values[t])
     return got
 
 
@@ -244,3 +246,61 @@ def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
         if t.name == name:
             return numpy_helper.to_array(t)
     raise KeyError(name)
+
+
+def to_nbsmt(
+    float_model: onnx.ModelProto, x_scales: dict[str, float], threads: int = 2
+) -> onnx.ModelProto:
+    """Test-side mini rewrite: each Conv named in ``x_scales`` becomes an NbSmtConv (same names).
+
+    Independent of ``graph.rewrite`` on purpose, so these tests exercise only the
+    recalibration code. Weights are quantized per output channel (SPEC §2).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(float_model)
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    nodes = []
+    for node in out.graph.node:
+        if node.op_type != "Conv" or node.name not in x_scales:
+            nodes.append(node)
+            continue
+        wq, sw = quantize_weights(inits[node.input[1]], axis=0)
+        new = [
+            numpy_helper.from_array(wq, f"{node.name}.Wq"),
+            numpy_helper.from_array(
+                np.asarray(x_scales[node.name], np.float32), f"{node.name}.x_scale"
+            ),
+            numpy_helper.from_array(sw, f"{node.name}.w_scale"),
+        ]
+        out.graph.initializer.extend(new)
+        inputs = [node.input[0]] + [t.name for t in new] + list(node.input[2:3])
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs.setdefault("kernel_shape", list(wq.shape[2:]))
+        nodes.append(
+            helper.make_node(
+                schema.CONV,
+                inputs,
+                list(node.output),
+                name=node.name,
+                domain=schema.DOMAIN,
+                threads=threads,
+                act_signed=0,
+                **attrs,
+            )
+        )
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.opset_import.append(helper.make_opsetid(schema.DOMAIN, schema.OPSET_VERSION))
+    onnx.checker.check_model(out)
+    return out
+
+
+def activation_scales(
+    float_model: onnx.ModelProto, data: Callable[[], Iterator[dict[str, np.ndarray]]]
+) -> dict[str, float]:
+    """Per Conv, max of its (non-negative) input over the data / 255 (SPEC §2, unsigned)."""
+    convs = [n for n in float_model.graph.node if n.op_type == "Conv"]
+    tensors = sorted({n.input[0] for n in convs})
+    got = collect(float_model, tensors, data)
+    top = {t: max(float(np.max(b)) for b in got[t]) for t in tensors}
+    return {n.name: top[n.input[0]] / 255 for n in convs}
