@@ -26,7 +26,7 @@ ACT_RANGE = {False: (0, 255), True: (-127, 127)}
 #: Integer range of quantized weights.
 WEIGHT_RANGE = (-127, 127)
 #: Largest reduction length K for which the int32 accumulator is exact.
-MAX_REDUCTION_LENGTH = 66052
+MAX_REDUCTION_LENGTH = 65793  # K * 32640 (255 x reduced weight -128) < 2**31
 
 #: Order of the counters in the optional ``stats`` output (SPEC.md §3.4).
 STATS_FIELDS = ("groups", "active_slots", "collisions", "reduced_operands")
