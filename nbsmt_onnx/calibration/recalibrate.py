@@ -58,9 +58,12 @@ from nbsmt_onnx.graph.bn import (
     layers_without_batchnorm,
     nbsmt_channel_axis,
     read_batchnorm_statistics,
+    upstream_nodes,
 )
 from nbsmt_onnx.graph.fold import (
     ChannelAffine,
+    FoldBatchNormIntoNbSmt,
+    FoldResult,
     Skip,
     apply_channel_corrections,
     write_batchnorm_statistics,
@@ -599,6 +602,166 @@ def correct_fused_layers(
     return CorrectionResult(variant, current, tuple(results), runner.passes, runner.model_runs)
 
 
+@dataclass(frozen=True)
+class TransformRecalibration:
+    """What the transform step gets back: the final simulation model and a JSON-ready report."""
+
+    model: onnx.ModelProto
+    batchnorm: RecalibrationResult | None
+    fold: FoldResult | None
+    correction: CorrectionResult | None
+    report: dict[str, Any]
+
+
+def recalibrate(
+    *,
+    float_model: onnx.ModelProto,
+    sim_model: onnx.ModelProto,
+    data: Any,
+    config: Any,
+    progress: bool | ProgressCallback | None = None,
+    session_factory: SessionFactory = create_session,
+) -> TransformRecalibration:
+    """The transform pipeline's recalibration step (issue 3), in the order the math needs.
+
+    1. BN recalibration with ``config.strategy`` (every BN with an NbSmt op upstream);
+    2. ``config.correction`` ("none" | "mean" | "mean+var") for NbSmt ops with no BN
+       after them (fused models, classifier heads), measured on the model from 1.
+       Ops upstream of a recalibrated BN are left to that BN: correcting them
+       afterwards would change the input the BN was just calibrated on;
+    3. ``config.fold``: fold BNs into their NbSmt ops (others keep the new statistics).
+
+    ``data`` is a :class:`~nbsmt_onnx.calibration.data.CalibrationData` (its
+    ``batches`` method is called once per pass) or any callable returning an
+    iterable of feed dicts. ``config`` is a ``config.RecalibrationConfig``.
+    ``progress``: True shows a progress bar per pass, or pass a callback.
+    """
+    source: DataSource = data.batches if hasattr(data, "batches") else data
+    callback = _progress_bar() if progress is True else (progress or None)
+    bn = recalibrate_batchnorm(
+        sim_model,
+        source,
+        strategy=config.strategy,
+        float_model=float_model,
+        session_factory=session_factory,
+        progress=callback,
+    )
+    model = bn.model
+    correction = None
+    covered = upstream_nodes(model, [_first_input(model, u.name) for u in bn.updates])
+    layers = [n for n in layers_without_batchnorm(model) if n not in covered]
+    if config.correction != "none" and layers:
+        correction = correct_fused_layers(
+            model,
+            float_model,
+            source,
+            variant=config.correction,
+            layers=layers,
+            session_factory=session_factory,
+            progress=callback,
+        )
+        model = correction.model
+    fold = None
+    if config.fold:
+        fold = FoldBatchNormIntoNbSmt()(model)
+        model = fold.model
+    report = _report(bn, correction, fold)
+    logger.info(
+        "recalibration: %d BNs (%s, %d passes), %d layers corrected, %d BNs folded",
+        len(bn.updates),
+        bn.strategy,
+        bn.passes,
+        len(correction.corrections) if correction else 0,
+        fold.count if fold else 0,
+    )
+    return TransformRecalibration(model, bn, fold, correction, report)
+
+
+def _first_input(model: onnx.ModelProto, node_name: str) -> str:
+    """First input tensor of the main-graph node ``node_name``."""
+    for node in model.graph.node:
+        if node.name == node_name:
+            return node.input[0]
+    raise ModelError(f"no node named {node_name!r} in the model")
+
+
+def _progress_bar() -> ProgressCallback:
+    from tqdm import tqdm
+
+    bars: dict[int, Any] = {}
+
+    def update(p: PassProgress) -> None:
+        bar = bars.get(p.pass_index)
+        if bar is None:
+            bar = bars[p.pass_index] = tqdm(
+                desc=f"recalibration pass {p.pass_index}/{p.total_passes}", unit="batch"
+            )
+        if p.finished:
+            bar.close()
+        else:
+            bar.update(1)
+
+    return update
+
+
+def _stats_summary(stats: ChannelStatistics) -> dict[str, float]:
+    return {"mean": float(np.mean(stats.mean)), "std": float(np.mean(stats.std))}
+
+
+def _report(
+    bn: RecalibrationResult, correction: CorrectionResult | None, fold: FoldResult | None
+) -> dict[str, Any]:
+    """Per BN / corrected layer: level and statistic shift before/after; pass counts."""
+    out: dict[str, Any] = {
+        "strategy": bn.strategy,
+        "passes": bn.passes,
+        "model_runs": bn.model_runs,
+        "batchnorms": [
+            {
+                "name": u.name,
+                "level": u.level,
+                "mean_shift": u.mean_shift,
+                "std_ratio": u.std_ratio,
+                "old": {
+                    "mean": float(np.mean(u.old.mean)),
+                    "std": float(np.mean(np.sqrt(u.old.var))),
+                },
+                "new": {
+                    "mean": float(np.mean(u.new.mean)),
+                    "std": float(np.mean(np.sqrt(u.new.var))),
+                },
+                "measured": _stats_summary(u.measured),
+                **({"clean": _stats_summary(u.reference)} if u.reference is not None else {}),
+            }
+            for u in bn.updates
+        ],
+        "skipped": [{"name": s.node, "reason": s.reason} for s in bn.skipped],
+    }
+    if correction is not None:
+        out["correction"] = {
+            "variant": correction.variant,
+            "passes": correction.passes,
+            "model_runs": correction.model_runs,
+            "layers": [
+                {
+                    "name": c.name,
+                    "level": c.level,
+                    "mean_shift": c.mean_shift,
+                    "std_ratio": c.std_ratio,
+                    "measured": _stats_summary(c.measured),
+                    "clean": _stats_summary(c.reference),
+                }
+                for c in correction.corrections
+            ],
+        }
+    if fold is not None:
+        out["fold"] = {
+            "folded": [{"batchnorm": f.batchnorm, "into": f.into} for f in fold.folded],
+            "kept": [{"name": s.node, "reason": s.reason} for s in fold.skipped],
+        }
+    return out
+
+
 __all__ = [
     "CORRECTIONS",
     "DEFAULT_CORRECTION",
@@ -611,7 +774,9 @@ __all__ = [
     "PassProgress",
     "RecalibrationResult",
     "SessionFactory",
+    "TransformRecalibration",
     "VarianceRatio",
     "correct_fused_layers",
+    "recalibrate",
     "recalibrate_batchnorm",
 ]

@@ -260,6 +260,25 @@ def layers_without_batchnorm(model: onnx.ModelProto) -> list[str]:
     return [layer.name for layer in find_nbsmt_layers(model) if layer.batchnorm is None]
 
 
+def upstream_nodes(model: onnx.ModelProto, tensors: Iterable[str]) -> set[str]:
+    """Names of the main-graph nodes that ``tensors`` depend on (their ancestors)."""
+    nodes = list(model.graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    seen: set[int] = set()
+    stack = list(tensors)
+    visited: set[str] = set()
+    while stack:
+        t = stack.pop()
+        if t in visited:
+            continue
+        visited.add(t)
+        i = producer.get(t)
+        if i is not None and i not in seen:
+            seen.add(i)
+            stack.extend(node_inputs(nodes[i]))
+    return {nodes[i].name for i in seen}
+
+
 def _affected_tensors(graph: onnx.GraphProto) -> set[str]:
     """Tensors with an NbSmt op upstream (graph order is topological: checker-enforced)."""
     tainted: set[str] = set()

@@ -457,3 +457,49 @@ def test_variance_ratio_regularisation() -> None:
     np.testing.assert_allclose(
         k, [(2 + e) / (1 + e), 4.0, (0.05 + e) / e, max(e / (1 + e), 0.25)], rtol=1e-12
     )
+
+
+class _Config:
+    """Duck-typed stand-in for config.RecalibrationConfig (owned by the transform module)."""
+
+    def __init__(self, strategy: str, correction: str, fold: bool) -> None:
+        self.strategy, self.correction, self.fold = strategy, correction, fold
+
+
+class _Data:
+    def __init__(self, source: Callable[[], Iterator[dict[str, np.ndarray]]]) -> None:
+        self.batches = source
+
+
+def test_transform_step_with_bn_kept_folds_and_reports(nbsmt_library: str) -> None:
+    from nbsmt_onnx.calibration.recalibrate import recalibrate
+
+    data = image_batches(seed=43, sizes=((4, 6), (3, 6)))
+    clean, nb = _nbsmt_pair(True, data)
+    out = recalibrate(
+        float_model=clean,
+        sim_model=nb,
+        data=_Data(data),
+        config=_Config("relative", "mean+var", True),
+    )
+    assert not any(n.op_type == "BatchNormalization" for n in out.model.graph.node)
+    assert out.correction is None  # every op feeds a recalibrated BN: nothing left to correct
+    report = out.report
+    assert report["strategy"] == "relative" and report["passes"] == 3
+    assert [b["name"] for b in report["batchnorms"]] == ["bn1", "bn2", "bn3"]
+    assert {f["batchnorm"] for f in report["fold"]["folded"]} == {"bn1", "bn2", "bn3"}
+    assert all("clean" in b for b in report["batchnorms"])
+
+
+def test_transform_step_on_fused_model_corrects_every_layer(nbsmt_library: str) -> None:
+    from nbsmt_onnx.calibration.recalibrate import recalibrate
+
+    data = image_batches(seed=44, sizes=((4, 6), (3, 6)))
+    clean, nb = _nbsmt_pair(False, data)
+    out = recalibrate(
+        float_model=clean, sim_model=nb, data=data, config=_Config("sequential", "mean", True)
+    )
+    assert out.batchnorm is not None and out.batchnorm.passes == 0
+    assert out.correction is not None
+    assert [c["name"] for c in out.report["correction"]["layers"]] == ["conv1", "conv2", "conv3"]
+    assert out.fold is not None and out.fold.count == 0
