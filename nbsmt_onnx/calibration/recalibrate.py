@@ -395,7 +395,7 @@ def recalibrate_batchnorm(
         if strategy == "sequential":
             logger.info("calibration data is one batch: sequential is exact in one train-mode pass")
         runner = _Runner(data, session_factory, progress, 1)
-        probed = use_batch_statistics(model, [i.name for i in infos])
+        probed = use_batch_statistics(model, [i.name for i in infos], only_statistics=True)
         (measured,) = runner.run_pass(
             [probed], f"{strategy}: {len(infos)} BNs in batch-statistics mode"
         )

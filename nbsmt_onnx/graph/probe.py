@@ -311,7 +311,11 @@ def add_statistics_probes(
 
 
 def use_batch_statistics(
-    model: onnx.ModelProto, bn_names: Iterable[str], *, check: bool = True
+    model: onnx.ModelProto,
+    bn_names: Iterable[str],
+    *,
+    only_statistics: bool = False,
+    check: bool = True,
 ) -> ProbeResult:
     """Copy of ``model`` where the named BatchNormalization nodes use batch statistics.
 
@@ -321,7 +325,7 @@ def use_batch_statistics(
     normalises like a BN in training mode. The batch statistics of every
     selected BN input are also graph outputs (returned like
     :func:`add_statistics_probes`), so one pass both runs the train-mode
-    network and measures it.
+    network and measures it. ``only_statistics`` as in :func:`add_statistics_probes`.
     """
     wanted = list(dict.fromkeys(bn_names))
     if check:
@@ -383,9 +387,13 @@ def use_batch_statistics(
             new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
+    if only_statistics:
+        del graph.output[:]
     for probe in outputs.values():
         graph.output.extend(_stat_outputs(probe))
     graph.initializer.extend(builder.initializers)
+    if only_statistics:
+        prune_to_outputs(graph)
     if check:
         _check(out, "after")
     return ProbeResult(out, outputs)
