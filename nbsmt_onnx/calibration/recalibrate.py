@@ -99,6 +99,14 @@ class _Session(Protocol):
 SessionFactory = Callable[[onnx.ModelProto], _Session]
 
 
+def default_session(model: onnx.ModelProto) -> _Session:
+    """``runtime.session.create_session`` on ``model``, also for models over 2 GB (via ``io``)."""
+    from nbsmt_onnx import io
+
+    with io.session_source(model) as source:
+        return create_session(source)
+
+
 @dataclass(frozen=True)
 class PassProgress:
     """Progress of one pass over the calibration data (given to the ``progress`` callback)."""
@@ -360,7 +368,7 @@ def recalibrate_batchnorm(
     batchnorms: Iterable[str] | None = None,
     ratio: VarianceRatio = DEFAULT_RATIO,
     single_batch_shortcut: bool = True,
-    session_factory: SessionFactory = create_session,
+    session_factory: SessionFactory = default_session,
     progress: ProgressCallback | None = None,
 ) -> RecalibrationResult:
     """Re-estimate the running statistics of the BNs of an NB-SMT model.
@@ -527,7 +535,7 @@ def correct_fused_layers(
     variant: str = DEFAULT_CORRECTION,
     layers: Iterable[str] | None = None,
     ratio: VarianceRatio = DEFAULT_RATIO,
-    session_factory: SessionFactory = create_session,
+    session_factory: SessionFactory = default_session,
     progress: ProgressCallback | None = None,
 ) -> CorrectionResult:
     """Per-channel correction of NbSmt op outputs against the clean model (SPEC §5.2).
@@ -620,7 +628,7 @@ def recalibrate(
     data: Any,
     config: Any,
     progress: bool | ProgressCallback | None = None,
-    session_factory: SessionFactory = create_session,
+    session_factory: SessionFactory = default_session,
 ) -> TransformRecalibration:
     """The transform pipeline's recalibration step (issue 3), in the order the math needs.
 

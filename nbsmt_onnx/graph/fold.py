@@ -47,6 +47,7 @@ from nbsmt_onnx.graph.bn import (
 from nbsmt_onnx.graph.naming import NameGenerator
 
 logger = logging.getLogger(__name__)
+_PROTO_LIMIT = 2**31 - 1
 
 _W_SCALE = 3  # input index of w_scale / b_scale in both NbSmt ops (schema.CONV_INPUTS)
 _BIAS = 4  # input index of B / bias
@@ -116,6 +117,9 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _check(model: onnx.ModelProto, what: str) -> None:
+    if model.ByteSize() > _PROTO_LIMIT:  # the checker refuses protos over 2 GB; io checks files
+        logger.debug("model over 2 GB: onnx.checker skipped here")
+        return
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
