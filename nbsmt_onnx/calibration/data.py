@@ -101,9 +101,10 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 class _Validator:
     """Checks samples/feeds against the model inputs; casts float precision once, with a log line."""
 
-    def __init__(self, specs: tuple[InputSpec, ...], where: str) -> None:
+    def __init__(self, specs: tuple[InputSpec, ...], where: str, images: bool = False) -> None:
         self.specs = specs
         self.where = where
+        self.images = images
         self._cast_logged: set[str] = set()
 
     def _names(self, keys: Iterable[str], index: int, what: str) -> None:
@@ -146,11 +147,7 @@ class _Validator:
             e is None or e == a for e, a in zip(expected, arr.shape, strict=True)
         )
         if not ok:
-            hint = (
-                " (resize images with --resize/--center-crop)"
-                if arr.ndim == 3 and not batched
-                else ""
-            )
+            hint = " (resize images with --resize/--center-crop)" if self.images else ""
             what = "feed" if batched else "sample"
             raise DataError(
                 f"{self.where}: input {spec.name!r} {what} {index} has shape {_fmt_shape(arr.shape)}; "
@@ -573,7 +570,11 @@ class CalibrationData:
 
     def batches(self) -> Iterator[Feed]:
         """Yield validated feed dicts (float data cast to the model's float type)."""
-        validator = _Validator(self.specs, f"calibration data {self.description}")
+        validator = _Validator(
+            self.specs,
+            f"calibration data {self.description}",
+            images=isinstance(self._source, ImageFolderSource),
+        )
         if self._source is not None:
             for start in range(0, len(self._order), self.batch_size):
                 chunk = self._order[start : start + self.batch_size]
