@@ -103,10 +103,10 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     const SmtConfig& cfg = attrs.smt.config;
     const PackLayout layout = make_conv_layout(attrs.smt.mapping, cfg.threads, Cg, KS);
     const int64_t RL = layout.row_length();
-    const Im2Col plan = make_im2col(geo, layout, Cg);
+    const Im2Col plan = make_im2col(geo, layout, Cg, group);
 
     std::vector<int8_t> w_packed(static_cast<size_t>(M * RL));
-    if (!pack_weights(layout, static_cast<const int8_t*>(w.data), M, K, w_packed.data())) {
+    if (!pack_weights(layout, static_cast<const int8_t*>(w.data), M, K, 1, w_packed.data())) {
       throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
     }
     const float* w_scale = static_cast<const float*>(ws.data);
@@ -116,8 +116,9 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
 
     const int64_t row_bytes = std::max<int64_t>(1, RL) * static_cast<int64_t>(sizeof(int16_t));
     const int64_t chunk = std::max<int64_t>(1, std::min(P, kPackBudgetBytes / row_bytes));
-    std::vector<int16_t> xq(static_cast<size_t>(in_size * C));
-    // Zero once: idle slots sit at the same positions in every row and are never written.
+    // Zero once: entries without a channel, and the idle slots of the packed rows,
+    // sit at the same positions for every image and row and are never written.
+    std::vector<int16_t> xq(plan.image_entries(), 0);
     std::vector<int16_t> x_packed(static_cast<size_t>(chunk * RL), 0);
     std::vector<int32_t> acc(static_cast<size_t>(chunk * Mg));
 
@@ -127,13 +128,13 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     for (int64_t n = 0; n < N; ++n) {
       const float* ximg = xdata + n * C * in_size;
       par.for_ranges(in_size, grain_for(in_size, 256), [&](int64_t s0, int64_t s1) {
-        quantize_channels_last(ximg, C, in_size, s0, s1, x_scale, act_signed, xq.data());
+        quantize_image(plan, ximg, s0, s1, x_scale, act_signed, xq.data());
       });
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t p0 = 0; p0 < P; p0 += chunk) {
           const int64_t rows = std::min(chunk, P - p0);
           par.for_ranges(rows, grain_for(rows, 16), [&](int64_t r0, int64_t r1) {
-            im2col_rows(plan, xq.data(), C, g * Cg, p0 + r0, p0 + r1, x_packed.data() + r0 * RL);
+            im2col_rows(plan, xq.data(), g, p0 + r0, p0 + r1, x_packed.data() + r0 * RL);
           });
           accumulate(cfg, rows, Mg, layout.steps, x_packed.data(), RL,
                      w_packed.data() + g * Mg * RL, RL, acc.data(), Mg, 1, stats_ptr, par.get());

@@ -86,16 +86,10 @@ void MatMulKernel::compute(OrtKernelContext* ctx) const {
     const int64_t RL = layout.row_length();
 
     // Bq is [K, N]; accumulate() wants one packed row per output column n.
-    const int8_t* bdata = static_cast<const int8_t*>(bq.data);
-    std::vector<int8_t> bt(static_cast<size_t>(N * K));
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t n = 0; n < N; ++n) bt[n * K + k] = bdata[k * N + n];
-    }
     std::vector<int8_t> w_packed(static_cast<size_t>(N * RL));
-    if (!pack_weights(layout, bt.data(), N, K, w_packed.data())) {
+    if (!pack_weights(layout, static_cast<const int8_t*>(bq.data), N, 1, N, w_packed.data())) {
       throw OpError(label + ": Bq contains -128; quantized weights must be in [-127, 127]");
     }
-    bt = std::vector<int8_t>();
 
     const float* b_scale = static_cast<const float*>(bs.data);
     const float* bias = bias_t.present() ? static_cast<const float*>(bias_t.data) : nullptr;
