@@ -114,48 +114,76 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     std::vector<float> scale(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) scale[m] = x_scale * w_scale[m];
 
+    // Rows are (image, output position) pairs over the whole batch, processed in
+    // chunks of bounded size; a chunk may span several small images (late layers)
+    // so that accumulate() sees large matrices. Only the chunk's images are
+    // quantized (an image split between two chunks is quantized twice).
+    const int64_t total_rows = N * P;
     const int64_t row_bytes = std::max<int64_t>(1, RL) * static_cast<int64_t>(sizeof(int16_t));
-    const int64_t chunk = std::max<int64_t>(1, std::min(P, kPackBudgetBytes / row_bytes));
+    const int64_t chunk = std::max<int64_t>(1, std::min(total_rows, kPackBudgetBytes / row_bytes));
+    const int64_t max_images = std::min(N, (chunk + P - 1) / P + 1);
+    const int64_t image_entries = static_cast<int64_t>(plan.image_entries());
     // Zero once: entries without a channel, and the idle slots of the packed rows,
     // sit at the same positions for every image and row and are never written.
-    std::vector<int16_t> xq(plan.image_entries(), 0);
+    std::vector<int16_t> xq(static_cast<size_t>(max_images * image_entries), 0);
     std::vector<int16_t> x_packed(static_cast<size_t>(chunk * RL), 0);
     std::vector<int32_t> acc(static_cast<size_t>(chunk * Mg));
 
     const OrtParallel par(api, ctx);
     const bool act_signed = cfg.act_signed;
     const float* xdata = static_cast<const float*>(x.data);
-    for (int64_t n = 0; n < N; ++n) {
-      const float* ximg = xdata + n * C * in_size;
-      par.for_ranges(in_size, grain_for(in_size, 256), [&](int64_t s0, int64_t s1) {
-        quantize_image(plan, ximg, s0, s1, x_scale, act_signed, xq.data());
-      });
+    // Calls f(n, first, count, offset) for the pieces of rows [r0, r1) that lie in
+    // one image: image n, output positions [first, first + count), chunk row offset.
+    auto for_image_pieces = [P](int64_t r0, int64_t r1, int64_t base, const auto& f) {
+      for (int64_t r = r0; r < r1;) {
+        const int64_t n = r / P, p = r % P;
+        const int64_t count = std::min(r1 - r, P - p);
+        f(n, p, count, r - base);
+        r += count;
+      }
+    };
+    for (int64_t c0 = 0; c0 < total_rows; c0 += chunk) {
+      const int64_t rows = std::min(chunk, total_rows - c0);
+      const int64_t n_first = c0 / P;
+      const int64_t n_count = (c0 + rows - 1) / P - n_first + 1;
+      par.for_ranges(n_count * in_size, grain_for(n_count * in_size, 256),
+                     [&](int64_t a, int64_t b) {
+                       for (int64_t i = a; i < b;) {
+                         const int64_t img = i / in_size, s0 = i % in_size;
+                         const int64_t s1 = std::min(in_size, s0 + (b - i));
+                         quantize_image(plan, xdata + (n_first + img) * C * in_size, s0, s1,
+                                        x_scale, act_signed, xq.data() + img * image_entries);
+                         i += s1 - s0;
+                       }
+                     });
       for (int64_t g = 0; g < group; ++g) {
-        for (int64_t p0 = 0; p0 < P; p0 += chunk) {
-          const int64_t rows = std::min(chunk, P - p0);
-          par.for_ranges(rows, grain_for(rows, 16), [&](int64_t r0, int64_t r1) {
-            im2col_rows(plan, xq.data(), g, p0 + r0, p0 + r1, x_packed.data() + r0 * RL);
+        par.for_ranges(rows, grain_for(rows, 16), [&](int64_t a, int64_t b) {
+          for_image_pieces(c0 + a, c0 + b, c0, [&](int64_t n, int64_t p, int64_t count, int64_t off) {
+            im2col_rows(plan, xq.data() + (n - n_first) * image_entries, g, p, p + count,
+                        x_packed.data() + off * RL);
           });
-          accumulate(cfg, rows, Mg, layout.steps, x_packed.data(), RL,
-                     w_packed.data() + g * Mg * RL, RL, acc.data(), Mg, 1, stats_ptr, par.get());
-          float* yg = y + (n * M + g * Mg) * P + p0;
-          par.for_ranges(Mg, grain_for(Mg, 4), [&](int64_t m0, int64_t m1) {
-            for (int64_t m = m0; m < m1; ++m) {
-              const float s = scale[g * Mg + m];
-              float* yr = yg + m * P;
-              const int32_t* ar = acc.data() + m;
+        });
+        accumulate(cfg, rows, Mg, layout.steps, x_packed.data(), RL,
+                   w_packed.data() + g * Mg * RL, RL, acc.data(), Mg, 1, stats_ptr, par.get());
+        par.for_ranges(Mg, grain_for(Mg, 4), [&](int64_t m0, int64_t m1) {
+          for (int64_t m = m0; m < m1; ++m) {
+            const int64_t oc = g * Mg + m;
+            const float s = scale[oc];
+            const float bm = bias != nullptr ? bias[oc] : 0.0f;
+            for_image_pieces(c0, c0 + rows, c0, [&](int64_t n, int64_t p, int64_t count, int64_t off) {
+              float* yr = y + (n * M + oc) * P + p;
+              const int32_t* ar = acc.data() + off * Mg + m;
               if (bias != nullptr) {
-                const float bm = bias[g * Mg + m];
-                for (int64_t r = 0; r < rows; ++r) {
+                for (int64_t r = 0; r < count; ++r) {
                   const float v = s * static_cast<float>(ar[r * Mg]);
                   yr[r] = v + bm;
                 }
               } else {
-                for (int64_t r = 0; r < rows; ++r) yr[r] = s * static_cast<float>(ar[r * Mg]);
+                for (int64_t r = 0; r < count; ++r) yr[r] = s * static_cast<float>(ar[r * Mg]);
               }
-            }
-          });
-        }
+            });
+          }
+        });
       }
     }
   }
