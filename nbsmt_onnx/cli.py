@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from nbsmt_onnx import __version__
+from nbsmt_onnx.config import Selection
 from nbsmt_onnx.errors import ConfigError, NbsmtError
 
 NO_CALIB_MESSAGE = (
@@ -55,7 +58,7 @@ def library_path() -> None:
     click.echo(get_library_path())
 
 
-def _selection_options(f):  # type: ignore[no-untyped-def]
+def _selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
             "--include",
@@ -113,16 +116,14 @@ def _selection_options(f):  # type: ignore[no-untyped-def]
     return f
 
 
-def _selection(kw: dict[str, object]):  # type: ignore[no-untyped-def]
-    from nbsmt_onnx.config import Selection
-
+def _selection(kw: dict[str, Any]) -> Selection:
     return Selection(
-        include_names=kw.pop("include_names"),  # type: ignore[arg-type]
-        include_regex=kw.pop("include_regex"),  # type: ignore[arg-type]
-        include_op_types=kw.pop("include_op_type"),  # type: ignore[arg-type]
-        exclude_names=kw.pop("exclude_names"),  # type: ignore[arg-type]
-        exclude_regex=kw.pop("exclude_regex"),  # type: ignore[arg-type]
-        exclude_op_types=kw.pop("exclude_op_type"),  # type: ignore[arg-type]
+        include_names=kw.pop("include_names"),
+        include_regex=kw.pop("include_regex"),
+        include_op_types=kw.pop("include_op_type"),
+        exclude_names=kw.pop("exclude_names"),
+        exclude_regex=kw.pop("exclude_regex"),
+        exclude_op_types=kw.pop("exclude_op_type"),
         keep_first=bool(kw.pop("keep_first")),
         keep_last=bool(kw.pop("keep_last")),
     )
@@ -294,7 +295,7 @@ def _floats(value: str, name: str) -> tuple[float, ...]:
     help="Progress bars on stderr [default: when stderr is a terminal].",
 )
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def transform_command(model: Path, **kw: object) -> None:
+def transform_command(model: Path, **kw: Any) -> None:
     """Rewrite MODEL into an NB-SMT simulation model (and/or a QDQ model) with a report."""
     from nbsmt_onnx.api import output_paths, transform
     from nbsmt_onnx.config import (
@@ -305,21 +306,21 @@ def transform_command(model: Path, **kw: object) -> None:
     )
     from nbsmt_onnx.io import check_destination
 
-    _setup_logging(int(kw.pop("verbose")))  # type: ignore[call-overload]
+    _setup_logging(int(kw.pop("verbose")))
     calib = kw.pop("calib")
     if not calib:
         raise ConfigError(NO_CALIB_MESSAGE)
     progress = kw.pop("progress")
     config = TransformConfig(
-        threads=int(kw.pop("threads")),  # type: ignore[call-overload]
+        threads=int(kw.pop("threads")),
         mapping=str(kw.pop("mapping")),
         reduce=str(kw.pop("reduce_")),
-        num_samples=kw.pop("num_samples"),  # type: ignore[arg-type]
-        batch_size=kw.pop("batch_size"),  # type: ignore[arg-type]
-        seed=kw.pop("seed"),  # type: ignore[arg-type]
+        num_samples=kw.pop("num_samples"),
+        batch_size=kw.pop("batch_size"),
+        seed=kw.pop("seed"),
         ranges=RangeConfig(
             estimator=str(kw.pop("range_estimator")), percentile=kw.pop("percentile")
-        ),  # type: ignore[arg-type]
+        ),
         selection=_selection(kw),
         export=str(kw.pop("export")),
         recalibration=RecalibrationConfig(
@@ -331,20 +332,20 @@ def transform_command(model: Path, **kw: object) -> None:
         progress=sys.stderr.isatty() if progress is None else bool(progress),
     )
     images = ImagePreprocessing(
-        resize=_size(kw.pop("resize"), "resize"),  # type: ignore[arg-type]
-        crop=_size(kw.pop("center_crop"), "center-crop"),  # type: ignore[arg-type]
+        resize=_size(kw.pop("resize"), "resize"),
+        crop=_size(kw.pop("center_crop"), "center-crop"),
         mean=_floats(str(kw.pop("mean")), "mean"),
         std=_floats(str(kw.pop("std")), "std"),
-        scale=kw.pop("pixel_scale"),  # type: ignore[arg-type]
+        scale=kw.pop("pixel_scale"),
         layout=str(kw.pop("layout")),
         channel_order=str(kw.pop("channel_order")),
     )
     force = bool(kw.pop("force"))
     report_path = kw.pop("report_path")
-    paths = output_paths(model, config.export, kw.pop("output"), kw.pop("qdq_output"))  # type: ignore[arg-type]
+    paths = output_paths(model, config.export, kw.pop("output"), kw.pop("qdq_output"))
     # Refuse before the long passes: an existing output, the input itself, an unwritable directory.
     for p in [*paths.values(), *([report_path] if report_path else [])]:
-        check_destination(Path(p), force=force, protect=(model,))  # type: ignore[arg-type]
+        check_destination(Path(p), force=force, protect=(model,))
     if calib == "random":
         click.echo(
             "WARNING: --calib random: activation scales come from random numbers; the output is for "
@@ -356,7 +357,7 @@ def transform_command(model: Path, **kw: object) -> None:
     written = result.save(
         paths.get("sim", paths.get("qdq")),
         qdq_output=paths.get("qdq") if "sim" in paths else None,
-        report_path=report_path,  # type: ignore[arg-type]
+        report_path=report_path,
         force=force,
     )
     summary = result.report["summary"]
@@ -379,12 +380,12 @@ def transform_command(model: Path, **kw: object) -> None:
 @_selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
-def inspect_command(model: Path, **kw: object) -> None:
+def inspect_command(model: Path, **kw: Any) -> None:
     """List what transform would rewrite in MODEL, what not and why, and its BatchNorm layers."""
     from nbsmt_onnx.api import inspect
     from nbsmt_onnx.config import TransformConfig
 
-    _setup_logging(int(kw.pop("verbose")))  # type: ignore[call-overload]
+    _setup_logging(int(kw.pop("verbose")))
     as_json = bool(kw.pop("as_json"))
     result = inspect(model, TransformConfig(selection=_selection(kw)))
     if as_json:

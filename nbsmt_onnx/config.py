@@ -8,8 +8,9 @@ the valid choices. Nothing downstream re-validates.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from nbsmt_onnx.errors import ConfigError
 from nbsmt_onnx.ops import schema
@@ -35,7 +36,7 @@ def _tuple_of_str(name: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     try:
-        items = tuple(value)  # type: ignore[call-overload]
+        items = tuple(cast(Iterable[Any], value))
     except TypeError:
         raise ConfigError(f"{name} must be a list of strings; got {value!r}") from None
     for item in items:

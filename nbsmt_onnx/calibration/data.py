@@ -621,7 +621,7 @@ def open_calibration_data(
     images: ImagePreprocessing | None = None,
 ) -> CalibrationData:
     """Build :class:`CalibrationData` from a path, ``"random"``, a mapping of arrays or feed dicts."""
-    common = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed}
+    common: dict[str, Any] = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed}
     if isinstance(data, CalibrationData):
         return data
     if isinstance(data, str) and data == RANDOM:
@@ -637,13 +637,13 @@ def open_calibration_data(
         if not path.exists():
             raise DataError(f"calibration data {path} does not exist")
         if path.is_dir():
-            arrays, imgs = _list_files(path)
-            if arrays and imgs:
+            array_files, imgs = _list_files(path)
+            if array_files and imgs:
                 raise DataError(f"{path} mixes array files and images; keep one kind per folder")
-            if arrays:
+            if array_files:
                 return CalibrationData(
                     specs,
-                    source=ArrayFolderSource(path, arrays, specs),
+                    source=ArrayFolderSource(path, array_files, specs),
                     description=str(path),
                     **common,
                 )

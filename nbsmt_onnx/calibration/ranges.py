@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -178,7 +179,7 @@ def _uses_nbsmt(model: onnx.ModelProto) -> bool:
     return any(n.domain == schema.DOMAIN for n in model.graph.node)
 
 
-def _progress(data: CalibrationData, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
+def _progress(data: CalibrationData, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(
@@ -198,7 +199,7 @@ def _run(
     desc: str,
     progress: bool,
     threads: int,
-):  # type: ignore[no-untyped-def]
+) -> Iterator[list[Any]]:
     with io.session_source(model) as source:
         session = create_session(
             source, SessionOptions(intra_op_threads=threads, register_library=_uses_nbsmt(model))

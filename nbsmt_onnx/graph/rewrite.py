@@ -37,7 +37,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -389,15 +389,15 @@ def plan_rewrite(model: onnx.ModelProto, selection: Selection | None = None) -> 
     first, last = _ends(model, checked)
     selected: list[Candidate] = []
     for cand in checked:
-        reason = selection.exclusion_reason(cand.node_name, cand.op_type)
-        if reason is None and selection.keep_first and cand.node_name in first:
-            reason = "kept in float: first layer (--keep-first)"
-        if reason is None and selection.keep_last and cand.node_name in last:
-            reason = "kept in float: last layer (--keep-last)"
-        if reason is None:
+        why: str | None = selection.exclusion_reason(cand.node_name, cand.op_type)
+        if why is None and selection.keep_first and cand.node_name in first:
+            why = "kept in float: first layer (--keep-first)"
+        if why is None and selection.keep_last and cand.node_name in last:
+            why = "kept in float: last layer (--keep-last)"
+        if why is None:
             selected.append(cand)
         else:
-            skipped.append(SkippedNode(cand.node_name, cand.op_type, reason))
+            skipped.append(SkippedNode(cand.node_name, cand.op_type, why))
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     skipped.sort(key=lambda s: order.get(s.node_name, len(order)))
     return RewritePlan(tuple(selected), tuple(skipped))
@@ -487,8 +487,9 @@ def rewrite_model(
         rng = ranges[cand.activation]
         signed = bool(rng.signed)
         x_scale = _act_scale(b, cand.activation, rng)
-        smt = config.smt_attributes(act_signed=signed).as_node_attributes()
+        smt: dict[str, Any] = dict(config.smt_attributes(act_signed=signed).as_node_attributes())
         new_nodes: list[onnx.NodeProto] = []
+        attrs: dict[str, Any]
         weight_value = lambda name=cand.weight: consts.lookup(name).value  # noqa: E731
         if cand.op_type == "Conv":
             wq, ws, shape, shared = _weight_inputs(
