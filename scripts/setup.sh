@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-# System packages: the Fashion-MNIST data set (example model, demo, tests).
-APT_PACKAGES=(dataset-fashion-mnist)
+# System packages: the Fashion-MNIST data set (example model, demo, tests);
+# chromium renders the HTML report in tests/e2e/test_html_render.py.
+APT_PACKAGES=(dataset-fashion-mnist chromium)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
