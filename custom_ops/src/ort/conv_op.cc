@@ -58,7 +58,8 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
   const int64_t M = w.dims[0], Cg = w.dims[1];
   const int64_t group = attrs.group;
   if (Cg * group != C) {
-    throw OpError(label + ": X has " + std::to_string(C) + " channels but Wq " +
+    throw OpError(label + ": X " + shape_str(x.dims) + " has " + std::to_string(C) +
+                  " channels but Wq " +
                   shape_str(w.dims) + " with group=" + std::to_string(group) + " expects " +
                   std::to_string(Cg * group));
   }
