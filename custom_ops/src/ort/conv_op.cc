@@ -91,9 +91,12 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
   // ---- outputs
   std::vector<int64_t> y_dims = {N, M};
   for (size_t i = 3 - (rank - 2); i < 3; ++i) y_dims.push_back(geo.out[i]);
-  float* y = static_cast<float*>(get_output(api, ctx, 0, y_dims));
-  if (y == nullptr) throw OpError(label + ": output Y is missing");
-  auto* stats_out = static_cast<int64_t*>(get_output(api, ctx, 1, {4}));
+  void* y_data = nullptr;
+  void* stats_data = nullptr;
+  if (!get_output(api, ctx, 0, y_dims, &y_data)) throw OpError(label + ": output Y is missing");
+  const bool want_stats = get_output(api, ctx, 1, {4}, &stats_data);
+  float* y = static_cast<float*>(y_data);
+  auto* stats_out = static_cast<int64_t*>(want_stats ? stats_data : nullptr);
 
   SmtStats stats;
   SmtStats* stats_ptr = stats_out != nullptr ? &stats : nullptr;

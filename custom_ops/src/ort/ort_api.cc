@@ -70,19 +70,19 @@ Tensor get_input(const OrtApi* api, OrtKernelContext* ctx, size_t index) {
   return t;
 }
 
-void* get_output(const OrtApi* api, OrtKernelContext* ctx, size_t index,
-                 const std::vector<int64_t>& dims) {
+bool get_output(const OrtApi* api, OrtKernelContext* ctx, size_t index,
+                const std::vector<int64_t>& dims, void** data) {
+  *data = nullptr;
   size_t count = 0;
   throw_if_error(api, api->KernelContext_GetOutputCount(ctx, &count),
                  "KernelContext_GetOutputCount");
-  if (index >= count) return nullptr;
+  if (index >= count) return false;
   OrtValue* value = nullptr;
   throw_if_error(api, api->KernelContext_GetOutput(ctx, index, dims.data(), dims.size(), &value),
                  "KernelContext_GetOutput");
-  if (value == nullptr) return nullptr;  // an optional output the node leaves out ("")
-  void* data = nullptr;
-  throw_if_error(api, api->GetTensorMutableData(value, &data), "GetTensorMutableData");
-  return data;
+  if (value == nullptr) return false;  // an optional output the node leaves out ("")
+  throw_if_error(api, api->GetTensorMutableData(value, data), "GetTensorMutableData");
+  return true;
 }
 
 std::string node_label(const OrtApi* api, const OrtKernelInfo* info, const char* op_type) {

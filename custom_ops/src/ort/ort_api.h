@@ -61,10 +61,11 @@ struct Tensor {
 // Reads input `index` (absent optional input -> Tensor with value == nullptr).
 Tensor get_input(const OrtApi* api, OrtKernelContext* ctx, size_t index);
 
-// Allocates output `index` with `dims`; returns its data, or nullptr when the
-// node does not produce that (optional) output.
-void* get_output(const OrtApi* api, OrtKernelContext* ctx, size_t index,
-                 const std::vector<int64_t>& dims);
+// Allocates output `index` with `dims` and stores its data pointer in *data
+// (nullptr for an empty tensor). Returns false when the node does not produce
+// that (optional) output.
+bool get_output(const OrtApi* api, OrtKernelContext* ctx, size_t index,
+                const std::vector<int64_t>& dims, void** data);
 
 // "NbSmtConv 'conv1'" (or "NbSmtConv (unnamed node)"): the prefix of every error.
 std::string node_label(const OrtApi* api, const OrtKernelInfo* info, const char* op_type);
