@@ -44,8 +44,11 @@ def create_session(
         try:
             so.register_custom_ops_library(path)
         except Exception as err:  # ORT raises a generic RuntimeError/Fail
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise LibraryNotFoundError(
-                f"cannot load NB-SMT op library {path}: {err}; rebuild it with 'pip install .'"
+                f"cannot load NB-SMT op library {path} into onnxruntime {ort.__version__}: "
+                f"{reason} (needs onnxruntime >= 1.17 and a library built for this machine; "
+                "'pip install .' rebuilds it)"
             ) from err
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:

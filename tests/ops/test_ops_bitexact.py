@@ -229,8 +229,10 @@ def test_large_k_exact() -> None:
 def test_max_reduction_length_worst_case() -> None:
     """K = MAX_REDUCTION_LENGTH with the largest products the rules allow.
 
-    threads=2, reduce=weights: every step has two active threads, so every weight
-    -127 becomes R(-127) = -128 while the activation 255 stays: |acc| = K * 32640.
+    threads=2, reduce=weights: every full step has two active threads, so every
+    weight -127 becomes R(-127) = -128 while the activation 255 stays. K is odd, so
+    the last step holds one active thread whose product stays exact (-127 * 255):
+    |acc| = (K - 1) * 32640 + 32385, the largest value an int32 must hold.
     """
     k = schema.MAX_REDUCTION_LENGTH
     a = np.full((1, k), 255.0, np.float32)
@@ -247,7 +249,9 @@ def test_max_reduction_length_worst_case() -> None:
         for t in (2, 4)
         for m in schema.MAPPING_CHOICES
     ]
-    assert cases[0].expected()[0][0, 0] == np.float32(-k * 255 * 128)
+    worst = (k - 1) * 255 * 128 + 255 * 127 if k % 2 else k * 255 * 128
+    assert worst <= 2**31 - 1
+    assert cases[0].expected()[0][0, 0] == np.float32(-worst)
     check_cases(cases)
 
 
