@@ -15,14 +15,15 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 namespace nbsmt {
 
 enum class Reduce : int { kActivations = 0, kWeights = 1 };
 
 // The largest reduction length for which an int32 accumulator is exact
-// (|acc| <= K * 255 * 127 < 2^31).
-constexpr int64_t kMaxReductionLength = 66052;
+// (the largest product is 255 * -128 = -32640, with a reduced weight; K * 32640 < 2^31).
+constexpr int64_t kMaxReductionLength = 65793;
 
 struct SmtConfig {
   int threads = 2;                   // T: 1, 2 or 4
@@ -65,10 +66,48 @@ struct Parallel {
 // w: M rows of steps*T int8 weights in [-127, 127] (row stride w_stride).
 // stats (nullable): counters of this call are *added* to *stats.
 // The result is identical, integer for integer, whatever `parallel` does.
+// Equivalent to prepare_weights() + accumulate_prepared(); when the same
+// weights meet several blocks of rows (images, chunks, calls), prepare them once.
 void accumulate(const SmtConfig& cfg, int64_t P, int64_t M, int64_t steps,
                 const int16_t* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
                 int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
                 SmtStats* stats, const Parallel& parallel);
+
+// Weights transformed for the fast kernels (a few bytes per weight). Immutable
+// once built: share it between threads and calls while the weights are unchanged.
+struct PreparedWeights;
+std::shared_ptr<const PreparedWeights> prepare_weights(const SmtConfig& cfg, int64_t M,
+                                                       int64_t steps, const int8_t* w,
+                                                       int64_t w_stride,
+                                                       const Parallel& parallel);
+
+// Packed activation rows produced on demand (e.g. im2col), inside the worker
+// tasks and concurrently for disjoint ranges: fill(ctx, p0, p1, out) writes rows
+// [p0, p1), row p at out + (p - p0) * steps * T. `out` is zero-filled before the
+// call, so slots the producer never writes (idle slots) read as 0. Rows go from
+// the producer through the kernels while they are in cache: no P x K buffer.
+struct RowSource {
+  void* ctx = nullptr;
+  void (*fill)(void* ctx, int64_t p0, int64_t p1, int16_t* out) = nullptr;
+};
+
+// accumulate() with prepared weights (cfg, M and steps come from `w`), rows
+// from memory or from a RowSource.
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, int64_t x_stride,
+                         int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
+                         SmtStats* stats, const Parallel& parallel);
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
+                         int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
+                         SmtStats* stats, const Parallel& parallel);
+
+// Kernel implementation used by accumulate(): "generic" (portable C++), "avx2" or
+// "avx512" (AVX-512 BW/VL/VNNI). By default the best one the CPU supports; the
+// environment variable NBSMT_KERNEL_ISA=scalar|avx2|avx512 (read once) or
+// force_kernel() choose another (tests prove every one equal to the scalar loop).
+// force_kernel(nullptr) restores the default; it returns false if `name` is
+// unknown or the CPU cannot run it.
+bool force_kernel(const char* name);
+const char* active_kernel();
 
 // Straightforward loop over the SPEC rules; the ground truth accumulate() is
 // tested against in C++ (and the NumPy reference in Python).

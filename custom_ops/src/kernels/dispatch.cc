@@ -1,37 +1,112 @@
-// Selects the implementation of accumulate(). Fast paths are added here.
-#include "nbsmt/kernels.h"
+// Choice of the instruction-set backend of the fast kernels (engine.h).
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "engine.h"
 
 namespace nbsmt {
+namespace detail {
 
-void accumulate(const SmtConfig& cfg, int64_t P, int64_t M, int64_t steps,
-                const int16_t* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
-                int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
-                SmtStats* stats, const Parallel& parallel) {
-  // Split the rows of x across workers; each worker adds its own stats.
-  struct Job {
-    const SmtConfig* cfg; int64_t P, M, steps; const int16_t* x; int64_t xs;
-    const int8_t* w; int64_t ws; int32_t* acc; int64_t ars, acs; int64_t chunk;
-    SmtStats* parts;
-  };
-  const int64_t chunks = P < 64 ? (P > 0 ? P : 1) : 64;
-  const int64_t chunk = (P + chunks - 1) / chunks;
-  SmtStats parts_storage[64];
-  Job job{&cfg, P, M, steps, x, x_stride, w, w_stride, acc, acc_row_stride, acc_col_stride,
-          chunk, parts_storage};
-  parallel(
-      [](void* data, size_t i) {
-        auto* j = static_cast<Job*>(data);
-        const int64_t p0 = static_cast<int64_t>(i) * j->chunk;
-        int64_t p1 = p0 + j->chunk;
-        if (p1 > j->P) p1 = j->P;
-        if (p0 >= p1) return;
-        accumulate_scalar(*j->cfg, p1 - p0, j->M, j->steps, j->x + p0 * j->xs, j->xs, j->w, j->ws,
-                          j->acc + p0 * j->ars, j->ars, j->acs, &j->parts[i]);
-      },
-      static_cast<size_t>(chunks), &job);
-  if (stats != nullptr) {
-    for (int64_t i = 0; i < chunks; ++i) stats->add(parts_storage[i]);
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kGeneric: return "generic";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
   }
+  return "?";
 }
+
+namespace {
+
+bool cpu_has(Isa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::kGeneric: return true;
+    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  }
+  return false;
+#else
+  return isa == Isa::kGeneric;
+#endif
+}
+
+const Backend* best_backend() {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+    if (const Backend* be = backend_for(isa)) return be;
+  }
+  return &generic_backend();
+}
+
+// NBSMT_KERNEL_ISA, read once; an unknown or unsupported name falls back to the
+// best backend (the choice is observable through active_kernel()).
+const Backend* initial_backend() {
+  const char* env = std::getenv("NBSMT_KERNEL_ISA");
+  if (env != nullptr && *env != '\0') {
+    Isa isa;
+    if (parse_isa(env, &isa)) {
+      if (const Backend* be = backend_for(isa)) return be;
+    }
+  }
+  return best_backend();
+}
+
+std::atomic<const Backend*> g_forced{nullptr};
+
+}  // namespace
+
+bool parse_isa(const char* name, Isa* out) {
+  if (std::strcmp(name, "scalar") == 0 || std::strcmp(name, "generic") == 0) {
+    *out = Isa::kGeneric;
+  } else if (std::strcmp(name, "avx2") == 0) {
+    *out = Isa::kAvx2;
+  } else if (std::strcmp(name, "avx512") == 0) {
+    *out = Isa::kAvx512;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+const Backend* backend_for(Isa isa) {
+  if (!cpu_has(isa)) return nullptr;
+  switch (isa) {
+    case Isa::kGeneric: return &generic_backend();
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::kAvx2: return &avx2_backend();
+    case Isa::kAvx512: return &avx512_backend();
+#else
+    default: return nullptr;
+#endif
+  }
+  return nullptr;
+}
+
+const Backend& selected_backend() {
+  if (const Backend* forced = g_forced.load(std::memory_order_acquire)) return *forced;
+  static const Backend* const chosen = initial_backend();
+  return *chosen;
+}
+
+}  // namespace detail
+
+bool force_kernel(const char* name) {
+  if (name == nullptr) {
+    detail::g_forced.store(nullptr, std::memory_order_release);
+    return true;
+  }
+  detail::Isa isa;
+  if (!detail::parse_isa(name, &isa)) return false;
+  const detail::Backend* be = detail::backend_for(isa);
+  if (be == nullptr) return false;
+  detail::g_forced.store(be, std::memory_order_release);
+  return true;
+}
+
+const char* active_kernel() { return detail::isa_name(detail::selected_backend().isa); }
 
 }  // namespace nbsmt

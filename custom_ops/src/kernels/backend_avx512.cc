@@ -1,0 +1,395 @@
+// AVX-512 (F/BW/VL/VNNI) implementation of the per-ISA pieces (engine.h).
+//
+// Compiled for the baseline ISA; only the functions below carry target
+// attributes and are reached through the Backend table after a CPU check, so
+// the library still loads and runs on any x86-64.
+#include "engine.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized inside maskz intrinsics.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+#define NBSMT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define NBSMT_AVX512_INLINE \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"), always_inline)) inline
+
+namespace nbsmt {
+namespace detail {
+namespace {
+
+// R(v) on 32 int16 lanes (SPEC §3.3), same formula as reduce_unsigned/signed:
+// round_half_even(v / 16) = (v + 7 + ((v >> 4) & 1)) >> 4 with floor shifts.
+NBSMT_AVX512_INLINE __m512i reduce16(__m512i v, bool is_signed) {
+  const __m512i one = _mm512_set1_epi16(1);
+  const __m512i odd = _mm512_and_si512(_mm512_srai_epi16(v, 4), one);
+  __m512i q = _mm512_srai_epi16(_mm512_add_epi16(_mm512_add_epi16(v, _mm512_set1_epi16(7)), odd), 4);
+  if (is_signed) {
+    q = _mm512_max_epi16(_mm512_min_epi16(q, _mm512_set1_epi16(7)), _mm512_set1_epi16(-8));
+    const __m512i r = _mm512_slli_epi16(q, 4);
+    const __mmask32 keep = _mm512_cmpge_epi16_mask(v, _mm512_set1_epi16(-8)) &
+                           _mm512_cmple_epi16_mask(v, _mm512_set1_epi16(7));
+    return _mm512_mask_blend_epi16(keep, r, v);
+  }
+  q = _mm512_min_epi16(q, _mm512_set1_epi16(15));
+  const __m512i r = _mm512_slli_epi16(q, 4);
+  return _mm512_mask_blend_epi16(_mm512_cmplt_epi16_mask(v, _mm512_set1_epi16(16)), r, v);
+}
+
+// acc + u8(a) . s8(b), four bytes per lane. Inline asm keeps the accumulator
+// in place: GCC 12 copies registers around the intrinsic and spills.
+NBSMT_AVX512_INLINE __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
+  return acc;
+}
+
+inline __mmask32 lane_mask(int64_t n) {
+  return n >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << n) - 1);
+}
+
+// ---- dense ------------------------------------------------------------------
+
+NBSMT_AVX512 void dense_transform(const Plan& plan, int64_t b, const int16_t* x, int64_t x_stride,
+                                  int64_t nrows, uint8_t* a, int64_t lda) {
+  const int T = plan.T;
+  const int64_t seg = plan.seg_bytes(b);
+  const int64_t n = T * plan.block_len(b);
+  const bool sgn = plan.cfg.act_signed;
+  const bool act = plan.cfg.reduce == Reduce::kActivations;
+  const __m512i off0 = _mm512_set1_epi16(static_cast<int16_t>(plan.x_offset[0]));
+  const __m512i off1 = _mm512_set1_epi16(static_cast<int16_t>(plan.x_offset[1]));
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int16_t* xr = x + r * x_stride + plan.block_step0(b) * T;
+    uint8_t* out = a + r * lda;
+    for (int64_t l = 0; l < seg; l += 32) {
+      const __mmask32 in = lane_mask(n - l);   // lanes holding real elements
+      const __mmask32 st = lane_mask(seg - l); // bytes inside the segment
+      const __m512i v = _mm512_maskz_loadu_epi16(in, xr + l);
+      __m512i t0 = _mm512_add_epi16(v, off0);
+      _mm256_mask_storeu_epi8(out + l, st, _mm512_cvtepi16_epi8(t0));
+      if (T == 2) {
+        // Partner slot: swap the two int16 halves of every dword (steps start even).
+        const __m512i vp = _mm512_rol_epi32(v, 16);
+        const __mmask32 pnz = _mm512_test_epi16_mask(vp, vp);
+        __m512i t1 = act ? _mm512_sub_epi16(reduce16(v, sgn), v) : v;
+        t1 = _mm512_add_epi16(_mm512_maskz_mov_epi16(pnz, t1), off1);
+        _mm256_mask_storeu_epi8(out + seg + l, st, _mm512_cvtepi16_epi8(t1));
+      }
+    }
+  }
+}
+
+NBSMT_AVX512 int32_t dense_weight_row(const Plan& plan, int64_t b, const int8_t* w, int8_t* out) {
+  const int T = plan.T;
+  const int64_t seg = plan.seg_bytes(b);
+  const int64_t n = T * plan.block_len(b);
+  const bool act = plan.cfg.reduce == Reduce::kActivations;
+  const __m512i off0 = _mm512_set1_epi16(static_cast<int16_t>(plan.x_offset[0]));
+  const __m512i off1 = _mm512_set1_epi16(static_cast<int16_t>(plan.x_offset[1]));
+  __m512i corr = _mm512_setzero_si512();
+  for (int64_t l = 0; l < seg; l += 32) {
+    const __mmask32 in = lane_mask(n - l);
+    const __mmask32 st = lane_mask(seg - l);
+    const __m512i v = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(in, w + l));
+    corr = _mm512_add_epi32(corr, _mm512_madd_epi16(v, off0));
+    _mm256_mask_storeu_epi8(out + l, st, _mm512_cvtepi16_epi8(v));
+    if (T == 2) {
+      const __m512i vp = _mm512_rol_epi32(v, 16);
+      const __mmask32 pnz = _mm512_test_epi16_mask(vp, vp);
+      __m512i t1 = act ? v : _mm512_sub_epi16(reduce16(v, true), v);
+      t1 = _mm512_maskz_mov_epi16(pnz, t1);
+      corr = _mm512_add_epi32(corr, _mm512_madd_epi16(t1, off1));
+      _mm256_mask_storeu_epi8(out + seg + l, st, _mm512_cvtepi16_epi8(t1));
+    }
+  }
+  return _mm512_reduce_add_epi32(corr);
+}
+
+// MR rows x NV vectors of 16 columns; panel layout [kq][NV * 16][4].
+template <int MR, int NV>
+NBSMT_AVX512 void dense_micro(int64_t kq, const uint8_t* a, int64_t lda, const uint8_t* panel,
+                              int32_t* c, int64_t ldc, bool first) {
+  __m512i acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(c + r * ldc + v * 16);
+    }
+  }
+  const uint8_t* bp = panel;
+  for (int64_t q = 0; q < kq; ++q) {
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(bp + v * 64);
+    bp += NV * 64;
+    for (int r = 0; r < MR; ++r) {
+      int32_t a4;
+      __builtin_memcpy(&a4, a + r * lda + 4 * q, 4);
+      const __m512i av = _mm512_set1_epi32(a4);
+      for (int v = 0; v < NV; ++v) acc[r][v] = dpbusd(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) _mm512_storeu_si512(c + r * ldc + v * 16, acc[r][v]);
+  }
+}
+
+template <int NV>
+NBSMT_AVX512 void dense_rows(int64_t kq, const uint8_t* a, int64_t lda, int64_t nrows,
+                             const uint8_t* panel, int32_t* c, int64_t ldc, bool first) {
+  constexpr int kMR = NV <= 2 ? 8 : 6;
+  int64_t r = 0;
+  for (; r + kMR <= nrows; r += kMR) {
+    dense_micro<kMR, NV>(kq, a + r * lda, lda, panel, c + r * ldc, ldc, first);
+  }
+  const int64_t rest = nrows - r;
+  a += r * lda;
+  c += r * ldc;
+  switch (rest) {
+    case 1: dense_micro<1, NV>(kq, a, lda, panel, c, ldc, first); break;
+    case 2: dense_micro<2, NV>(kq, a, lda, panel, c, ldc, first); break;
+    case 3: dense_micro<3, NV>(kq, a, lda, panel, c, ldc, first); break;
+    case 4: dense_micro<4, NV>(kq, a, lda, panel, c, ldc, first); break;
+    case 5: dense_micro<5, NV>(kq, a, lda, panel, c, ldc, first); break;
+    case 6: dense_micro<6, NV>(kq, a, lda, panel, c, ldc, first); break;
+    case 7: dense_micro<7, NV>(kq, a, lda, panel, c, ldc, first); break;
+    default: break;
+  }
+}
+
+NBSMT_AVX512 void dense_gemm(int64_t kq, const uint8_t* a, int64_t lda, int64_t nrows,
+                             const uint8_t* panel, int nv, int32_t* c, int64_t ldc, bool first) {
+  switch (nv) {
+    case 1: dense_rows<1>(kq, a, lda, nrows, panel, c, ldc, first); break;
+    case 2: dense_rows<2>(kq, a, lda, nrows, panel, c, ldc, first); break;
+    case 3: dense_rows<3>(kq, a, lda, nrows, panel, c, ldc, first); break;
+    default: dense_rows<4>(kq, a, lda, nrows, panel, c, ldc, first); break;
+  }
+}
+
+// ---- gather -----------------------------------------------------------------
+
+// Per pattern pi: pshufb control that compacts a step's bytes
+// [x0 x1 x2 x3 r0 r1 r2 r3] into (dword1, dword2) (engine.h), and the table
+// index data: kGatherBase[pi] | (two dwords ? 1 << 40 : 0).
+struct GatherLuts {
+  alignas(64) uint64_t ctrl[16];
+  alignas(64) uint64_t base[16];
+};
+
+GatherLuts make_gather_luts() {
+  GatherLuts l{};
+  for (int pi = 0; pi < 16; ++pi) {
+    uint8_t c[8];
+    for (int i = 0; i < 8; ++i) c[i] = 0x80;
+    int slots[4], ns = 0;
+    for (int t = 0; t < 4; ++t) {
+      if (pi >> t & 1) slots[ns++] = t;
+    }
+    for (int j = 0; j < ns; ++j) {
+      c[j] = static_cast<uint8_t>(slots[j]);                         // x byte
+      c[(ns <= 2 ? 2 : 4) + j] = static_cast<uint8_t>(4 + slots[j]);  // R(x) byte
+    }
+    __builtin_memcpy(&l.ctrl[pi], c, 8);
+    l.base[pi] = pi == 0 ? 0
+                         : static_cast<uint64_t>(kGatherBase[pi]) |
+                               (kGatherCount[pi] == 2 ? (uint64_t{1} << 40) : 0);
+  }
+  return l;
+}
+
+const GatherLuts& gather_luts() {
+  static const GatherLuts luts = make_gather_luts();
+  return luts;
+}
+
+NBSMT_AVX512 int64_t gather_entries(const Plan& plan, int64_t b, const int16_t* x,
+                                    GatherEntry* out, int32_t* byte_sum) {
+  const bool sgn = plan.cfg.act_signed;
+  const int64_t s0 = plan.block_step0(b);
+  const int64_t len = plan.block_len(b);
+  const GatherLuts& luts = gather_luts();
+  const __m512i ctrl_lo = _mm512_load_si512(luts.ctrl), ctrl_hi = _mm512_load_si512(luts.ctrl + 8);
+  const __m512i base_lo = _mm512_load_si512(luts.base), base_hi = _mm512_load_si512(luts.base + 8);
+  const __m512i pair_idx = _mm512_set_epi32(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+  const __m512i nibble_shift = _mm512_set_epi64(28, 24, 20, 16, 12, 8, 4, 0);
+  const __m512i odd_lane = _mm512_set_epi64(0x0808080808080808ll, 0, 0x0808080808080808ll, 0,
+                                            0x0808080808080808ll, 0, 0x0808080808080808ll, 0);
+  const __m512i step_idx = _mm512_set_epi64(7 * kGatherDwords, 6 * kGatherDwords, 5 * kGatherDwords,
+                                            4 * kGatherDwords, 3 * kGatherDwords, 2 * kGatherDwords,
+                                            kGatherDwords, 0);
+  const __m512i low32 = _mm512_set1_epi64(0xFFFFFFFFll);
+  const __m512i two_flag = _mm512_set1_epi64(int64_t{1} << 40);
+  const __m512i ones16 = _mm512_set1_epi16(1);
+  __m512i sumv = _mm512_setzero_si512();
+  int64_t n = 0;
+  const int16_t* xs = x + s0 * 4;
+  for (int64_t i = 0; i < len; i += 8) {  // 8 steps = 32 lanes
+    const __m512i v = _mm512_maskz_loadu_epi16(lane_mask(4 * (len - i)), xs + 4 * i);
+    const __mmask32 nzm = _mm512_test_epi16_mask(v, v);
+    if (nzm == 0) continue;
+    const __m512i rv = reduce16(v, sgn);
+    if (sgn) sumv = _mm512_add_epi32(sumv, _mm512_madd_epi16(_mm512_add_epi16(v, rv), ones16));
+    // dwords [x_s0..x_s7 | r_s0..r_s7] -> qword per step (x bytes, R bytes).
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(v)),
+                                            _mm512_cvtepi16_epi8(rv), 1);
+    const __m512i steps8 = _mm512_permutexvar_epi32(pair_idx, both);
+    const __m512i pi = _mm512_and_si512(
+        _mm512_srlv_epi64(_mm512_set1_epi64(static_cast<int64_t>(nzm)), nibble_shift),
+        _mm512_set1_epi64(15));
+    const __m512i ctrl =
+        _mm512_add_epi8(_mm512_permutex2var_epi64(ctrl_lo, pi, ctrl_hi), odd_lane);
+    const __m512i packed = _mm512_shuffle_epi8(steps8, ctrl);
+    const __m512i bdata = _mm512_permutex2var_epi64(base_lo, pi, base_hi);
+    const __m512i idx1 = _mm512_add_epi64(
+        _mm512_add_epi64(_mm512_set1_epi64(i * kGatherDwords), step_idx),
+        _mm512_and_si512(bdata, _mm512_set1_epi64(0xFF)));
+    const __mmask8 m1 = _mm512_test_epi64_mask(pi, pi);
+    const __mmask8 m2 = _mm512_test_epi64_mask(bdata, two_flag);
+    const __m512i e1 = _mm512_or_si512(_mm512_slli_epi64(packed, 32), idx1);
+    const __m512i e2 = _mm512_or_si512(_mm512_andnot_si512(low32, packed),
+                                       _mm512_add_epi64(idx1, _mm512_set1_epi64(1)));
+    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi64(m1, e1));
+    n += __builtin_popcount(m1);
+    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi64(m2, e2));
+    n += __builtin_popcount(m2);
+  }
+  if (sgn) *byte_sum += _mm512_reduce_add_epi32(sumv);
+  return n;
+}
+
+// pshufb controls per (dword d, w pattern bw) that pick a column's table bytes
+// from its w dword (ctrl_w) and its R(w) dword (ctrl_r); 0x80 bytes give 0.
+struct ExpandLuts {
+  alignas(64) uint32_t ctrl_w[2][kGatherDwords][16];
+  alignas(64) uint32_t ctrl_r[2][kGatherDwords][16];
+};
+
+const ExpandLuts& expand_luts() {
+  static const ExpandLuts luts = [] {
+    ExpandLuts l{};
+    for (int mode = 0; mode < 2; ++mode) {
+      const GatherSelectors& g =
+          gather_selectors(mode == 0 ? Reduce::kActivations : Reduce::kWeights);
+      for (int d = 0; d < kGatherDwords; ++d) {
+        for (int bw = 0; bw < 16; ++bw) {
+          uint32_t cw = 0, cr = 0;
+          for (int i = 0; i < 4; ++i) {
+            const int code = g.sel[bw][d * 4 + i];
+            const uint32_t bw_byte = code >= 1 && code <= 4 ? static_cast<uint32_t>(code - 1) : 0x80;
+            const uint32_t br_byte = code >= 5 ? static_cast<uint32_t>(code - 5) : 0x80;
+            cw |= bw_byte << (8 * i);
+            cr |= br_byte << (8 * i);
+          }
+          l.ctrl_w[mode][d][bw] = cw;
+          l.ctrl_r[mode][d][bw] = cr;
+        }
+      }
+    }
+    return l;
+  }();
+  return luts;
+}
+
+NBSMT_AVX512 void gather_expand(const Plan& plan, const uint8_t* source, int64_t s0, int64_t len,
+                                int nv, uint8_t* slice) {
+  const int64_t W4 = static_cast<int64_t>(nv) * 64;  // bytes of one table row
+  const ExpandLuts& luts = expand_luts();
+  const int mode = plan.cfg.reduce == Reduce::kActivations ? 0 : 1;
+  // pshufb indexes within 16-byte lanes: column c's bytes sit at 4 * (c % 4).
+  const __m512i lane_base = _mm512_set_epi32(
+      0x0c0c0c0c, 0x08080808, 0x04040404, 0, 0x0c0c0c0c, 0x08080808, 0x04040404, 0, 0x0c0c0c0c,
+      0x08080808, 0x04040404, 0, 0x0c0c0c0c, 0x08080808, 0x04040404, 0);
+  const __m512i flip = _mm512_set1_epi8(plan.cfg.act_signed ? static_cast<char>(0x80) : 0);
+  for (int64_t s = 0; s < len; ++s) {
+    const uint8_t* src = source + (s0 + s) * 3 * W4;
+    uint8_t* dst = slice + s * kGatherDwords * W4;
+    for (int v = 0; v < nv; ++v) {
+      const __m512i wv = _mm512_loadu_si512(src + v * 64);
+      const __m512i rv = _mm512_loadu_si512(src + W4 + v * 64);
+      const __m512i bw = _mm512_loadu_si512(src + 2 * W4 + v * 64);
+      for (int d = 0; d < kGatherDwords; ++d) {
+        const __m512i cw = _mm512_add_epi8(
+            _mm512_permutexvar_epi32(bw, _mm512_load_si512(luts.ctrl_w[mode][d])), lane_base);
+        const __m512i cr = _mm512_add_epi8(
+            _mm512_permutexvar_epi32(bw, _mm512_load_si512(luts.ctrl_r[mode][d])), lane_base);
+        const __m512i out = _mm512_or_si512(_mm512_shuffle_epi8(wv, cw), _mm512_shuffle_epi8(rv, cr));
+        _mm512_storeu_si512(dst + d * W4 + v * 64, _mm512_xor_si512(out, flip));
+      }
+    }
+  }
+}
+
+template <int NV, bool SIGNED>
+NBSMT_AVX512 void gather_micro(const GatherEntry* e, int64_t n, const uint8_t* table, int32_t* c,
+                               bool first) {
+  constexpr int64_t kRow = NV * 64;
+  constexpr int kSets = NV <= 4 ? 2 : 1;  // independent accumulators to hide latency
+  __m512i acc[kSets][NV];
+  for (int v = 0; v < NV; ++v) {
+    acc[0][v] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(c + v * 16);
+    if (kSets == 2) acc[kSets - 1][v] = _mm512_setzero_si512();
+  }
+  int64_t i = 0;
+  for (; i + kSets <= n; i += kSets) {
+    for (int s = 0; s < kSets; ++s) {
+      const uint8_t* row = table + static_cast<int64_t>(e[i + s].index) * kRow;
+      const __m512i d = _mm512_set1_epi32(e[i + s].bytes);
+      for (int v = 0; v < NV; ++v) {
+        const __m512i t = _mm512_loadu_si512(row + v * 64);
+        acc[s][v] = SIGNED ? dpbusd(acc[s][v], t, d)
+                           : dpbusd(acc[s][v], d, t);
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    const uint8_t* row = table + static_cast<int64_t>(e[i].index) * kRow;
+    const __m512i d = _mm512_set1_epi32(e[i].bytes);
+    for (int v = 0; v < NV; ++v) {
+      const __m512i t = _mm512_loadu_si512(row + v * 64);
+      acc[0][v] = SIGNED ? dpbusd(acc[0][v], t, d) : dpbusd(acc[0][v], d, t);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    __m512i sum = acc[0][v];
+    if (kSets == 2) sum = _mm512_add_epi32(sum, acc[kSets - 1][v]);
+    _mm512_storeu_si512(c + v * 16, sum);
+  }
+}
+
+template <bool SIGNED>
+NBSMT_AVX512 void gather_dispatch(const GatherEntry* e, int64_t n, const uint8_t* table, int nv,
+                                  int32_t* c, bool first) {
+  switch (nv) {
+    case 1: gather_micro<1, SIGNED>(e, n, table, c, first); break;
+    case 2: gather_micro<2, SIGNED>(e, n, table, c, first); break;
+    case 3: gather_micro<3, SIGNED>(e, n, table, c, first); break;
+    case 4: gather_micro<4, SIGNED>(e, n, table, c, first); break;
+    case 5: gather_micro<5, SIGNED>(e, n, table, c, first); break;
+    case 6: gather_micro<6, SIGNED>(e, n, table, c, first); break;
+    case 7: gather_micro<7, SIGNED>(e, n, table, c, first); break;
+    default: gather_micro<8, SIGNED>(e, n, table, c, first); break;
+  }
+}
+
+NBSMT_AVX512 void gather_gemm(const GatherEntry* e, int64_t n, const uint8_t* table, int nv,
+                              bool act_signed, int32_t* c, bool first) {
+  if (act_signed) {
+    gather_dispatch<true>(e, n, table, nv, c, first);
+  } else {
+    gather_dispatch<false>(e, n, table, nv, c, first);
+  }
+}
+
+}  // namespace
+
+const Backend& avx512_backend() {
+  static const Backend be{Isa::kAvx512,  dense_transform, dense_weight_row, dense_gemm,
+                          gather_entries, gather_expand,   gather_gemm,      generic_stats_rows};
+  return be;
+}
+
+}  // namespace detail
+}  // namespace nbsmt
+
+#endif  // x86-64

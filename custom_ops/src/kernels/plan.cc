@@ -1,0 +1,459 @@
+// Layout planning, weight preparation and the parallel driver of the fast kernels
+// (engine.h).
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#include "engine.h"
+
+namespace nbsmt {
+namespace detail {
+
+// Patterns pi = 1..15 in numeric order; |pi| <= 2 takes one dword, else two.
+const int8_t kGatherCount[16] = {0, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 2, 1, 2, 2, 2};
+const int8_t kGatherBase[16] = {-1, 0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 13, 14, 16, 18};
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Cache blocking targets (bytes): a dense block of A rows (6 rows per
+// micro-kernel) stays in L1 while a block-panel of weights streams from L2; a
+// gather table slice stays in L2 while all rows of a task use it.
+constexpr int64_t kDenseBlockBytes = 2048;
+constexpr int64_t kGatherSliceBytes = 160 * 1024;
+
+}  // namespace
+
+int Plan::panel_vectors(int64_t p) const {
+  const int64_t rest = mpad16 / 16 - p * panel_nv;
+  return static_cast<int>(rest < panel_nv ? rest : panel_nv);
+}
+
+int64_t Plan::block_len(int64_t b) const {
+  const int64_t len = steps - block_step0(b);
+  return len < block_steps ? len : block_steps;
+}
+
+int64_t Plan::seg_bytes(int64_t b) const { return round_up(T * block_len(b), 4); }
+
+Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M) {
+  Plan plan;
+  plan.cfg = cfg;
+  plan.T = cfg.threads;
+  plan.gather = cfg.threads == 4;
+  plan.steps = steps;
+  plan.K = steps * cfg.threads;
+  plan.M = M;
+  plan.mpad16 = round_up(std::max<int64_t>(M, 1), 16);
+  plan.panel_nv = static_cast<int>(std::min<int64_t>(plan.gather ? 8 : 4, plan.mpad16 / 16));
+  plan.npanels = ceil_div(plan.mpad16 / 16, plan.panel_nv);
+
+  if (plan.gather) {
+    const int64_t per_step = kGatherDwords * 4 * plan.panel_nv * 16;
+    const int64_t target = std::clamp<int64_t>(kGatherSliceBytes / per_step / 8 * 8, 8, 256);
+    const int64_t nb = std::max<int64_t>(1, ceil_div(steps, target));
+    plan.block_steps = round_up(ceil_div(std::max<int64_t>(steps, 1), nb), 8);
+  } else {
+    plan.nterms = plan.T == 1 ? 1 : 2;
+    plan.x_offset[0] = cfg.act_signed ? 128 : 0;
+    plan.x_offset[1] = cfg.reduce == Reduce::kActivations ? 16 : (cfg.act_signed ? 128 : 0);
+    const int64_t per_step = plan.nterms * plan.T;
+    const int64_t target = std::max<int64_t>(32, kDenseBlockBytes / per_step / 32 * 32);
+    const int64_t nb = std::max<int64_t>(1, ceil_div(steps, target));
+    plan.block_steps = round_up(ceil_div(std::max<int64_t>(steps, 1), nb), 32);
+  }
+  plan.nblocks = std::max<int64_t>(1, ceil_div(steps, plan.block_steps));
+  if (!plan.gather) {
+    plan.b_block_offset.resize(static_cast<size_t>(plan.nblocks));
+    int64_t off = 0;
+    for (int64_t b = 0; b < plan.nblocks; ++b) {
+      plan.b_block_offset[b] = off;
+      off += plan.block_bytes(b) * plan.mpad16;
+      plan.max_block_bytes = std::max(plan.max_block_bytes, plan.block_bytes(b));
+    }
+    plan.b_bytes = off;
+  }
+  plan.rows_per_task = plan.gather ? 512 : 96;
+  return plan;
+}
+
+namespace {
+
+struct SelectorTables {
+  GatherSelectors mode[2];  // reduce = activations, weights
+};
+
+SelectorTables make_selector_tables() {
+  SelectorTables g{};
+  for (int mode = 0; mode < 2; ++mode) {
+    for (int bw = 0; bw < 16; ++bw) {
+      for (int pi = 1; pi < 16; ++pi) {
+        int slots[4];
+        int ns = 0;
+        for (int t = 0; t < 4; ++t) {
+          if (pi >> t & 1) slots[ns++] = t;
+        }
+        const int n = __builtin_popcount(static_cast<unsigned>(pi & bw));
+        uint8_t* out = g.mode[mode].sel[bw] + kGatherBase[pi] * 4;
+        // Entry layout (engine.h): x byte of the j-th slot of pi at j, its
+        // R(x) byte at 2 + j (one dword) or 4 + j (two dwords).
+        for (int j = 0; j < ns; ++j) {
+          const int t = slots[j];
+          uint8_t xs = 0, rs = 0;  // coefficient of x_t and of R(x_t)
+          if (bw >> t & 1) {
+            if (n == 1) {
+              xs = static_cast<uint8_t>(1 + t);  // x_t * w_t
+            } else if (n == 2 && mode == 0) {
+              rs = static_cast<uint8_t>(1 + t);  // R(x_t) * w_t
+            } else if (n == 2) {
+              xs = static_cast<uint8_t>(5 + t);  // x_t * R(w_t)
+            } else {
+              rs = static_cast<uint8_t>(5 + t);  // R(x_t) * R(w_t)
+            }
+          }
+          out[j] = xs;
+          out[(ns <= 2 ? 2 : 4) + j] = rs;
+        }
+      }
+    }
+  }
+  return g;
+}
+
+}  // namespace
+
+const GatherSelectors& gather_selectors(Reduce reduce) {
+  static const SelectorTables tables = make_selector_tables();
+  return tables.mode[reduce == Reduce::kActivations ? 0 : 1];
+}
+
+}  // namespace detail
+
+// ---- weight preparation -----------------------------------------------------
+
+namespace {
+
+using detail::Backend;
+using detail::Plan;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+constexpr int64_t kTargetTasks = 16;  // enough independent tasks for the thread pool
+
+struct PrepareJob {
+  const Backend* be;
+  PreparedWeights* pw;
+  const int8_t* w;
+  int64_t w_stride;
+};
+
+// Dense: the panel's columns, block by block, into [kq][W][4].
+void prepare_dense_panel(const PrepareJob& job, int64_t p) {
+  const Plan& plan = job.pw->plan;
+  const int64_t W = plan.panel_vectors(p) * 16;
+  const int64_t col0 = plan.panel_col0(p);
+  const int64_t cols = std::min<int64_t>(W, plan.M - col0);
+  std::vector<int8_t> row(static_cast<size_t>(plan.max_block_bytes));
+  for (int64_t b = 0; b < plan.nblocks; ++b) {
+    const int64_t bytes = plan.block_bytes(b);
+    uint8_t* panel = job.pw->bytes.data() + plan.b_block_offset[b] + bytes * col0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t m = col0 + c;
+      const int8_t* wr = job.w + m * job.w_stride + plan.block_step0(b) * plan.T;
+      const int32_t corr = job.be->dense_weight_row(plan, b, wr, row.data());
+      job.pw->colcorr[m] = static_cast<int32_t>(static_cast<uint32_t>(job.pw->colcorr[m]) -
+                                                static_cast<uint32_t>(corr));
+      for (int64_t q = 0; q < bytes / 4; ++q) {
+        std::memcpy(panel + (q * W + c) * 4, row.data() + q * 4, 4);
+      }
+    }
+  }
+}
+
+// Gather: compact weights [step][3][W][4] of the panel: w bytes, R(w) bytes, pattern.
+void prepare_gather_panel(const PrepareJob& job, int64_t p) {
+  const Plan& plan = job.pw->plan;
+  const int64_t W = plan.panel_vectors(p) * 16;
+  const int64_t col0 = plan.panel_col0(p);
+  const int64_t cols = std::min<int64_t>(W, plan.M - col0);
+  uint8_t* base = job.pw->bytes.data() + plan.source_panel_offset(p);
+  for (int64_t c = 0; c < cols; ++c) {
+    const int8_t* wr = job.w + (col0 + c) * job.w_stride;
+    for (int64_t s = 0; s < plan.steps; ++s) {
+      uint8_t* dst = base + s * 3 * W * 4 + c * 4;
+      int32_t bw = 0;
+      for (int t = 0; t < 4; ++t) {
+        const int v = wr[s * 4 + t];
+        dst[t] = static_cast<uint8_t>(v);
+        dst[W * 4 + t] = static_cast<uint8_t>(reduce_signed(v));
+        bw |= (v != 0) << t;
+      }
+      std::memcpy(dst + 2 * W * 4, &bw, 4);
+    }
+  }
+}
+
+template <typename T>
+struct Scratch {  // uninitialised, 64-byte aligned
+  T* ptr = nullptr;
+  explicit Scratch(int64_t n) {
+    ptr = static_cast<T*>(::operator new(static_cast<size_t>(n > 0 ? n : 1) * sizeof(T),
+                                         std::align_val_t(64)));
+  }
+  ~Scratch() { ::operator delete(ptr, std::align_val_t(64)); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+}  // namespace
+
+std::shared_ptr<const PreparedWeights> prepare_weights(const SmtConfig& cfg, int64_t M,
+                                                       int64_t steps, const int8_t* w,
+                                                       int64_t w_stride,
+                                                       const Parallel& parallel) {
+  auto pw = std::make_shared<PreparedWeights>();
+  pw->plan = detail::make_plan(cfg, steps, M);
+  const Plan& plan = pw->plan;
+  const int64_t K = plan.K;
+  pw->w.resize(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m) std::memcpy(pw->w.data() + m * K, w + m * w_stride, K);
+  pw->colcorr.assign(static_cast<size_t>(M), 0);
+  if (plan.gather) {
+    pw->bytes.assign(static_cast<size_t>(plan.source_panel_offset(plan.npanels)), 0);
+  } else {
+    pw->bytes.assign(static_cast<size_t>(plan.b_bytes), 0);
+  }
+  PrepareJob job{&detail::selected_backend(), pw.get(), pw->w.data(), K};
+  if (M > 0 && steps > 0) {
+    parallel(
+        [](void* data, size_t i) {
+          const auto& j = *static_cast<PrepareJob*>(data);
+          if (j.pw->plan.gather) {
+            prepare_gather_panel(j, static_cast<int64_t>(i));
+          } else {
+            prepare_dense_panel(j, static_cast<int64_t>(i));
+          }
+        },
+        static_cast<size_t>(plan.npanels), &job);
+  }
+  return pw;
+}
+
+const detail::StatsSummary& PreparedWeights::stats_summary(const Parallel& parallel) const {
+  std::call_once(stats_once, [&] {
+    stats = detail::make_stats_summary(plan, w.data(), plan.K, parallel);
+  });
+  return stats;
+}
+
+// ---- the parallel driver ----------------------------------------------------
+
+namespace {
+
+struct Run {
+  const PreparedWeights* pw;
+  const Backend* be;
+  int64_t P;
+  const int16_t* x;
+  int64_t x_stride;
+  const RowSource* source;
+  int32_t* acc;
+  int64_t ars, acs;
+  const detail::StatsSummary* summary;  // null: no statistics
+  int64_t rows_per_task, row_tasks, panels_per_task;
+  SmtStats* parts;
+};
+
+void store_tile(const Run& j, int64_t p0, int64_t rows, int64_t m0, int64_t m1,
+                const int32_t* c, int64_t ldc, const int32_t* rowcorr) {
+  const int32_t* colcorr = j.pw->colcorr.data();
+  if (j.ars != 1 || j.acs == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint32_t rc = rowcorr ? static_cast<uint32_t>(rowcorr[r]) : 0u;
+      int32_t* dst = j.acc + (p0 + r) * j.ars;
+      const int32_t* src = c + r * ldc - m0;
+      for (int64_t m = m0; m < m1; ++m) {
+        dst[m * j.acs] = static_cast<int32_t>(static_cast<uint32_t>(src[m]) +
+                                              static_cast<uint32_t>(colcorr[m]) + rc);
+      }
+    }
+  } else {  // column-major output: write each column's run of rows
+    for (int64_t m = m0; m < m1; ++m) {
+      int32_t* dst = j.acc + m * j.acs + p0;
+      const uint32_t cc = static_cast<uint32_t>(colcorr[m]);
+      const int32_t* src = c + (m - m0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint32_t rc = rowcorr ? static_cast<uint32_t>(rowcorr[r]) : 0u;
+        dst[r] = static_cast<int32_t>(static_cast<uint32_t>(src[r * ldc]) + cc + rc);
+      }
+    }
+  }
+}
+
+void dense_task(const Run& j, const int16_t* x, int64_t xs, int64_t p0, int64_t rows,
+                int64_t pan0, int64_t pan1) {
+  const Plan& plan = j.pw->plan;
+  const int64_t c0 = plan.panel_col0(pan0);
+  const int64_t c1 = std::min(plan.panel_col0(pan1), plan.mpad16);
+  const int64_t ldc = c1 - c0;
+  const int64_t lda = plan.max_block_bytes;
+  Scratch<uint8_t> a(rows * lda);
+  Scratch<int32_t> c(rows * ldc);
+  for (int64_t b = 0; b < plan.nblocks; ++b) {
+    j.be->dense_transform(plan, b, x, xs, rows, a.ptr, lda);
+    const int64_t bytes = plan.block_bytes(b);
+    const uint8_t* block = j.pw->bytes.data() + plan.b_block_offset[b];
+    for (int64_t p = pan0; p < pan1; ++p) {
+      j.be->dense_gemm(bytes / 4, a.ptr, lda, rows, block + bytes * plan.panel_col0(p),
+                       plan.panel_vectors(p), c.ptr + (plan.panel_col0(p) - c0), ldc, b == 0);
+    }
+  }
+  store_tile(j, p0, rows, c0, std::min(c1, plan.M), c.ptr, ldc, nullptr);
+}
+
+void gather_task(const Run& j, const int16_t* x, int64_t xs, int64_t p0, int64_t rows,
+                 int64_t pan0, int64_t pan1) {
+  const Plan& plan = j.pw->plan;
+  const int64_t c0 = plan.panel_col0(pan0);
+  const int64_t c1 = std::min(plan.panel_col0(pan1), plan.mpad16);
+  const int64_t ldc = c1 - c0;
+  // At most 2 entries per step, plus slack for 8-entry vector stores.
+  const int64_t cap = 2 * plan.block_steps + 16;
+  Scratch<detail::GatherEntry> e(rows * cap);
+  Scratch<int64_t> n(rows);
+  Scratch<int32_t> rowsum(rows);
+  Scratch<uint8_t> slice(plan.slice_bytes());
+  Scratch<int32_t> c(rows * ldc);
+  std::fill(rowsum.ptr, rowsum.ptr + rows, 0);
+  for (int64_t b = 0; b < plan.nblocks; ++b) {
+    for (int64_t r = 0; r < rows; ++r) {
+      n.ptr[r] = j.be->gather_entries(plan, b, x + r * xs, e.ptr + r * cap, rowsum.ptr + r);
+    }
+    for (int64_t p = pan0; p < pan1; ++p) {
+      const int nv = plan.panel_vectors(p);
+      j.be->gather_expand(plan, j.pw->bytes.data() + plan.source_panel_offset(p),
+                          plan.block_step0(b), plan.block_len(b), nv, slice.ptr);
+      int32_t* cp = c.ptr + (plan.panel_col0(p) - c0);
+      for (int64_t r = 0; r < rows; ++r) {
+        j.be->gather_gemm(e.ptr + r * cap, n.ptr[r], slice.ptr, nv, plan.cfg.act_signed,
+                          cp + r * ldc, b == 0);
+      }
+    }
+  }
+  const bool sgn = plan.cfg.act_signed;
+  if (sgn) {
+    for (int64_t r = 0; r < rows; ++r) {
+      rowsum.ptr[r] = static_cast<int32_t>(0u - 128u * static_cast<uint32_t>(rowsum.ptr[r]));
+    }
+  }
+  store_tile(j, p0, rows, c0, std::min(c1, plan.M), c.ptr, ldc, sgn ? rowsum.ptr : nullptr);
+}
+
+void run_task(const Run& j, int64_t task) {
+  const Plan& plan = j.pw->plan;
+  const int64_t rt = task % j.row_tasks;
+  const int64_t ct = task / j.row_tasks;
+  const int64_t p0 = rt * j.rows_per_task;
+  const int64_t rows = std::min(j.rows_per_task, j.P - p0);
+  const int64_t pan0 = ct * j.panels_per_task;
+  const int64_t pan1 = std::min(pan0 + j.panels_per_task, plan.npanels);
+  const int16_t* x = j.x + p0 * j.x_stride;
+  int64_t xs = j.x_stride;
+  std::unique_ptr<Scratch<int16_t>> filled;
+  if (j.source != nullptr) {
+    filled = std::make_unique<Scratch<int16_t>>(rows * plan.K);
+    std::memset(filled->ptr, 0, static_cast<size_t>(rows * plan.K) * sizeof(int16_t));
+    j.source->fill(j.source->ctx, p0, p0 + rows, filled->ptr);
+    x = filled->ptr;
+    xs = plan.K;
+  }
+  if (j.summary != nullptr && ct == 0) {
+    j.be->stats_rows(plan, *j.summary, x, xs, rows, &j.parts[task]);
+  }
+  if (plan.gather) {
+    gather_task(j, x, xs, p0, rows, pan0, pan1);
+  } else {
+    dense_task(j, x, xs, p0, rows, pan0, pan1);
+  }
+}
+
+void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_stride,
+         const RowSource* source, int32_t* acc, int64_t ars, int64_t acs, SmtStats* stats,
+         const Parallel& parallel) {
+  const Plan& plan = pw.plan;
+  if (P <= 0 || plan.M <= 0) return;
+  if (plan.steps <= 0) {
+    for (int64_t p = 0; p < P; ++p) {
+      for (int64_t m = 0; m < plan.M; ++m) acc[p * ars + m * acs] = 0;
+    }
+    return;
+  }
+  Run j{};
+  j.pw = &pw;
+  j.be = &detail::selected_backend();
+  j.P = P;
+  j.x = x;
+  j.x_stride = x_stride;
+  j.source = source;
+  j.acc = acc;
+  j.ars = ars;
+  j.acs = acs;
+  j.summary = stats != nullptr ? &pw.stats_summary(parallel) : nullptr;
+  // Row tiles (multiples of 8) and panel groups: at least kTargetTasks tasks
+  // when the shape allows, without tiles so small that per-tile work (the
+  // gather table slices, the weight panels) stops being amortised.
+  int64_t rows = std::min(plan.rows_per_task, P);
+  const int64_t want_row_tasks = ceil_div(kTargetTasks, plan.npanels);
+  if (ceil_div(P, rows) < want_row_tasks) {
+    rows = std::max<int64_t>(std::min<int64_t>(P, plan.gather ? 64 : 8),
+                             round_up(ceil_div(P, want_row_tasks), 8));
+  }
+  j.rows_per_task = rows;
+  j.row_tasks = ceil_div(P, rows);
+  const int64_t col_tasks =
+      std::min<int64_t>(plan.npanels, std::max<int64_t>(1, ceil_div(kTargetTasks, j.row_tasks)));
+  j.panels_per_task = ceil_div(plan.npanels, col_tasks);
+  const int64_t tasks = j.row_tasks * ceil_div(plan.npanels, j.panels_per_task);
+  std::vector<SmtStats> parts(static_cast<size_t>(tasks));
+  j.parts = parts.data();
+  parallel([](void* data, size_t i) { run_task(*static_cast<Run*>(data), static_cast<int64_t>(i)); },
+           static_cast<size_t>(tasks), &j);
+  if (stats != nullptr) {
+    SmtStats total;
+    total.groups = P * plan.M * plan.steps;
+    for (const SmtStats& s : parts) {
+      total.active_slots += s.active_slots;
+      total.collisions += s.collisions;
+      total.reduced_operands += s.reduced_operands;
+    }
+    stats->add(total);
+  }
+}
+
+}  // namespace
+
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, int64_t x_stride,
+                         int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
+                         SmtStats* stats, const Parallel& parallel) {
+  run(w, P, x, x_stride, nullptr, acc, acc_row_stride, acc_col_stride, stats, parallel);
+}
+
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
+                         int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
+                         SmtStats* stats, const Parallel& parallel) {
+  run(w, P, nullptr, 0, &rows, acc, acc_row_stride, acc_col_stride, stats, parallel);
+}
+
+void accumulate(const SmtConfig& cfg, int64_t P, int64_t M, int64_t steps,
+                const int16_t* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
+                int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
+                SmtStats* stats, const Parallel& parallel) {
+  if (P <= 0 || M <= 0) return;
+  const auto pw = prepare_weights(cfg, M, steps, w, w_stride, parallel);
+  accumulate_prepared(*pw, P, x, x_stride, acc, acc_row_stride, acc_col_stride, stats, parallel);
+}
+
+}  // namespace nbsmt
