@@ -404,5 +404,298 @@ def inspect_command(model: Path, **kw: Any) -> None:
         click.echo(f"  {bn.name}  {after}: {bn.note}")
 
 
+def _csv_list(value: str, name: str, cast: type = str) -> tuple:  # type: ignore[type-arg]
+    try:
+        return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--{name} takes a comma-separated list; got {value!r}") from None
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    metavar="DATA",
+    help="Held-out evaluation data (.npz/.npy or a folder of arrays or images).",
+)
+@click.option(
+    "--labels",
+    metavar="LABELS",
+    help="Labels: .npy, .csv, or 'folders' (class sub-folders of --data) [default: none, fidelity to float32 only].",
+)
+@click.option(
+    "--calib", "calib", metavar="DATA", help="Calibration data (must not overlap --data)."
+)
+@click.option(
+    "--rows",
+    default=None,
+    help="Row kinds: float32, int8, int8+recal, nbsmt, nbsmt+recal "
+    "[default: float32,int8,nbsmt,nbsmt+recal].",
+)
+@click.option(
+    "--threads", default="2,4", show_default=True, help="NB-SMT threads to sweep (comma-separated)."
+)
+@click.option(
+    "--mapping",
+    default="channel",
+    show_default=True,
+    help="Mappings to sweep: channel, interleave.",
+)
+@click.option(
+    "--reduce",
+    "reduce_",
+    default="activations",
+    show_default=True,
+    help="Reduced operands to sweep: activations, weights.",
+)
+@click.option(
+    "--num-samples",
+    type=int,
+    default=512,
+    show_default=True,
+    help="Calibration samples drawn (seeded).",
+)
+@click.option(
+    "--batch-size", type=int, default=16, show_default=True, help="Calibration batch size."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the calibration draw."
+)
+@click.option(
+    "--eval-samples",
+    type=int,
+    default=None,
+    help="Evaluate a seeded random subset of N samples [default: all].",
+)
+@click.option(
+    "--eval-batch-size", type=int, default=16, show_default=True, help="Evaluation batch size."
+)
+@click.option(
+    "--eval-seed", type=int, default=0, show_default=True, help="Seed of the evaluation subset."
+)
+@click.option(
+    "--range-estimator",
+    type=click.Choice(["max", "percentile"]),
+    default="max",
+    show_default=True,
+    help="Activation range estimator.",
+)
+@click.option(
+    "--percentile",
+    type=float,
+    default=99.99,
+    show_default=True,
+    help="Percentile for --range-estimator percentile.",
+)
+@_selection_options
+@click.option(
+    "--strategy",
+    type=click.Choice(["train-mode", "sequential", "relative"]),
+    default="relative",
+    show_default=True,
+    help="Recalibration strategy (+recal rows).",
+)
+@click.option(
+    "--fold/--no-fold",
+    default=True,
+    show_default=True,
+    help="Fold recalibrated BN into the NB-SMT op.",
+)
+@click.option(
+    "--correction",
+    type=click.Choice(["none", "mean", "mean+var"]),
+    default="mean+var",
+    show_default=True,
+    help="Correction for layers without BN (+recal rows).",
+)
+@click.option(
+    "--output", "output_name", metavar="NAME", help="Model output to score [default: the first]."
+)
+@click.option(
+    "--output-kind",
+    type=click.Choice(["auto", "logits", "probabilities"]),
+    default="auto",
+    show_default=True,
+    help="How KL reads the output.",
+)
+@click.option(
+    "--reference",
+    type=click.Choice(["float32", "int8"]),
+    default="float32",
+    show_default=True,
+    help="Row --max-drop is measured against.",
+)
+@click.option(
+    "--max-drop",
+    type=float,
+    default=None,
+    help="Gate: max top-1 drop in points vs --reference (exit 3 if missed).",
+)
+@click.option(
+    "--min-agreement",
+    type=float,
+    default=None,
+    help="Gate: min top-1 agreement with float32, e.g. 0.95 (exit 3 if missed).",
+)
+@click.option(
+    "--gate",
+    "gate_rows",
+    default=None,
+    help="Row kinds the gate checks [default: nbsmt+recal if present, else nbsmt].",
+)
+@click.option(
+    "--layer-samples",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Samples for per-layer SQNR vs int8 (0 = off).",
+)
+@click.option(
+    "--resize", metavar="N|HxW", help="Images: resize the shorter side to N, or to HxW exactly."
+)
+@click.option("--center-crop", metavar="N|HxW", help="Images: center crop to N x N or HxW.")
+@click.option(
+    "--mean",
+    default="0",
+    show_default=True,
+    help="Images: per-channel mean (RGB order) after dividing by --pixel-scale.",
+)
+@click.option("--std", default="1", show_default=True, help="Images: per-channel std (RGB order).")
+@click.option(
+    "--pixel-scale",
+    type=float,
+    default=255.0,
+    show_default=True,
+    help="Images: divide pixel values by this first.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["NCHW", "NHWC"]),
+    default="NCHW",
+    show_default=True,
+    help="Images: model input layout.",
+)
+@click.option(
+    "--channel-order",
+    type=click.Choice(["RGB", "BGR"]),
+    default="RGB",
+    show_default=True,
+    help="Images: channel order the model expects.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (nothing else)."
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the table as CSV here.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the HTML report here.",
+)
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars on stderr [default: when stderr is a terminal].",
+)
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def evaluate_command(model: Path, **kw: object) -> None:
+    """Evaluate float32, int8 and NB-SMT (with/without recalibration) on held-out data.
+
+    Exit codes: 0 ok, 2 user error, 3 a threshold (--max-drop/--min-agreement) was missed.
+    """
+    from nbsmt_onnx.config import (
+        ImagePreprocessing,
+        RangeConfig,
+        RecalibrationConfig,
+        TransformConfig,
+    )
+    from nbsmt_onnx.evaluate import EvaluateConfig, evaluate, write_text
+    from nbsmt_onnx.html_report import write_html
+    from nbsmt_onnx.io import check_destination
+
+    _setup_logging(int(kw.pop("verbose")))  # type: ignore[call-overload]
+    calib = kw.pop("calib")
+    if not calib:
+        raise ConfigError(
+            "evaluate needs calibration data: pass --calib DATA (held out from --data). The int8 "
+            "and NB-SMT rows quantize every activation with a scale measured on it, and "
+            "recalibration re-estimates BatchNorm statistics on it"
+        )
+    progress = kw.pop("progress")
+    progress = sys.stderr.isatty() if progress is None else bool(progress)
+    gate_rows, rows = kw.pop("gate_rows"), kw.pop("rows")
+    transform_config = TransformConfig(
+        num_samples=kw.pop("num_samples"),  # type: ignore[arg-type]
+        batch_size=kw.pop("batch_size"),  # type: ignore[arg-type]
+        seed=kw.pop("seed"),  # type: ignore[arg-type]
+        ranges=RangeConfig(
+            estimator=str(kw.pop("range_estimator")),
+            percentile=kw.pop("percentile"),  # type: ignore[arg-type]
+        ),
+        selection=_selection(kw),
+        recalibration=RecalibrationConfig(
+            strategy=str(kw.pop("strategy")),
+            fold=bool(kw.pop("fold")),
+            correction=str(kw.pop("correction")),
+        ),
+        progress=progress,
+    )
+    config = EvaluateConfig(
+        rows=_csv_list(str(rows), "rows") if rows else None,
+        threads=_csv_list(str(kw.pop("threads")), "threads", int),
+        mappings=_csv_list(str(kw.pop("mapping")), "mapping"),
+        reduces=_csv_list(str(kw.pop("reduce_")), "reduce"),
+        transform=transform_config,
+        eval_samples=kw.pop("eval_samples"),  # type: ignore[arg-type]
+        eval_batch_size=kw.pop("eval_batch_size"),  # type: ignore[arg-type]
+        eval_seed=kw.pop("eval_seed"),  # type: ignore[arg-type]
+        output=kw.pop("output_name"),  # type: ignore[arg-type]
+        output_kind=str(kw.pop("output_kind")),
+        reference=str(kw.pop("reference")),
+        max_drop=kw.pop("max_drop"),  # type: ignore[arg-type]
+        min_agreement=kw.pop("min_agreement"),  # type: ignore[arg-type]
+        gate_rows=_csv_list(str(gate_rows), "gate") if gate_rows else None,
+        layer_samples=kw.pop("layer_samples"),  # type: ignore[arg-type]
+        progress=progress,
+    )
+    images = ImagePreprocessing(
+        resize=_size(kw.pop("resize"), "resize"),  # type: ignore[arg-type]
+        crop=_size(kw.pop("center_crop"), "center-crop"),  # type: ignore[arg-type]
+        mean=_floats(str(kw.pop("mean")), "mean"),
+        std=_floats(str(kw.pop("std")), "std"),
+        scale=kw.pop("pixel_scale"),  # type: ignore[arg-type]
+        layout=str(kw.pop("layout")),
+        channel_order=str(kw.pop("channel_order")),
+    )
+    force = bool(kw.pop("force"))
+    csv_path, report_path = kw.pop("csv_path"), kw.pop("report_path")
+    outputs = [p for p in (csv_path, report_path) if p is not None]
+    if len({Path(p).resolve() for p in outputs}) != len(outputs):  # type: ignore[arg-type]
+        raise ConfigError("--csv and --report name the same file; give distinct paths")
+    for p in outputs:  # refuse before the long passes
+        check_destination(Path(p), force=force, protect=(model,))  # type: ignore[arg-type]
+
+    result = evaluate(model, kw.pop("data"), calib, config, labels=kw.pop("labels"), images=images)
+    if csv_path is not None:
+        write_text(csv_path, result.to_csv(), force=force)  # type: ignore[arg-type]
+    if report_path is not None:
+        write_html(result.to_dict(), report_path, force=force)  # type: ignore[arg-type]
+    if bool(kw.pop("as_json")):
+        click.echo(result.to_json())
+    else:
+        click.echo(result.format_table())
+        for p in outputs:
+            click.echo(f"wrote {p}")
+    sys.exit(result.exit_code)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

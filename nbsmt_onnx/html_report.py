@@ -1,0 +1,591 @@
+"""Render a report dict as one self-contained HTML file (plots as embedded PNG, no external resources).
+
+Two kinds of report are understood, told apart by their ``format`` field:
+
+- the evaluation result (``EvaluationResult.to_dict()``, ``nbsmt-onnx evaluate --report``):
+  the table, per-layer NB-SMT statistics of every variant on the evaluation
+  data, per-layer output SQNR vs int8, BatchNorm statistic shifts of the
+  recalibrated rows, the gate;
+- the transform report (``report.build_report``, ``nbsmt-onnx transform``):
+  per-layer NB-SMT statistics on the calibration data and the recalibration
+  section.
+
+A section whose data the report does not hold says "not available" and why,
+instead of being dropped silently. Plots are drawn with matplotlib's
+object-oriented API on the Agg canvas (no pyplot, no global backend change)
+and embedded as base64 PNG ``data:`` URIs; the page has no scripts and loads
+nothing from the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io as _stdio
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nbsmt_onnx.errors import ConfigError
+
+EVALUATION_FORMAT = "nbsmt-onnx/evaluation"
+TRANSFORM_FORMAT = "nbsmt-onnx/transform-report"
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto;
+       max-width: 1180px; color: #1d2329; background: #ffffff; line-height: 1.4; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #d0d7de; padding-bottom: 4px; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 0.9em; }
+th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; }
+th { background: #f3f5f7; }
+td.l, th.l { text-align: left; }
+tr.unavailable td { color: #8c959f; font-style: italic; }
+.fail { color: #b42318; font-weight: 600; }
+.ok { color: #1a7f37; font-weight: 600; }
+.na { color: #6e7781; font-style: italic; }
+.meta { color: #57606a; font-size: 0.9em; }
+.warn { background: #fff8c5; border: 1px solid #d4a72c; padding: 6px 10px; margin: 6px 0; }
+img.plot { max-width: 100%; height: auto; display: block; margin: 8px 0; }
+details { margin: 8px 0; }
+code { background: #f3f5f7; padding: 1px 4px; }
+"""
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> float | None:
+    """A plottable float, or None (missing, or the JSON strings "inf"/"nan")."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        return float(value)
+    return None
+
+
+def _fmt(value: Any, kind: str = "num") -> str:
+    v = _num(value)
+    if v is None:
+        return "-"
+    if not math.isfinite(v):
+        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
+    if kind == "pct":
+        return f"{100.0 * v:.2f}%"
+    if kind == "db":
+        return f"{v:.1f}"
+    if kind == "int":
+        return f"{int(v):,}"
+    return f"{v:.4f}"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(fig: Any, alt: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = _stdio.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img class="plot" alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _short(name: str, limit: int = 42) -> str:
+    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+
+def _grouped_barh(
+    ax: Any, labels: Sequence[str], series: Sequence[tuple[str, Sequence[float | None]]]
+) -> None:
+    """Horizontal grouped bars: one group per label (top to bottom), one bar per series."""
+    k = max(1, len(series))
+    height = 0.8 / k
+    for j, (_name, values) in enumerate(series):
+        ys = [i + (j - (k - 1) / 2) * height for i in range(len(labels))]
+        vals = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
+        ax.barh(ys, vals, height=height, label=_name)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels([_short(n) for n in labels], fontsize=7)
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _layer_stats_plot(
+    layers: Sequence[str], series: Mapping[str, Mapping[str, Mapping[str, Any]]]
+) -> str:
+    """MAC utilization / collision rate / squeezed operands per layer, one bar per variant."""
+    fields = (
+        ("mac_utilization", "MAC utilization"),
+        ("collision_rate", "collision rate"),
+        ("squeezed_operand_fraction", "squeezed operands"),
+    )
+    height = max(3.0, 0.18 * len(layers) * max(1.0, len(series) / 2) + 1.2)
+    fig = _figure(11.5, height)
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, (key, title) in zip(axes, fields, strict=True):
+        data = [
+            (name, [_num(per.get(layer, {}).get(key)) for layer in layers])
+            for name, per in series.items()
+        ]
+        _grouped_barh(ax, layers, data)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, 1)
+    axes[0].legend(fontsize=7, loc="lower right")
+    return _png(fig, "per-layer MAC utilization, collision rate and squeezed operands")
+
+
+def _sqnr_plot(layers: Sequence[str], series: Mapping[str, Sequence[float | None]]) -> str:
+    fig = _figure(11.5, 4.6)
+    ax = fig.subplots()
+    xs = list(range(len(layers)))
+    for name, values in series.items():
+        ys = [v if v is not None and math.isfinite(v) else math.nan for v in values]
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=name)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([_short(n, 30) for n in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("output SQNR vs int8 (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig, "per-layer output SQNR vs int8")
+
+
+def _shift_plot(
+    names: Sequence[str], series: Mapping[str, tuple[list[float | None], list[float | None]]]
+) -> str:
+    height = max(3.0, 0.2 * len(names) * max(1.0, len(series) / 2) + 1.2)
+    fig = _figure(11.5, height)
+    ax_mean, ax_std = fig.subplots(1, 2, sharey=True)
+    _grouped_barh(ax_mean, names, [(k, v[0]) for k, v in series.items()])
+    ax_mean.set_title("mean shift (RMS over channels, in old std units)", fontsize=10)
+    _grouped_barh(ax_std, names, [(k, v[1]) for k, v in series.items()])
+    ax_std.set_title("std ratio new / old (geometric mean over channels)", fontsize=10)
+    ax_std.axvline(1.0, color="#444444", linewidth=0.8)
+    ax_mean.legend(fontsize=7, loc="lower right")
+    return _png(fig, "BatchNorm statistic shift per layer")
+
+
+def _accuracy_plot(rows: Sequence[Mapping[str, Any]], key: str, label: str) -> str:
+    fig = _figure(11.5, max(2.4, 0.35 * len(rows) + 1.0))
+    ax = fig.subplots()
+    names = [r["name"] for r in rows]
+    vals = [_num(r["metrics"].get(key)) for r in rows]
+    ax.barh(range(len(rows)), [100.0 * v if v is not None else 0.0 for v in vals], color="#4c72b0")
+    for i, v in enumerate(vals):
+        ax.text(
+            (100.0 * v if v is not None else 0.0) + 0.5, i, _fmt(v, "pct"), va="center", fontsize=8
+        )
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 108)
+    ax.set_xlabel(label + " (%)")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig, label)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _na(text: str) -> str:
+    return f'<p class="na">Not available: {_esc(text)}</p>'
+
+
+def _table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    left: int = 1,
+    classes: Sequence[str] | None = None,
+) -> str:
+    out = ["<table><thead><tr>"]
+    out += [f'<th class="{"l" if i < left else ""}">{_esc(h)}</th>' for i, h in enumerate(header)]
+    out.append("</tr></thead><tbody>")
+    for r_i, row in enumerate(rows):
+        cls = f' class="{classes[r_i]}"' if classes and classes[r_i] else ""
+        out.append(f"<tr{cls}>")
+        out += [f'<td class="{"l" if i < left else ""}">{cell}</td>' for i, cell in enumerate(row)]
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _evaluation_table(result: Mapping[str, Any]) -> str:
+    labelled = bool(result.get("labels"))
+    classification = result.get("classification", True)
+    cols: list[tuple[str, str, str]] = []
+    if labelled:
+        cols += [("top-1", "top1", "pct"), ("top-5", "top5", "pct")]
+    if classification:
+        cols += [("agreement", "agreement", "pct"), ("KL", "kl", "num")]
+    cols += [("cosine", "cosine", "num"), ("SQNR dB", "sqnr_db", "db")]
+    verdict: dict[str, bool] = {}
+    for c in result.get("gate", {}).get("checks", []):
+        verdict[c["row"]] = verdict.get(c["row"], True) and bool(c["passed"])
+    header = ["row", "settings", *[c[0] for c in cols], "samples", "time s"]
+    if verdict:
+        header.append("gate")
+    body, classes = [], []
+    for r in result["rows"]:
+        settings = (
+            "-" if not r.get("threads") or r["threads"] == 1 else f"{r['mapping']}/{r['reduce']}"
+        )
+        if not r.get("available", True):
+            cells = [_esc(r["name"]), _esc(settings)] + ["-"] * len(cols) + ["-", "-"]
+            if verdict:
+                cells.append(_gate_cell(verdict.get(r["id"])))
+            cells[2] = f"unavailable: {_esc(r.get('note'))}"
+            body.append(cells)
+            classes.append("unavailable")
+            continue
+        cells = [_esc(r["name"]), _esc(settings)]
+        cells += [_esc(_fmt(r["metrics"].get(k), f)) for _, k, f in cols]
+        cells += [_esc(r.get("samples", "")), _esc(f"{float(r.get('wall_s', 0.0)):.1f}")]
+        if verdict:
+            cells.append(_gate_cell(verdict.get(r["id"])))
+        body.append(cells)
+        classes.append("")
+    return _table(header, body, left=2, classes=classes)
+
+
+def _gate_cell(passed: bool | None) -> str:
+    if passed is None:
+        return ""
+    return '<span class="ok">pass</span>' if passed else '<span class="fail">FAIL</span>'
+
+
+def _gate_section(result: Mapping[str, Any]) -> str:
+    gate = result.get("gate") or {}
+    checks = gate.get("checks") or []
+    if not checks:
+        return '<p class="meta">No thresholds were set (exit code 0).</p>'
+    head = (
+        '<p class="ok">All thresholds met (exit code 0).</p>'
+        if gate.get("passed")
+        else f'<p class="fail">Thresholds missed (exit code {_esc(gate.get("exit_code", 3))}).</p>'
+    )
+    rows = [
+        [
+            _esc(c["row"]),
+            _esc(c["check"]),
+            _esc(_fmt(c.get("value"))),
+            _esc(c.get("threshold")),
+            _gate_cell(bool(c["passed"])),
+            _esc(c.get("reason", "")),
+        ]
+        for c in checks
+    ]
+    return head + _table(["row", "check", "value", "threshold", "result", "reason"], rows, left=2)
+
+
+def _layer_order(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [str(e["node"]) for e in entries]
+
+
+def _evaluation_layers(result: Mapping[str, Any]) -> str:
+    rows = [r for r in result["rows"] if r.get("available", True) and r.get("layers")]
+    if not rows:
+        return "<h2>Per-layer NB-SMT statistics</h2>" + _na("the result has no NB-SMT rows")
+    plain = [r for r in rows if not r.get("recalibrated")] or rows
+    layers = _layer_order(plain[0]["layers"])
+    series = {r["name"]: {str(e["node"]): e.get("nbsmt", {}) for e in r["layers"]} for r in plain}
+    parts = [
+        "<h2>Per-layer NB-SMT statistics (evaluation data)</h2>",
+        '<p class="meta">MAC utilization = active thread slots / (groups &times; T); collision rate = '
+        "(output element, step) pairs with two or more active threads / groups; squeezed operands = "
+        "operands changed by the 4-bit reduction / operands of active threads (SPEC §3.4).</p>",
+        _layer_stats_plot(layers, series),
+    ]
+    # Per-layer output SQNR vs int8
+    parts.append("<h2>Per-layer output SQNR vs int8</h2>")
+    sqnr_rows = [
+        r
+        for r in rows
+        if r["kind"] != "int8"
+        and any(_num(e.get("sqnr_vs_int8_db")) is not None for e in r["layers"])
+    ]
+    if not sqnr_rows:
+        parts.append(
+            _na("no per-layer SQNR in the result (layer_samples = 0, or no int8 reference)")
+        )
+    else:
+        samples = max(int(e.get("sqnr_samples", 0)) for r in sqnr_rows for e in r["layers"])
+        parts.append(
+            f'<p class="meta">10&middot;log10(&Sigma; int8&sup2; / &Sigma; (int8 &minus; variant)&sup2;) of each NB-SMT layer\'s output '
+            f"tensor, both models run end to end on the first {samples} evaluation samples (so a "
+            "layer's SQNR includes the noise propagated from the layers before it). For folded "
+            "recalibrated rows the layer output is the BatchNorm output.</p>"
+        )
+        sq_series = {
+            r["name"]: [
+                _num(
+                    next(
+                        (e.get("sqnr_vs_int8_db") for e in r["layers"] if e["node"] == layer), None
+                    )
+                )
+                for layer in layers
+            ]
+            for r in sqnr_rows
+        }
+        parts.append(_sqnr_plot(layers, sq_series))
+        table_rows = [
+            [_esc(layer)] + [_esc(_fmt(sq_series[name][i], "db")) for name in sq_series]
+            for i, layer in enumerate(layers)
+        ]
+        parts.append(
+            "<details><summary>SQNR table</summary>"
+            + _table(["layer", *sq_series], table_rows)
+            + "</details>"
+        )
+    return "".join(parts)
+
+
+def _recalibration_section(recals: Sequence[tuple[str, Mapping[str, Any] | None]]) -> str:
+    parts = ["<h2>BatchNorm statistics before / after recalibration</h2>"]
+    present = [
+        (name, rc) for name, rc in recals if rc and (rc.get("batchnorms") or rc.get("correction"))
+    ]
+    if not present:
+        skipped = [
+            rc.get("skipped") for _, rc in recals if rc and isinstance(rc.get("skipped"), str)
+        ]
+        reason = (
+            f"recalibration was skipped ({skipped[0]})"
+            if skipped
+            else "no recalibrated rows / recalibration disabled, or the model has no BatchNorm "
+            "affected by NB-SMT"
+        )
+        return parts[0] + _na(reason)
+    bn_names: list[str] = []
+    for _, rc in present:
+        for b in rc.get("batchnorms") or []:
+            if b["name"] not in bn_names:
+                bn_names.append(b["name"])
+    if bn_names:
+        series = {}
+        for name, rc in present:
+            by = {b["name"]: b for b in rc.get("batchnorms") or []}
+            series[name] = (
+                [_num(by.get(n, {}).get("mean_shift")) for n in bn_names],
+                [_num(by.get(n, {}).get("std_ratio")) for n in bn_names],
+            )
+        strategy = ", ".join(
+            f"{_esc(name)}: {_esc(rc.get('strategy'))} ({_esc(rc.get('passes'))} passes)"
+            for name, rc in present
+        )
+        parts.append(
+            f'<p class="meta">Strategy: {strategy}. Channel-averaged statistics in the table.</p>'
+        )
+        parts.append(_shift_plot(bn_names, series))
+        rows = []
+        for name, rc in present:
+            for b in rc.get("batchnorms") or []:
+                old, new = b.get("old", {}), b.get("new", {})
+                rows.append(
+                    [
+                        _esc(name),
+                        _esc(b["name"]),
+                        _esc(b.get("level", "")),
+                        _esc(_fmt(old.get("mean"))),
+                        _esc(_fmt(new.get("mean"))),
+                        _esc(_fmt(old.get("std"))),
+                        _esc(_fmt(new.get("std"))),
+                        _esc(_fmt(b.get("mean_shift"))),
+                        _esc(_fmt(b.get("std_ratio"))),
+                    ]
+                )
+        parts.append(
+            "<details><summary>per-BN table</summary>"
+            + _table(
+                ["row", "BatchNorm", "level", "mean before", "mean after", "std before", "std after",
+                 "mean shift", "std ratio"],
+                rows,
+                left=2,
+            )
+            + "</details>"
+        )  # fmt: skip
+    corrected = [(name, rc["correction"]) for name, rc in present if rc.get("correction")]
+    if corrected:
+        parts.append(
+            "<h2>Fused-layer correction (NB-SMT vs float statistics before correction)</h2>"
+        )
+        names: list[str] = []
+        for _, c in corrected:
+            for layer in c.get("layers") or []:
+                if layer["name"] not in names:
+                    names.append(layer["name"])
+        series = {}
+        for name, c in corrected:
+            by = {layer["name"]: layer for layer in c.get("layers") or []}
+            series[name] = (
+                [_num(by.get(n, {}).get("mean_shift")) for n in names],
+                [_num(by.get(n, {}).get("std_ratio")) for n in names],
+            )
+        if names:
+            parts.append(_shift_plot(names, series))
+    return "".join(parts)
+
+
+def _transform_layers(report: Mapping[str, Any]) -> str:
+    layers = report.get("layers") or []
+    with_stats = [e for e in layers if e.get("nbsmt")]
+    parts = ["<h2>Per-layer NB-SMT statistics (calibration data)</h2>"]
+    if not with_stats:
+        parts.append(_na("the transform ran without collecting statistics"))
+    else:
+        threads = (report.get("settings") or {}).get("threads", "?")
+        series = {f"T={threads}": {str(e["node"]): e["nbsmt"] for e in with_stats}}
+        parts.append(_layer_stats_plot([str(e["node"]) for e in with_stats], series))
+    parts.append("<h2>Per-layer output SQNR vs int8</h2>")
+    parts.append(_na("the transform report does not measure it; run nbsmt-onnx evaluate --report"))
+    return "".join(parts)
+
+
+def _layers_table(report: Mapping[str, Any]) -> str:
+    layers = report.get("layers") or []
+    if not layers:
+        return ""
+    rows = [
+        [
+            _esc(e.get("node")),
+            _esc(e.get("source_op_type", e.get("op_type"))),
+            _esc(_fmt(e.get("activation_scale"))),
+            "signed" if e.get("activation_signed") else "unsigned",
+            _esc(e.get("reduction_length", "")),
+            _esc(e.get("weight_origin", "")),
+        ]
+        for e in layers
+    ]
+    out = (
+        "<details><summary>Rewritten layers: activation scales</summary>"
+        + _table(["layer", "op", "activation scale", "mode", "K", "weights"], rows, left=2)
+        + "</details>"
+    )
+    skipped = report.get("skipped") or []
+    if skipped:
+        out += (
+            f"<details><summary>Not rewritten ({len(skipped)})</summary>"
+            + _table(
+                ["node", "op", "reason"],
+                [[_esc(s["node"]), _esc(s["op_type"]), _esc(s["reason"])] for s in skipped],
+                left=3,
+            )
+            + "</details>"
+        )
+    return out
+
+
+def _warnings(items: Sequence[str]) -> str:
+    return "".join(f'<div class="warn">{_esc(w)}</div>' for w in items)
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head>"
+        f"<body>{body}</body></html>\n"
+    )
+
+
+def _render_evaluation(result: Mapping[str, Any]) -> str:
+    ev, cal = result.get("eval_data", {}), result.get("calib_data", {})
+    labelled = bool(result.get("labels"))
+    parts = [
+        "<h1>nbsmt-onnx evaluation</h1>",
+        f'<p class="meta">Model <code>{_esc(result.get("model"))}</code>, output '
+        f"<code>{_esc(result.get('output'))}</code> read as {_esc(result.get('output_kind'))}; "
+        f"nbsmt-onnx {_esc(result.get('tool_version'))}.<br>"
+        f"Evaluation: {_esc(ev.get('samples'))} samples of {_esc(ev.get('source'))} (seed {_esc(ev.get('seed'))}); "
+        f"calibration: {_esc(cal.get('samples'))} samples of {_esc(cal.get('source'))} "
+        f"(seed {_esc(cal.get('seed'))}). "
+        + (
+            f"Labels: {_esc(result['labels'])}."
+            if labelled
+            else "No labels: fidelity to the float32 model."
+        )
+        + f" Wall time {_esc(_fmt(result.get('wall_time_s')))} s.</p>",
+        _warnings(result.get("warnings") or []),
+        "<h2>Results</h2>",
+        _evaluation_table(result),
+    ]
+    available = [r for r in result["rows"] if r.get("available", True)]
+    key, label = (
+        ("top1", "top-1 accuracy") if labelled else ("agreement", "top-1 agreement with float32")
+    )
+    if any(_num(r["metrics"].get(key)) is not None for r in available):
+        parts.append(_accuracy_plot(available, key, label))
+    parts += ["<h2>Pipeline gate</h2>", _gate_section(result)]
+    parts.append(_evaluation_layers(result))
+    recals = [(r["name"], r.get("recalibration")) for r in result["rows"] if r.get("recalibrated")]
+    parts.append(_recalibration_section(recals))
+    transform = result.get("transform") or {}
+    if transform:
+        parts.append("<h2>Quantization</h2>")
+        parts.append(_layers_table(transform))
+    return _page("nbsmt-onnx evaluation", "".join(parts))
+
+
+def _render_transform(report: Mapping[str, Any]) -> str:
+    settings = report.get("settings") or {}
+    data = report.get("calibration_data") or {}
+    summary = report.get("summary") or {}
+    nb = summary.get("nbsmt") or {}
+    parts = [
+        "<h1>nbsmt-onnx transform report</h1>",
+        f'<p class="meta">Model <code>{_esc(report.get("source_model"))}</code>; nbsmt-onnx '
+        f"{_esc(report.get('tool_version'))}; threads {_esc(settings.get('threads'))}, mapping "
+        f"{_esc(settings.get('mapping'))}, reduce {_esc(settings.get('reduce'))}. Calibration: "
+        f"{_esc(data.get('samples'))} samples of {_esc(data.get('source'))} (seed {_esc(data.get('seed'))}).</p>",
+        _warnings(report.get("warnings") or []),
+        "<h2>Summary</h2>",
+        _table(
+            ["rewritten", "skipped", "MAC utilization", "collision rate", "squeezed operands"],
+            [[
+                _esc(summary.get("rewritten")), _esc(summary.get("skipped")),
+                _esc(_fmt(nb.get("mac_utilization"))), _esc(_fmt(nb.get("collision_rate"))),
+                _esc(_fmt(nb.get("squeezed_operand_fraction"))),
+            ]],
+            left=0,
+        ),
+        "<h2>Accuracy</h2>",
+        _na("the transform report holds no evaluation; run nbsmt-onnx evaluate --report"),
+        _transform_layers(report),
+        _recalibration_section([("transform", report.get("recalibration"))]),
+        "<h2>Quantization</h2>",
+        _layers_table(report),
+    ]  # fmt: skip
+    return _page("nbsmt-onnx transform report", "".join(parts))
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """The HTML page of an evaluation result dict or a transform report dict."""
+    fmt = report.get("format")
+    if fmt == EVALUATION_FORMAT:
+        return _render_evaluation(report)
+    if fmt == TRANSFORM_FORMAT:
+        return _render_transform(report)
+    raise ConfigError(
+        f"cannot render a report of format {fmt!r}; expected {EVALUATION_FORMAT!r} or {TRANSFORM_FORMAT!r}"
+    )
+
+
+def write_html(report: Mapping[str, Any], path: str | Path, *, force: bool = False) -> Path:
+    """Render ``report`` and write it atomically to ``path`` (refuses to overwrite without ``force``)."""
+    from nbsmt_onnx.evaluate import write_text
+
+    return write_text(path, render_html(report), force=force)
+
+
+__all__ = ["EVALUATION_FORMAT", "TRANSFORM_FORMAT", "render_html", "write_html"]
