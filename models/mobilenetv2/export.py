@@ -32,6 +32,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -136,12 +137,17 @@ def export(model: nn.Module, path: Path, keep_bn: bool) -> onnx.ModelProto:
     kwargs: dict[str, object] = {}
     if keep_bn:
         kwargs = {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False}
-    torch.onnx.export(
-        model.eval(), (torch.zeros(1, 3, 224, 224),), str(path),
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        opset_version=OPSET, dynamo=False, **kwargs,
-    )
+    # The TorchScript exporter is used on purpose (dynamo=False): it keeps BN as
+    # BatchNormalization nodes under PRESERVE and folds them by default.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                message=".*legacy TorchScript-based ONNX export")
+        torch.onnx.export(
+            model.eval(), (torch.zeros(1, 3, 224, 224),), str(path),
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET, dynamo=False, **kwargs,
+        )
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     bns = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
