@@ -11,7 +11,8 @@
 #    2 cores) into DIR/fashion_mnist — the committed models/fashion_mnist/*.onnx
 #    are never overwritten; the script says whether the retrained ones are identical;
 # 4. MobileNetV2 (BN kept / BN fused) exported into DIR/mobilenetv2, and its data
-#    (20 labelled ImageNet images, calibration / held-out photo crops);
+#    (20 labelled ImageNet images, calibration / held-out photo crops); the
+#    torch-free build_onnx.py (what tests use) checked against those exports;
 # 5. the third-party PaddleOCR models fetched into DIR/thirdparty (checked against
 #    the committed copy) and their text-line data.
 # DIR defaults to build/models. Re-running redoes everything but the venv.
@@ -78,6 +79,9 @@ fi
 echo "== MobileNetV2"
 "$PY" models/mobilenetv2/export.py --out-dir "$OUT/mobilenetv2"
 "$PY" models/mobilenetv2/make_data.py --out "$OUT/mobilenetv2"
+# The torch-free builder used by tests/CI must match the torch exports.
+"$PY" models/mobilenetv2/build_onnx.py --out-dir "$OUT/mobilenetv2/numpy" \
+    --reference "$OUT/mobilenetv2"
 
 echo "== third-party PaddleOCR models"
 "$PY" models/thirdparty/fetch.py --out "$OUT/thirdparty" --model cls --model det

@@ -28,6 +28,10 @@ Usage (in the torch venv made by ``models/build_all.sh``, or any venv with
 numpy, Pillow, scikit-image==0.26.0, foolbox==3.3.4 --no-deps and matplotlib)::
 
     python models/mobilenetv2/make_data.py --out out/mobilenetv2
+
+In a venv without those packages (e.g. the project's, for tests), add
+``--download-dir DIR``: their pinned wheels are downloaded there with
+``pip download --no-deps`` and only the image folders are extracted.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import hashlib
 import importlib.util
 import json
 import re
+import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,14 +163,52 @@ def preprocess_imagenet(path: str | Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- data sources
-def package_dir(package: str, sub: str) -> Path:
+# Import name -> (PyPI name, pinned version) of the packages whose files we read.
+DATA_PACKAGES = {
+    "foolbox": ("foolbox", "3.3.4"),
+    "skimage": ("scikit-image", "0.26.0"),
+    "matplotlib": ("matplotlib", None),
+}
+
+
+def _download_package_dir(package: str, sub: str, download_dir: Path) -> Path:
+    """``pip download --no-deps`` the package's wheel and extract only ``package/sub``."""
+    pypi_name, version = DATA_PACKAGES[package]
+    target = download_dir / package
+    folder = target / package / sub
+    if folder.is_dir():
+        return folder
+    spec = f"{pypi_name}=={version}" if version else pypi_name
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--dest", str(download_dir / "wheels"), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    prefix = pypi_name.replace("-", "_").lower()
+    wheels = [w for w in (download_dir / "wheels").glob("*.whl")
+              if w.name.lower().startswith(prefix + "-")]
+    if proc.returncode != 0 or not wheels:
+        raise FileNotFoundError(f"'{' '.join(cmd)}' failed:\n{proc.stderr.strip()}")
+    member_prefix = f"{package}/{sub}/"
+    with zipfile.ZipFile(wheels[0]) as zf:
+        members = [m for m in zf.namelist() if m.startswith(member_prefix)]
+        zf.extractall(target, members)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{wheels[0].name} has no {member_prefix}")
+    return folder
+
+
+def package_dir(package: str, sub: str, download_dir: Path | None = None) -> Path:
     """Folder ``sub`` inside an installed package, found without importing it
-    (importing foolbox would need its unused dependencies)."""
+    (importing foolbox would need its unused dependencies). If the package is
+    not installed and ``download_dir`` is given, its pinned wheel is downloaded
+    there and only that folder is extracted (no install, no dependencies)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        if download_dir is not None:
+            return _download_package_dir(package, sub, download_dir)
+        pypi_name, version = DATA_PACKAGES.get(package, (package, None))
         raise FileNotFoundError(
-            f"Python package {package!r} is not installed; run models/build_all.sh or "
-            f"pip install it into this venv"
+            f"Python package {pypi_name}{'==' + version if version else ''} is not installed; "
+            f"pip install --no-deps it, or pass --download-dir to fetch its wheel"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / sub
     if not path.is_dir():
@@ -218,15 +262,18 @@ def _sha256(path: Path) -> str:
 
 
 def write_data_files(out_dir: str | Path, num_calib: int = 126, num_heldout: int = 192,
-                     seed: int = 0) -> dict[str, Any]:
-    """Write the three data sets described in the module docstring; return the manifest."""
+                     seed: int = 0, download_dir: Path | None = None) -> dict[str, Any]:
+    """Write the three data sets described in the module docstring; return the manifest.
+
+    ``download_dir``: where to fetch the wheels of packages that are not installed.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"input_name": INPUT_NAME, "layout": "NCHW float32 RGB",
                                 "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "seed": seed}
 
     # (a) labelled ImageNet samples.
-    samples = imagenet_samples(package_dir("foolbox", "data"))
+    samples = imagenet_samples(package_dir("foolbox", "data", download_dir))
     x = np.stack([preprocess_imagenet(p) for p, _ in samples])
     y = np.asarray([label for _, label in samples], dtype=np.int64)
     np.savez(out / "imagenet20.npz", **{INPUT_NAME: x})
@@ -239,8 +286,8 @@ def write_data_files(out_dir: str | Path, num_calib: int = 126, num_heldout: int
     }
 
     # (b) unlabelled photo crops, split by source scene.
-    folders = {"skimage": package_dir("skimage", "data"),
-               "matplotlib": package_dir("matplotlib", "mpl-data/sample_data")}
+    folders = {"skimage": package_dir("skimage", "data", download_dir),
+               "matplotlib": package_dir("matplotlib", "mpl-data/sample_data", download_dir)}
     for split, total in (("calib", num_calib), ("heldout", num_heldout)):
         sources = [s for s in PHOTO_SOURCES if s.split == split]
         images, records = [], []
@@ -271,9 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-calib", type=int, default=126)
     parser.add_argument("--num-heldout", type=int, default=192)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--download-dir", type=Path, default=None,
+                        help="fetch the wheels of missing data packages (foolbox, scikit-image, "
+                             "matplotlib) into this folder instead of failing")
     args = parser.parse_args(argv)
     try:
-        m = write_data_files(args.out, args.num_calib, args.num_heldout, args.seed)
+        m = write_data_files(args.out, args.num_calib, args.num_heldout, args.seed,
+                             args.download_dir)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
