@@ -1,10 +1,12 @@
-// Microbenchmark of nbsmt::accumulate() alone (no ONNX Runtime): ResNet-18 conv
-// layers at 224x224 batch 8 as im2col GEMMs and a 128x768 @ 768x768 MatMul,
-// ReLU-like activations (50 % zeros). Prints the best time of several runs per
-// kernel implementation and configuration, and the speed-up over the scalar loop
-// (measured on a reduced problem and scaled).
+// Microbenchmark of the NB-SMT kernels alone (no ONNX Runtime): ResNet-18 3x3
+// conv layers at 224x224 batch 8 (rows made on demand by an im2col RowSource, as
+// the ORT glue can) and a 128x768 @ 768x768 MatMul, ReLU-like activations
+// (50 % zeros). Prints weight-preparation and product times per kernel
+// implementation and configuration (bench/bench_ops.py compares end to end
+// against ONNX Runtime's float Conv/MatMul).
 //
-// Build: cmake -S custom_ops -B build -DNBSMT_BUILD_BENCH=ON && build/nbsmt_bench_kernels [threads]
+// Build: cmake -S custom_ops -B build -DNBSMT_BUILD_BENCH=ON
+// Run:   build/nbsmt_bench_kernels [threads] [stats 0/1] [shape] [config] [kernel] (substring filters)
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -14,6 +16,8 @@
 #include <functional>
 #include <mutex>
 #include <random>
+#include <string>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -86,7 +90,30 @@ class Pool {
 
 struct Shape {
   const char* name;
-  int64_t P, M, K;
+  int64_t N, C, H, M;  // Conv 3x3, pad 1, stride 1 on N x C x H x H; N = 0: MatMul P=C, K=H
+};
+
+// im2col from a channels-last int16 image batch into packed rows (T = 1 order:
+// kernel position major, channels contiguous), as the ORT glue does per task.
+struct Im2col {
+  const int16_t* img;  // [N][H][H][C]
+  int64_t N, C, H;
+  static void fill(void* ctx, int64_t p0, int64_t p1, int16_t* out) {
+    const auto& g = *static_cast<const Im2col*>(ctx);
+    const int64_t HW = g.H * g.H, K = 9 * g.C;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = p / HW, y = (p % HW) / g.H, x = p % g.H;
+      int16_t* row = out + (p - p0) * K;
+      for (int64_t ky = 0; ky < 3; ++ky) {
+        for (int64_t kx = 0; kx < 3; ++kx) {
+          const int64_t iy = y + ky - 1, ix = x + kx - 1;
+          if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.H) continue;  // zero-filled
+          std::memcpy(row + (ky * 3 + kx) * g.C, g.img + ((n * g.H + iy) * g.H + ix) * g.C,
+                      static_cast<size_t>(g.C) * sizeof(int16_t));
+        }
+      }
+    }
+  }
 };
 
 double best_of(int reps, const std::function<void()>& f) {
@@ -105,14 +132,17 @@ double best_of(int reps, const std::function<void()>& f) {
 int main(int argc, char** argv) {
   const int threads = argc > 1 ? std::atoi(argv[1]) : 1;
   const bool with_stats = argc > 2 && std::atoi(argv[2]) != 0;
+  const std::string only_shape = argc > 3 ? argv[3] : "";   // substring filters
+  const std::string only_cfg = argc > 4 ? argv[4] : "";
+  const std::string only_kernel = argc > 5 ? argv[5] : "";
   Pool pool(threads);
   nbsmt::Parallel par;
   par.ctx = &pool;
   par.run = threads > 1 ? Pool::run : nullptr;
   const Shape shapes[] = {
-      {"conv64 56x56", 8 * 56 * 56, 64, 64 * 9},   {"conv128 28x28", 8 * 28 * 28, 128, 128 * 9},
-      {"conv256 14x14", 8 * 14 * 14, 256, 256 * 9}, {"conv512 7x7", 8 * 7 * 7, 512, 512 * 9},
-      {"matmul 128x768x768", 128, 768, 768},
+      {"conv64 56x56 b8", 8, 64, 56, 64},   {"conv128 28x28 b8", 8, 128, 28, 128},
+      {"conv256 14x14 b8", 8, 256, 14, 256}, {"conv512 7x7 b8", 8, 512, 7, 512},
+      {"matmul 128x768x768", 0, 128, 768, 768},
   };
   struct Cfg {
     const char* name;
@@ -128,34 +158,52 @@ int main(int argc, char** argv) {
   for (const char* k : {"avx512", "avx2", "scalar"}) {
     if (nbsmt::force_kernel(k)) kernels.push_back(k);
   }
-  std::printf("threads=%d stats=%d; times in ms (best of 5); GMAC/s counts K*M*P\n", threads,
-              with_stats);
+  std::printf("threads=%d stats=%d; best of 5 (generic: 1 run on a slice of rows, scaled);\n"
+              "prepare = weight transform (once per weights), rows = products with rows\n"
+              "made on demand by an im2col RowSource (MatMul: rows from memory)\n",
+              threads, with_stats);
   std::mt19937_64 rng(7);
   for (const Shape& s : shapes) {
-    std::vector<int16_t> x(static_cast<size_t>(s.P * s.K));
-    std::vector<int8_t> w(static_cast<size_t>(s.M * s.K));
-    for (auto& v : x) v = static_cast<int16_t>((rng() & 1) ? 0 : 1 + rng() % 255);
+    if (std::string(s.name).find(only_shape) == std::string::npos) continue;
+    const bool conv = s.N > 0;
+    const int64_t P = conv ? s.N * s.H * s.H : s.C;
+    const int64_t K = conv ? 9 * s.C : s.H;
+    std::vector<int16_t> img(static_cast<size_t>(conv ? s.N * s.H * s.H * s.C : P * K));
+    std::vector<int8_t> w(static_cast<size_t>(s.M * K));
+    for (auto& v : img) v = static_cast<int16_t>((rng() & 1) ? 0 : 1 + rng() % 255);
     for (auto& v : w) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
-    std::vector<int32_t> acc(static_cast<size_t>(s.P * s.M));
+    std::vector<int32_t> acc(static_cast<size_t>(P * s.M));
+    Im2col src{img.data(), s.N, s.C, s.H};
+    nbsmt::RowSource rows{&src, Im2col::fill};
     for (const Cfg& c : cfgs) {
+      if (std::string(c.name).find(only_cfg) == std::string::npos) continue;
       nbsmt::SmtConfig cfg;
       cfg.threads = c.T;
       cfg.reduce = c.r;
-      const int64_t steps = s.K / c.T;
+      const int64_t steps = K / c.T;
       std::printf("%-20s %-4s", s.name, c.name);
       for (const char* k : kernels) {
+        if (std::string(k).find(only_kernel) == std::string::npos) continue;
         nbsmt::force_kernel(k);
         const bool slow = std::string(k) == "scalar";
         const int reps = slow ? 1 : 5;
-        // The generic kernel is slow: time a slice of rows and scale.
-        const int64_t P = slow ? std::min<int64_t>(s.P, 64) : s.P;
+        const int64_t Pr = slow ? std::min<int64_t>(P, 64) : P;  // rows timed
+        std::shared_ptr<const nbsmt::PreparedWeights> pw;
+        const double tp = best_of(reps, [&] {
+          pw = nbsmt::prepare_weights(cfg, s.M, steps, w.data(), K, par);
+        });
         nbsmt::SmtStats st;
         const double t = best_of(reps, [&] {
-          nbsmt::accumulate(cfg, P, s.M, steps, x.data(), s.K, w.data(), s.K, acc.data(), s.M, 1,
-                            with_stats ? &st : nullptr, par);
-        }) * static_cast<double>(s.P) / static_cast<double>(P);
-        std::printf("  %s %8.2f ms (%6.1f GMAC/s)", k, t * 1e3,
-                    static_cast<double>(s.P * s.M * s.K) / t * 1e-9);
+          if (conv) {
+            nbsmt::accumulate_prepared(*pw, Pr, rows, acc.data(), s.M, 1,
+                                       with_stats ? &st : nullptr, par);
+          } else {
+            nbsmt::accumulate_prepared(*pw, Pr, img.data(), K, acc.data(), s.M, 1,
+                                       with_stats ? &st : nullptr, par);
+          }
+        }) * static_cast<double>(P) / static_cast<double>(Pr);
+        std::printf("  %s prep %6.2f rows %7.2f ms (%5.0f GMAC/s)", k, tp * 1e3, t * 1e3,
+                    static_cast<double>(P * s.M * K) / t * 1e-9);
       }
       std::printf("\n");
       std::fflush(stdout);

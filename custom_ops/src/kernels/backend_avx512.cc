@@ -3,6 +3,8 @@
 // Compiled for the baseline ISA; only the functions below carry target
 // attributes and are reached through the Backend table after a CPU check, so
 // the library still loads and runs on any x86-64.
+#include <vector>
+
 #include "engine.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -169,6 +171,34 @@ NBSMT_AVX512 void dense_gemm(int64_t kq, const uint8_t* a, int64_t lda, int64_t 
 
 // ---- gather -----------------------------------------------------------------
 
+// Compact weights of one column (engine.h): for every step the w dword, the
+// R(w) dword and the non-zero pattern, at dst + step * 3 * W * 4 (+ W * 4, + 2 W * 4).
+NBSMT_AVX512 void gather_weight_column(const Plan& plan, const int8_t* w, int64_t W,
+                                       uint8_t* dst) {
+  const __m512i step_index = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int>(3 * W)));
+  const __m512i bit_weights = _mm512_set1_epi32(0x08040201);
+  const __m512i ones = _mm512_set1_epi8(1);
+  int32_t* out = reinterpret_cast<int32_t*>(dst);
+  for (int64_t s = 0; s < plan.steps; s += 16) {
+    const int64_t n = plan.steps - s < 16 ? plan.steps - s : 16;
+    const __mmask64 in = n == 16 ? ~__mmask64{0} : ((__mmask64{1} << (4 * n)) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi8(in, w + 4 * s);
+    const __m512i lo = reduce16(_mm512_cvtepi8_epi16(_mm512_castsi512_si256(v)), true);
+    const __m512i hi = reduce16(_mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(v, 1)), true);
+    const __m512i r = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(lo)),
+                                         _mm512_cvtepi16_epi8(hi), 1);
+    const __m512i flags = _mm512_and_si512(_mm512_movm_epi8(_mm512_test_epi8_mask(v, v)), bit_weights);
+    const __m512i bw = _mm512_dpbusd_epi32(_mm512_setzero_si512(), flags, ones);
+    const __mmask16 st = static_cast<__mmask16>((1u << n) - 1);
+    int32_t* base = out + s * 3 * W;
+    _mm512_mask_i32scatter_epi32(base, st, step_index, v, 4);
+    _mm512_mask_i32scatter_epi32(base + W, st, step_index, r, 4);
+    _mm512_mask_i32scatter_epi32(base + 2 * W, st, step_index, bw, 4);
+  }
+}
+
 // Per pattern pi: pshufb control that compacts a step's bytes
 // [x0 x1 x2 x3 r0 r1 r2 r3] into (dword1, dword2) (engine.h), and the table
 // index data: kGatherBase[pi] | (two dwords ? 1 << 40 : 0).
@@ -224,6 +254,13 @@ NBSMT_AVX512 int64_t gather_entries(const Plan& plan, int64_t b, const int16_t* 
   __m512i sumv = _mm512_setzero_si512();
   int64_t n = 0;
   const int16_t* xs = x + s0 * 4;
+  // The next block of this row is read after all other rows of the task: fetch
+  // it now so that the walk over rows is not one cache miss per row.
+  if (b + 1 < plan.nblocks) {
+    const char* next = reinterpret_cast<const char*>(xs + 4 * len);
+    const int64_t bytes = 8 * plan.block_len(b + 1);
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(next + o, _MM_HINT_T0);
+  }
   for (int64_t i = 0; i < len; i += 8) {  // 8 steps = 32 lanes
     const __m512i v = _mm512_maskz_loadu_epi16(lane_mask(4 * (len - i)), xs + 4 * i);
     const __mmask32 nzm = _mm512_test_epi16_mask(v, v);
@@ -381,11 +418,119 @@ NBSMT_AVX512 void gather_gemm(const GatherEntry* e, int64_t n, const uint8_t* ta
   }
 }
 
+// ---- statistics (stats.cc explains the factorisation) --------------------------
+
+// "R(v) != v" on 32 int16 lanes.
+NBSMT_AVX512_INLINE __mmask32 changed16(__m512i v, bool is_signed) {
+  const __mmask32 grid0 = _mm512_testn_epi16_mask(v, _mm512_set1_epi16(15));
+  if (is_signed) {
+    const __mmask32 window = _mm512_cmpge_epi16_mask(v, _mm512_set1_epi16(-8)) &
+                             _mm512_cmple_epi16_mask(v, _mm512_set1_epi16(7));
+    const __mmask32 grid = grid0 & _mm512_cmple_epi16_mask(v, _mm512_set1_epi16(112));
+    return static_cast<__mmask32>(~(window | grid));
+  }
+  const __mmask32 window = _mm512_cmplt_epi16_mask(v, _mm512_set1_epi16(16));
+  const __mmask32 grid = grid0 & _mm512_cmple_epi16_mask(v, _mm512_set1_epi16(240));
+  return static_cast<__mmask32>(~(window | grid));
+}
+
+NBSMT_AVX512 void stats_rows_lanes(const Plan& plan, const StatsSummary& s, const int16_t* x,
+                                   int64_t x_stride, int64_t nrows, SmtStats* out) {
+  // Per-slot counters over at most rows_per_task (< 32768) rows fit int16.
+  const int64_t K = plan.K;
+  const int64_t Kp = (K + 31) / 32 * 32;
+  const bool two = plan.T == 2;
+  const bool sgn = plan.cfg.act_signed;
+  const int nf = two ? 3 : 1;
+  std::vector<int16_t> cnt(static_cast<size_t>(nf * Kp), 0);
+  int16_t* ca = cnt.data();
+  int16_t* caa = ca + Kp;
+  int16_t* cca = caa + Kp;
+  const __m512i minus1 = _mm512_set1_epi16(-1);
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int16_t* xr = x + r * x_stride;
+    for (int64_t l = 0; l < K; l += 32) {
+      const __m512i v = _mm512_maskz_loadu_epi16(lane_mask(K - l), xr + l);
+      const __mmask32 a = _mm512_test_epi16_mask(v, v);
+      __m512i c = _mm512_loadu_si512(ca + l);
+      _mm512_storeu_si512(ca + l, _mm512_mask_sub_epi16(c, a, c, minus1));
+      if (two) {
+        const __m512i vq = _mm512_rol_epi32(v, 16);
+        const __mmask32 aq = _mm512_test_epi16_mask(vq, vq);
+        c = _mm512_loadu_si512(caa + l);
+        _mm512_storeu_si512(caa + l, _mm512_mask_sub_epi16(c, a & aq, c, minus1));
+        c = _mm512_loadu_si512(cca + l);
+        _mm512_storeu_si512(cca + l, _mm512_mask_sub_epi16(c, changed16(v, sgn) & aq, c, minus1));
+      }
+    }
+  }
+  int64_t active = 0, collisions = 0, reduced = 0;
+  for (int64_t k = 0; k < K; ++k) active += ca[k] * s.wb[k];
+  if (two) {
+    const bool act = plan.cfg.reduce == Reduce::kActivations;
+    for (int64_t k = 0; k < K; k += 2) collisions += caa[k] * s.wbb[k];
+    for (int64_t k = 0; k < K; ++k) reduced += act ? cca[k] * s.wbb[k] : caa[k] * s.wcb[k];
+  }
+  out->active_slots += active;
+  out->collisions += collisions;
+  out->reduced_operands += reduced;
+}
+
+NBSMT_AVX512 void stats_rows_codes(const Plan& plan, const StatsSummary& s, const int16_t* x,
+                                   int64_t x_stride, int64_t nrows, SmtStats* out) {
+  const bool sgn = plan.cfg.act_signed;
+  const int64_t steps = plan.steps;
+  // Slot weights of the base-3 step code: (1, 3) and (9, 27) pairs for madd.
+  const __m512i code_weights = _mm512_set1_epi64(0x001b000900030001ll);
+  const __m512i step81 = _mm512_set_epi64(7 * 81, 6 * 81, 5 * 81, 4 * 81, 3 * 81, 2 * 81, 81, 0);
+  const __m512i low32 = _mm512_set1_epi64(0xFFFFFFFFll);
+  const __m512i one16 = _mm512_set1_epi16(1);
+  __m512i sum_active = _mm512_setzero_si512(), sum_coll = _mm512_setzero_si512();
+  __m512i sum_red = _mm512_setzero_si512();
+  const long long* g = reinterpret_cast<const long long*>(s.g.data());  // [step][81] x 2 qwords
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int16_t* xr = x + r * x_stride;
+    for (int64_t i = 0; i < steps; i += 8) {
+      const int64_t n = steps - i < 8 ? steps - i : 8;
+      const __m512i v = _mm512_maskz_loadu_epi16(lane_mask(4 * n), xr + 4 * i);
+      const __mmask32 a = _mm512_test_epi16_mask(v, v);
+      // state = nz + changed: 0, 1 or 2 per slot.
+      const __m512i st = _mm512_mask_add_epi16(_mm512_maskz_mov_epi16(a, one16), changed16(v, sgn),
+                                               _mm512_maskz_mov_epi16(a, one16), one16);
+      const __m512i pairs = _mm512_madd_epi16(st, code_weights);      // dwords: s0+3s1, 9s2+27s3
+      const __m512i code = _mm512_and_si512(_mm512_add_epi64(pairs, _mm512_srli_epi64(pairs, 32)), low32);
+      const __m512i idx = _mm512_add_epi64(
+          _mm512_add_epi64(code, step81), _mm512_set1_epi64((i)*81));
+      const __mmask8 valid = static_cast<__mmask8>((1u << n) - 1);
+      const __m512i idx2 = _mm512_slli_epi64(idx, 1);               // two qwords per entry
+      const __m512i q0 = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), valid, idx2, g, 8);
+      const __m512i q1 = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), valid,
+                                                     _mm512_add_epi64(idx2, _mm512_set1_epi64(1)), g, 8);
+      sum_active = _mm512_add_epi64(sum_active, _mm512_and_si512(q0, low32));
+      sum_coll = _mm512_add_epi64(sum_coll, _mm512_srli_epi64(q0, 32));
+      sum_red = _mm512_add_epi64(sum_red, _mm512_and_si512(q1, low32));
+    }
+  }
+  out->active_slots += _mm512_reduce_add_epi64(sum_active);
+  out->collisions += _mm512_reduce_add_epi64(sum_coll);
+  out->reduced_operands += _mm512_reduce_add_epi64(sum_red);
+}
+
+NBSMT_AVX512 void stats_rows(const Plan& plan, const StatsSummary& s, const int16_t* x,
+                             int64_t x_stride, int64_t nrows, SmtStats* out) {
+  if (plan.T == 4) {
+    stats_rows_codes(plan, s, x, x_stride, nrows, out);
+  } else {
+    stats_rows_lanes(plan, s, x, x_stride, nrows, out);
+  }
+}
+
 }  // namespace
 
 const Backend& avx512_backend() {
-  static const Backend be{Isa::kAvx512,  dense_transform, dense_weight_row, dense_gemm,
-                          gather_entries, gather_expand,   gather_gemm,      generic_stats_rows};
+  static const Backend be{Isa::kAvx512,        dense_transform, dense_weight_row,
+                          dense_gemm,          gather_weight_column, gather_entries,
+                          gather_expand,       gather_gemm,      stats_rows};
   return be;
 }
 

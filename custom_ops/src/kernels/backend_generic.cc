@@ -102,6 +102,20 @@ int64_t gather_entries(const Plan& plan, int64_t b, const int16_t* x, GatherEntr
   return n;
 }
 
+void gather_weight_column(const Plan& plan, const int8_t* w, int64_t W, uint8_t* dst) {
+  for (int64_t s = 0; s < plan.steps; ++s) {
+    uint8_t* d = dst + s * 3 * W * 4;
+    int32_t bw = 0;
+    for (int t = 0; t < 4; ++t) {
+      const int v = w[s * 4 + t];
+      d[t] = static_cast<uint8_t>(v);
+      d[W * 4 + t] = static_cast<uint8_t>(reduce_signed(v));
+      bw |= (v != 0) << t;
+    }
+    std::memcpy(d + 2 * W * 4, &bw, 4);
+  }
+}
+
 void gather_expand(const Plan& plan, const uint8_t* source, int64_t s0, int64_t len, int nv,
                    uint8_t* slice) {
   const int W = nv * 16;
@@ -158,8 +172,9 @@ void gather_gemm(const GatherEntry* e, int64_t n, const uint8_t* table, int nv, 
 }  // namespace
 
 const Backend& generic_backend() {
-  static const Backend be{Isa::kGeneric,  dense_transform, dense_weight_row, dense_gemm,
-                          gather_entries, gather_expand,   gather_gemm,      generic_stats_rows};
+  static const Backend be{Isa::kGeneric,      dense_transform, dense_weight_row,
+                          dense_gemm,          gather_weight_column, gather_entries,
+                          gather_expand,       gather_gemm,      generic_stats_rows};
   return be;
 }
 

@@ -169,6 +169,10 @@ struct Backend {
   // c[r][0 .. 16*nv) (+)= a[r] . panel for rows [0, nrows); panel layout [kq][W][4].
   void (*dense_gemm)(int64_t kq, const uint8_t* a, int64_t lda, int64_t nrows,
                      const uint8_t* panel, int nv, int32_t* c, int64_t ldc, bool first);
+  // Gather compact weights of one column (its steps*4 int8 at w) into a panel of
+  // W columns: per step the w dword, the R(w) dword and the non-zero pattern, at
+  // dst + step * 3 * W * 4 (+ W * 4, + 2 * W * 4); dst points at the column.
+  void (*gather_weight_column)(const Plan& plan, const int8_t* w, int64_t W, uint8_t* dst);
   // Gather entries of one x row for the steps of block b. Returns the count;
   // adds the sum of the entry bytes (as signed values) to *byte_sum.
   int64_t (*gather_entries)(const Plan& plan, int64_t b, const int16_t* x, GatherEntry* out,

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <new>
 
 #include "engine.h"
@@ -181,31 +182,66 @@ void prepare_gather_panel(const PrepareJob& job, int64_t p) {
   const int64_t cols = std::min<int64_t>(W, plan.M - col0);
   uint8_t* base = job.pw->bytes.data() + plan.source_panel_offset(p);
   for (int64_t c = 0; c < cols; ++c) {
-    const int8_t* wr = job.w + (col0 + c) * job.w_stride;
-    for (int64_t s = 0; s < plan.steps; ++s) {
-      uint8_t* dst = base + s * 3 * W * 4 + c * 4;
-      int32_t bw = 0;
-      for (int t = 0; t < 4; ++t) {
-        const int v = wr[s * 4 + t];
-        dst[t] = static_cast<uint8_t>(v);
-        dst[W * 4 + t] = static_cast<uint8_t>(reduce_signed(v));
-        bw |= (v != 0) << t;
-      }
-      std::memcpy(dst + 2 * W * 4, &bw, 4);
-    }
+    job.be->gather_weight_column(plan, job.w + (col0 + c) * job.w_stride, W, base + c * 4);
   }
 }
 
-template <typename T>
-struct Scratch {  // uninitialised, 64-byte aligned
-  T* ptr = nullptr;
-  explicit Scratch(int64_t n) {
-    ptr = static_cast<T*>(::operator new(static_cast<size_t>(n > 0 ? n : 1) * sizeof(T),
-                                         std::align_val_t(64)));
+// A growable, uninitialised, 64-byte aligned buffer.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { release(); }
+  template <typename T>
+  T* get(int64_t n) {
+    const size_t bytes = static_cast<size_t>(n > 0 ? n : 1) * sizeof(T);
+    if (bytes > size_) {
+      release();
+      ptr_ = ::operator new(bytes, std::align_val_t(64));
+      size_ = bytes;
+    }
+    return static_cast<T*>(ptr_);
   }
-  ~Scratch() { ::operator delete(ptr, std::align_val_t(64)); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
+
+ private:
+  void release() {
+    if (ptr_ != nullptr) ::operator delete(ptr_, std::align_val_t(64));
+    ptr_ = nullptr;
+    size_ = 0;
+  }
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Scratch memory of one running task. A call keeps a pool of them, so buffers
+// are allocated once per concurrently running worker, not once per task (large
+// allocations are fresh mmaps whose page faults would cost more than the task).
+struct TaskScratch {
+  Buffer x, a, c, entries, counts, rowsum, slice;
+};
+
+class ScratchPool {
+ public:
+  TaskScratch* acquire() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.empty()) {
+      all_.push_back(std::make_unique<TaskScratch>());
+      return all_.back().get();
+    }
+    TaskScratch* s = free_.back();
+    free_.pop_back();
+    return s;
+  }
+  void release(TaskScratch* s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(s);
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<TaskScratch*> free_;
+  std::vector<std::unique_ptr<TaskScratch>> all_;
 };
 
 }  // namespace
@@ -265,6 +301,7 @@ struct Run {
   const detail::StatsSummary* summary;  // null: no statistics
   int64_t rows_per_task, row_tasks, panels_per_task;
   SmtStats* parts;
+  ScratchPool* pool;
 };
 
 void store_tile(const Run& j, int64_t p0, int64_t rows, int64_t m0, int64_t m1,
@@ -293,63 +330,63 @@ void store_tile(const Run& j, int64_t p0, int64_t rows, int64_t m0, int64_t m1,
   }
 }
 
-void dense_task(const Run& j, const int16_t* x, int64_t xs, int64_t p0, int64_t rows,
-                int64_t pan0, int64_t pan1) {
+void dense_task(const Run& j, TaskScratch& scratch, const int16_t* x, int64_t xs, int64_t p0,
+                int64_t rows, int64_t pan0, int64_t pan1) {
   const Plan& plan = j.pw->plan;
   const int64_t c0 = plan.panel_col0(pan0);
   const int64_t c1 = std::min(plan.panel_col0(pan1), plan.mpad16);
   const int64_t ldc = c1 - c0;
   const int64_t lda = plan.max_block_bytes;
-  Scratch<uint8_t> a(rows * lda);
-  Scratch<int32_t> c(rows * ldc);
+  uint8_t* a = scratch.a.get<uint8_t>(rows * lda);
+  int32_t* c = scratch.c.get<int32_t>(rows * ldc);
   for (int64_t b = 0; b < plan.nblocks; ++b) {
-    j.be->dense_transform(plan, b, x, xs, rows, a.ptr, lda);
+    j.be->dense_transform(plan, b, x, xs, rows, a, lda);
     const int64_t bytes = plan.block_bytes(b);
     const uint8_t* block = j.pw->bytes.data() + plan.b_block_offset[b];
     for (int64_t p = pan0; p < pan1; ++p) {
-      j.be->dense_gemm(bytes / 4, a.ptr, lda, rows, block + bytes * plan.panel_col0(p),
-                       plan.panel_vectors(p), c.ptr + (plan.panel_col0(p) - c0), ldc, b == 0);
+      j.be->dense_gemm(bytes / 4, a, lda, rows, block + bytes * plan.panel_col0(p),
+                       plan.panel_vectors(p), c + (plan.panel_col0(p) - c0), ldc, b == 0);
     }
   }
-  store_tile(j, p0, rows, c0, std::min(c1, plan.M), c.ptr, ldc, nullptr);
+  store_tile(j, p0, rows, c0, std::min(c1, plan.M), c, ldc, nullptr);
 }
 
-void gather_task(const Run& j, const int16_t* x, int64_t xs, int64_t p0, int64_t rows,
-                 int64_t pan0, int64_t pan1) {
+void gather_task(const Run& j, TaskScratch& scratch, const int16_t* x, int64_t xs, int64_t p0,
+                 int64_t rows, int64_t pan0, int64_t pan1) {
   const Plan& plan = j.pw->plan;
   const int64_t c0 = plan.panel_col0(pan0);
   const int64_t c1 = std::min(plan.panel_col0(pan1), plan.mpad16);
   const int64_t ldc = c1 - c0;
   // At most 2 entries per step, plus slack for 8-entry vector stores.
   const int64_t cap = 2 * plan.block_steps + 16;
-  Scratch<detail::GatherEntry> e(rows * cap);
-  Scratch<int64_t> n(rows);
-  Scratch<int32_t> rowsum(rows);
-  Scratch<uint8_t> slice(plan.slice_bytes());
-  Scratch<int32_t> c(rows * ldc);
-  std::fill(rowsum.ptr, rowsum.ptr + rows, 0);
+  detail::GatherEntry* e = scratch.entries.get<detail::GatherEntry>(rows * cap);
+  int64_t* n = scratch.counts.get<int64_t>(rows);
+  int32_t* rowsum = scratch.rowsum.get<int32_t>(rows);
+  uint8_t* slice = scratch.slice.get<uint8_t>(plan.slice_bytes());
+  int32_t* c = scratch.c.get<int32_t>(rows * ldc);
+  std::fill(rowsum, rowsum + rows, 0);
   for (int64_t b = 0; b < plan.nblocks; ++b) {
     for (int64_t r = 0; r < rows; ++r) {
-      n.ptr[r] = j.be->gather_entries(plan, b, x + r * xs, e.ptr + r * cap, rowsum.ptr + r);
+      n[r] = j.be->gather_entries(plan, b, x + r * xs, e + r * cap, rowsum + r);
     }
     for (int64_t p = pan0; p < pan1; ++p) {
       const int nv = plan.panel_vectors(p);
       j.be->gather_expand(plan, j.pw->bytes.data() + plan.source_panel_offset(p),
-                          plan.block_step0(b), plan.block_len(b), nv, slice.ptr);
-      int32_t* cp = c.ptr + (plan.panel_col0(p) - c0);
+                          plan.block_step0(b), plan.block_len(b), nv, slice);
+      int32_t* cp = c + (plan.panel_col0(p) - c0);
       for (int64_t r = 0; r < rows; ++r) {
-        j.be->gather_gemm(e.ptr + r * cap, n.ptr[r], slice.ptr, nv, plan.cfg.act_signed,
-                          cp + r * ldc, b == 0);
+        j.be->gather_gemm(e + r * cap, n[r], slice, nv, plan.cfg.act_signed, cp + r * ldc,
+                          b == 0);
       }
     }
   }
   const bool sgn = plan.cfg.act_signed;
   if (sgn) {
     for (int64_t r = 0; r < rows; ++r) {
-      rowsum.ptr[r] = static_cast<int32_t>(0u - 128u * static_cast<uint32_t>(rowsum.ptr[r]));
+      rowsum[r] = static_cast<int32_t>(0u - 128u * static_cast<uint32_t>(rowsum[r]));
     }
   }
-  store_tile(j, p0, rows, c0, std::min(c1, plan.M), c.ptr, ldc, sgn ? rowsum.ptr : nullptr);
+  store_tile(j, p0, rows, c0, std::min(c1, plan.M), c, ldc, sgn ? rowsum : nullptr);
 }
 
 void run_task(const Run& j, int64_t task) {
@@ -360,24 +397,25 @@ void run_task(const Run& j, int64_t task) {
   const int64_t rows = std::min(j.rows_per_task, j.P - p0);
   const int64_t pan0 = ct * j.panels_per_task;
   const int64_t pan1 = std::min(pan0 + j.panels_per_task, plan.npanels);
+  TaskScratch* scratch = j.pool->acquire();
   const int16_t* x = j.x + p0 * j.x_stride;
   int64_t xs = j.x_stride;
-  std::unique_ptr<Scratch<int16_t>> filled;
   if (j.source != nullptr) {
-    filled = std::make_unique<Scratch<int16_t>>(rows * plan.K);
-    std::memset(filled->ptr, 0, static_cast<size_t>(rows * plan.K) * sizeof(int16_t));
-    j.source->fill(j.source->ctx, p0, p0 + rows, filled->ptr);
-    x = filled->ptr;
+    int16_t* filled = scratch->x.get<int16_t>(rows * plan.K);
+    std::memset(filled, 0, static_cast<size_t>(rows * plan.K) * sizeof(int16_t));
+    j.source->fill(j.source->ctx, p0, p0 + rows, filled);
+    x = filled;
     xs = plan.K;
   }
   if (j.summary != nullptr && ct == 0) {
     j.be->stats_rows(plan, *j.summary, x, xs, rows, &j.parts[task]);
   }
   if (plan.gather) {
-    gather_task(j, x, xs, p0, rows, pan0, pan1);
+    gather_task(j, *scratch, x, xs, p0, rows, pan0, pan1);
   } else {
-    dense_task(j, x, xs, p0, rows, pan0, pan1);
+    dense_task(j, *scratch, x, xs, p0, rows, pan0, pan1);
   }
+  j.pool->release(scratch);
 }
 
 void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_stride,
@@ -408,7 +446,9 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
   int64_t rows = std::min(plan.rows_per_task, P);
   const int64_t want_row_tasks = ceil_div(kTargetTasks, plan.npanels);
   if (ceil_div(P, rows) < want_row_tasks) {
-    rows = std::max<int64_t>(std::min<int64_t>(P, plan.gather ? 64 : 8),
+    // Gather tiles expand the weight table once per block and panel: keep them
+    // large enough (>= 256 rows) for that to stay a small part of the work.
+    rows = std::max<int64_t>(std::min<int64_t>(P, plan.gather ? 256 : 8),
                              round_up(ceil_div(P, want_row_tasks), 8));
   }
   j.rows_per_task = rows;
@@ -419,6 +459,8 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
   const int64_t tasks = j.row_tasks * ceil_div(plan.npanels, j.panels_per_task);
   std::vector<SmtStats> parts(static_cast<size_t>(tasks));
   j.parts = parts.data();
+  ScratchPool pool;
+  j.pool = &pool;
   parallel([](void* data, size_t i) { run_task(*static_cast<Run*>(data), static_cast<int64_t>(i)); },
            static_cast<size_t>(tasks), &j);
   if (stats != nullptr) {
