@@ -45,8 +45,8 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -540,7 +540,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         header.append("gate")
     lines = []
     for r in rows:
-        settings = "-" if r["threads"] is None else f"{r['mapping']}/{r['reduce']}"
+        settings = "-" if r["threads"] in (None, 1) else f"{r['mapping']}/{r['reduce']}"
         if not r["available"]:
             cells = [r["name"], settings, f"unavailable: {r['note']}"]
             lines.append(cells)
@@ -1176,16 +1176,20 @@ def _finish_row(r: _Runner, labelled: bool) -> EvaluationRow:
 
 
 def write_text(path: str | Path, text: str, *, force: bool = False) -> Path:
-    """Write ``text`` atomically (temp file + rename); refuse to overwrite without ``force``."""
+    """Write ``text`` atomically (temp file + rename); refuse to overwrite without ``force``.
+
+    The temporary file is created with ``open(..., "x")`` so it gets the
+    usual permissions (umask), unlike ``tempfile.mkstemp``'s 0600.
+    """
     dest = Path(path)
     io.check_destination(dest, force=force, protect=())
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(tmp, "x", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, dest)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {dest}: {err.strerror or err}") from err
     return dest
 

@@ -169,29 +169,44 @@ def _shift_plot(
     ax_mean, ax_std = fig.subplots(1, 2, sharey=True)
     _grouped_barh(ax_mean, names, [(k, v[0]) for k, v in series.items()])
     ax_mean.set_title("mean shift (RMS over channels, in old std units)", fontsize=10)
-    _grouped_barh(ax_std, names, [(k, v[1]) for k, v in series.items()])
-    ax_std.set_title("std ratio new / old (geometric mean over channels)", fontsize=10)
-    ax_std.axvline(1.0, color="#444444", linewidth=0.8)
+    _grouped_barh(
+        ax_std,
+        names,
+        [(k, [None if r is None else 100.0 * (r - 1.0) for r in v[1]]) for k, v in series.items()],
+    )
+    ax_std.set_title(
+        "std change (%) = 100 (std ratio - 1), geometric mean over channels", fontsize=10
+    )
+    ax_std.axvline(0.0, color="#444444", linewidth=0.8)
     ax_mean.legend(fontsize=7, loc="lower right")
     return _png(fig, "BatchNorm statistic shift per layer")
 
 
 def _accuracy_plot(rows: Sequence[Mapping[str, Any]], key: str, label: str) -> str:
-    fig = _figure(11.5, max(2.4, 0.35 * len(rows) + 1.0))
+    """A dot per row (not bars: the axis starts near the lowest value so small gaps stay visible)."""
+    fig = _figure(11.5, max(2.2, 0.32 * len(rows) + 1.0))
     ax = fig.subplots()
-    names = [r["name"] for r in rows]
     vals = [_num(r["metrics"].get(key)) for r in rows]
-    ax.barh(range(len(rows)), [100.0 * v if v is not None else 0.0 for v in vals], color="#4c72b0")
-    for i, v in enumerate(vals):
-        ax.text(
-            (100.0 * v if v is not None else 0.0) + 0.5, i, _fmt(v, "pct"), va="center", fontsize=8
-        )
+    pct = [100.0 * v if v is not None else math.nan for v in vals]
+    finite = [p for p in pct if math.isfinite(p)]
+    low = max(0.0, min(finite) - 5.0) if finite else 0.0
+    ax.plot(pct, range(len(rows)), "o", color="#4c72b0")
+    for i, p in enumerate(pct):
+        if math.isfinite(p):
+            ax.annotate(
+                f"{p:.2f}%",
+                (p, i),
+                xytext=(6, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 108)
+    ax.set_yticklabels([r["name"] for r in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(low, 100.0 + (100.0 - low) * 0.08)
     ax.set_xlabel(label + " (%)")
-    ax.grid(axis="x", alpha=0.3)
+    ax.grid(alpha=0.3)
     return _png(fig, label)
 
 
@@ -515,7 +530,7 @@ def _render_evaluation(result: Mapping[str, Any]) -> str:
             if labelled
             else "No labels: fidelity to the float32 model."
         )
-        + f" Wall time {_esc(_fmt(result.get('wall_time_s')))} s.</p>",
+        + f" Wall time {float(result.get('wall_time_s') or 0.0):.1f} s.</p>",
         _warnings(result.get("warnings") or []),
         "<h2>Results</h2>",
         _evaluation_table(result),
