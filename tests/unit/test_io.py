@@ -163,3 +163,13 @@ def test_session_source_large_model_goes_through_a_temporary_file(
         assert (folder / "model.onnx.data").is_file()
         assert onnx.load(src).graph.node[0].name == "conv1"
     assert not folder.exists()
+
+
+def test_check_model_skips_protos_too_large_to_serialize(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tm.matmul_chain()
+    model.graph.node[0].input[1] = "undefined_tensor"  # would fail the checker
+    monkeypatch.setattr(io, "PROTO_LIMIT", 10)
+    io.check_model(model)  # skipped (logged), not a crash of the protobuf serializer
+    monkeypatch.undo()
+    with pytest.raises(ModelError, match="fails onnx"):
+        io.check_model(model)
