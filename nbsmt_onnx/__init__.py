@@ -13,9 +13,12 @@ from nbsmt_onnx.config import (
     TransformConfig,
 )
 from nbsmt_onnx.errors import NbsmtError
+from nbsmt_onnx.evaluate import EvaluateConfig, EvaluationResult, evaluate
 from nbsmt_onnx.runtime.library import get_library_path
 
 __all__ = [
+    "EvaluateConfig",
+    "EvaluationResult",
     "ImagePreprocessing",
     "InspectResult",
     "NbsmtError",
@@ -25,6 +28,7 @@ __all__ = [
     "TransformConfig",
     "TransformResult",
     "__version__",
+    "evaluate",
     "get_library_path",
     "inspect",
     "transform",
