@@ -3,7 +3,8 @@
 Models: the PaddleOCR text-orientation classifier committed in models/thirdparty
 (Paddle exporter, opset 11, weights in Constant nodes, BN kept, HardSwish,
 depthwise convs) with its rendered text-line data, and the Fashion-MNIST ResNet
-of models/fashion_mnist once it is committed.
+of models/fashion_mnist (PyTorch exporter; BN kept and BN fused) with real
+Fashion-MNIST images.
 
 What "equal" means on a 50-layer quantized network, and why the tests are split:
 
@@ -46,6 +47,7 @@ from nbsmt_onnx.runtime.session import SessionOptions, create_session
 REPO = Path(__file__).resolve().parents[2]
 PADDLE = REPO / "models" / "thirdparty" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 FMNIST = REPO / "models" / "fashion_mnist" / "fmnist_resnet.onnx"
+FMNIST_FUSED = REPO / "models" / "fashion_mnist" / "fmnist_resnet_fused.onnx"
 U = 2.0**-24  # float32 unit roundoff
 
 pytestmark = pytest.mark.slow
@@ -221,20 +223,45 @@ def io_opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-@pytest.mark.skipif(
-    not FMNIST.is_file(), reason="models/fashion_mnist/fmnist_resnet.onnx not committed yet"
-)
-@pytest.mark.parametrize("threads", [1, 2, 4])
-def test_fashion_mnist_resnet_every_layer_exact(tmp_path: Path, threads: int) -> None:
-    model = onnx.load(FMNIST)
-    (inp,) = [
-        i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
-    ]
-    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
-    x = np.random.default_rng(0).uniform(-1, 1, [48, *shape[1:]]).astype(np.float32)
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, **{inp.name: x})
-    sim = _transform(
-        FMNIST, calib, tmp_path / "fm.nbsmt.onnx", threads, export="both" if threads == 1 else "sim"
+@pytest.fixture(scope="module")
+def fmnist_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Real Fashion-MNIST calibration/test images (Debian dataset-fashion-mnist, via models/)."""
+    out = tmp_path_factory.mktemp("fmnist_data")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "models" / "fashion_mnist" / "data.py"),
+            "--out",
+            str(out),
+            "--num-calib",
+            "48",
+            "--num-eval",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    assert _check_layers(sim, {inp.name: x[:4]}, check_qdq=threads == 1) > 0
+    assert done.returncode == 0, (
+        f"Fashion-MNIST data (apt-get install dataset-fashion-mnist): {done.stderr}"
+    )
+    return out / "calib.npz", out / "eval.npz"
+
+
+@pytest.mark.parametrize("model_file", [FMNIST, FMNIST_FUSED], ids=["bn-kept", "bn-fused"])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_fashion_mnist_resnet_every_layer_exact(
+    tmp_path: Path, fmnist_data: tuple[Path, Path], model_file: Path, threads: int
+) -> None:
+    calib, held_out = fmnist_data
+    sim = _transform(
+        model_file,
+        calib,
+        tmp_path / "fm.nbsmt.onnx",
+        threads,
+        export="both" if threads == 1 else "sim",
+    )
+    feed = {"input": np.load(held_out)["input"][:4]}
+    assert _check_layers(sim, feed, check_qdq=threads == 1) == sum(
+        n.op_type in ("Conv", "Gemm", "MatMul") for n in onnx.load(model_file).graph.node
+    )
