@@ -404,7 +404,7 @@ def inspect_command(model: Path, **kw: Any) -> None:
         click.echo(f"  {bn.name}  {after}: {bn.note}")
 
 
-def _csv_list(value: str, name: str, cast: type = str) -> tuple:  # type: ignore[type-arg]
+def _csv_list(value: str, name: str, cast: type = str) -> tuple[Any, ...]:
     try:
         return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
     except ValueError:
