@@ -212,3 +212,25 @@ def reference_run(
     return ReferenceEvaluator(model, new_ops=[BatchNormalization, *REFERENCE_OPS]).run(
         outputs, feed
     )
+
+
+def conv_bn_relu_input3(seed: int = 0) -> onnx.ModelProto:
+    """:func:`conv_bn_relu` with a 3-channel 8x8 input (the shape the e2e helpers feed)."""
+    r = rng(seed)
+    inits = {
+        "w1": r.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32),
+        "gamma": r.uniform(0.5, 1.5, 4).astype(np.float32),
+        "beta": r.normal(0, 0.1, 4).astype(np.float32),
+        "mean": r.normal(0, 0.1, 4).astype(np.float32),
+        "var": r.uniform(0.5, 2.0, 4).astype(np.float32),
+        "w2": r.normal(0, 0.5, (3, 4, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn1"], name="bn1"
+        ),
+        helper.make_node("Relu", ["bn1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
+    ]
+    return make_model(nodes, [value("x", ["N", 3, 8, 8])], [value("y", ["N", 3, 8, 8])], inits)

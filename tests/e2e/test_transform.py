@@ -340,3 +340,71 @@ def test_console_script_subprocess(tmp_path: Path, nbsmt_library: str) -> None:
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "NBSMT_ONNX_LIBRARY" in errors[0] and "Traceback" not in done.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_image_folder_with_preprocessing_flags(tmp_path: Path) -> None:
+    image = pytest.importorskip("PIL.Image")
+    model, _, _ = _setup(tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "img.onnx"
+    args = [
+        "transform",
+        model,
+        "-o",
+        out,
+        "--calib",
+        folder,
+        "--resize",
+        "9",
+        "--center-crop",
+        "8x8",
+    ]
+    args += [
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.25",
+        "--channel-order",
+        "BGR",
+        "--report",
+        tmp_path / "r.json",
+    ]
+    result = _cli(*args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["calibration_data"]["samples"] == 6
+    # (x/255 - 0.5) / 0.25 spans [-2, 2]: the first layer's input is signed, range within it
+    first = report["layers"][0]
+    assert (
+        first["activation_signed"] is True
+        and -2.0 <= first["activation_range"][0] < 0 < first["activation_range"][1] <= 2.0
+    )
+    result = _cli("transform", model, "-o", tmp_path / "bad.onnx", "--calib", folder)
+    assert result.exit_code == 2 and "(resize images with --resize/--center-crop)" in result.output
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_percentile_estimator_and_random_skips_recalibration(tmp_path: Path) -> None:
+    model, _, _ = _setup(tmp_path, tm.conv_bn_relu_input3)
+    result = _cli(
+        "transform",
+        model,
+        "--calib",
+        "random",
+        "--recalibrate",
+        "--range-estimator",
+        "percentile",
+        "--percentile",
+        "99.9",
+        "--report",
+        tmp_path / "r.json",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["settings"]["ranges"]["estimator"] == "percentile"
+    assert report["recalibration"] == {"skipped": "random calibration data"}
+    assert report["calibration_data"]["random"] is True and report["warnings"]
