@@ -10,6 +10,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
@@ -50,6 +51,7 @@ struct Case {
   double x_zero = 0.5, w_zero = 0.1;
   int kind = 0;  // 0 random mix, 1 saturated, 2 all-zero x, 3 all-zero w
   int parallel = 0;  // 0 serial, 1 threads, 2 reversed
+  int entry = 0;     // 0 accumulate(), 1 prepared weights + rows in memory, 2 + RowSource
   bool stats = true;
   uint64_t seed = 0;
 };
@@ -59,10 +61,11 @@ std::string describe(const Case& c) {
   std::snprintf(buf, sizeof buf,
                 "T=%d reduce=%s act_signed=%d P=%" PRId64 " M=%" PRId64 " steps=%" PRId64
                 " x_pad=%" PRId64 " w_pad=%" PRId64
-                " col_major=%d x_zero=%.2f w_zero=%.2f kind=%d parallel=%d stats=%d seed=%" PRIu64,
+                " col_major=%d x_zero=%.2f w_zero=%.2f kind=%d parallel=%d entry=%d stats=%d"
+                " seed=%" PRIu64,
                 c.cfg.threads, c.cfg.reduce == Reduce::kActivations ? "activations" : "weights",
                 c.cfg.act_signed ? 1 : 0, c.P, c.M, c.steps, c.x_pad, c.w_pad, c.col_major ? 1 : 0,
-                c.x_zero, c.w_zero, c.kind, c.parallel, c.stats ? 1 : 0, c.seed);
+                c.x_zero, c.w_zero, c.kind, c.parallel, c.entry, c.stats ? 1 : 0, c.seed);
   return buf;
 }
 
@@ -95,6 +98,22 @@ int pick_weight(std::mt19937_64& rng) {
     default: return static_cast<int>(rng() % 255) - 127;
   }
 }
+
+// RowSource over rows in memory that writes only the non-zero elements, so the
+// kernels' zero-filling of the destination is part of what is tested.
+struct SparseRows {
+  const int16_t* x;
+  int64_t stride, K;
+  static void fill(void* ctx, int64_t p0, int64_t p1, int16_t* out) {
+    const auto& s = *static_cast<const SparseRows*>(ctx);
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t k = 0; k < s.K; ++k) {
+        const int16_t v = s.x[p * s.stride + k];
+        if (v != 0) out[(p - p0) * s.K + k] = v;
+      }
+    }
+  }
+};
 
 struct Result {
   bool ok = true;
@@ -142,16 +161,45 @@ Result run_case(const Case& c, const char* kernel) {
   }
   const int64_t ars = c.col_major ? 1 : c.M, acs = c.col_major ? c.P : 1;
   std::vector<int32_t> want(static_cast<size_t>(c.P * c.M)), got(want.size(), 0x5a5a5a5a);
-  SmtStats want_stats, got_stats;
-  want_stats.groups = got_stats.groups = 1000;  // both must *add* to existing counters
-  nbsmt::accumulate_scalar(c.cfg, c.P, c.M, c.steps, x.data(), xs, w.data(), ws, want.data(), ars,
-                           acs, &want_stats);
   nbsmt::Parallel par;
   if (c.parallel == 1) par.run = run_threaded;
   if (c.parallel == 2) par.run = run_reversed;
   if (!nbsmt::force_kernel(kernel)) return {false, std::string("cannot force kernel ") + kernel};
-  nbsmt::accumulate(c.cfg, c.P, c.M, c.steps, x.data(), xs, w.data(), ws, got.data(), ars, acs,
-                    c.stats ? &got_stats : nullptr, par);
+  if (c.entry == 0 && K > 0) {
+    // accumulate() reuses prepared weights while the weight bytes are unchanged:
+    // run once, change one weight in place (same pointer), and expect the new result.
+    nbsmt::accumulate(c.cfg, c.P, c.M, c.steps, x.data(), xs, w.data(), ws, got.data(), ars, acs,
+                      nullptr, par);
+    int8_t& v = w[(rng() % static_cast<uint64_t>(c.M)) * ws + rng() % static_cast<uint64_t>(K)];
+    v = static_cast<int8_t>(v == 0 ? 100 : (v == 127 ? 0 : -v));
+  }
+  SmtStats want_stats, got_stats;
+  want_stats.groups = got_stats.groups = 1000;  // both must *add* to existing counters
+  nbsmt::accumulate_scalar(c.cfg, c.P, c.M, c.steps, x.data(), xs, w.data(), ws, want.data(), ars,
+                           acs, &want_stats);
+  SmtStats* gs = c.stats ? &got_stats : nullptr;
+  if (c.entry == 0) {
+    nbsmt::accumulate(c.cfg, c.P, c.M, c.steps, x.data(), xs, w.data(), ws, got.data(), ars, acs,
+                      gs, par);
+  } else {
+    const auto pw = nbsmt::prepare_weights(c.cfg, c.M, c.steps, w.data(), ws, par);
+    std::fill(w.begin(), w.end(), int8_t{99});  // prepared weights must not refer to w
+    SparseRows rows{x.data(), xs, K};
+    const nbsmt::RowSource source{&rows, SparseRows::fill};
+    if (c.entry == 1) {
+      nbsmt::accumulate_prepared(*pw, c.P, x.data(), xs, got.data(), ars, acs, gs, par);
+    } else {
+      nbsmt::accumulate_prepared(*pw, c.P, source, got.data(), ars, acs, gs, par);
+    }
+    // The same prepared weights again, rows the other way: identical results.
+    std::vector<int32_t> again(got.size(), 0x3c3c3c3c);
+    if (c.entry == 1) {
+      nbsmt::accumulate_prepared(*pw, c.P, source, again.data(), ars, acs, nullptr, par);
+    } else {
+      nbsmt::accumulate_prepared(*pw, c.P, x.data(), xs, again.data(), ars, acs, nullptr, par);
+    }
+    if (again != got) return {false, "second use of the prepared weights differs"};
+  }
   Result res;
   for (int64_t p = 0; p < c.P && res.ok; ++p) {
     for (int64_t m = 0; m < c.M; ++m) {
@@ -226,6 +274,7 @@ Case random_case(std::mt19937_64& rng, uint64_t seed) {
   const int k = static_cast<int>(rng() % 20);
   c.kind = k == 0 ? 1 : k == 1 ? 2 : k == 2 ? 3 : 0;
   c.parallel = static_cast<int>(rng() % 3);
+  c.entry = static_cast<int>(rng() % 3);
   c.stats = rng() % 4 != 0;
   return c;
 }
