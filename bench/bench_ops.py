@@ -100,8 +100,12 @@ def _weights(layer: Layer, rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], x_shape: tuple[int, ...],
-           custom: bool) -> onnx.ModelProto:
+def _model(
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    x_shape: tuple[int, ...],
+    custom: bool,
+) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x_shape))
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
     graph = helper.make_graph(nodes, "bench", [x], [y], inits)
@@ -117,8 +121,14 @@ def float_model(layer: Layer, w: np.ndarray) -> onnx.ModelProto:
         node = helper.make_node("MatMul", ["X", "W"], ["Y"])
     else:
         p = layer.pad
-        node = helper.make_node("Conv", ["X", "W"], ["Y"], kernel_shape=[layer.kernel] * 2,
-                                pads=[p, p, p, p], strides=[layer.stride] * 2)
+        node = helper.make_node(
+            "Conv",
+            ["X", "W"],
+            ["Y"],
+            kernel_shape=[layer.kernel] * 2,
+            pads=[p, p, p, p],
+            strides=[layer.stride] * 2,
+        )
     return _model([node], [numpy_helper.from_array(w, "W")], layer.input_shape(), custom=False)
 
 
@@ -144,13 +154,21 @@ def smt_model(layer: Layer, q: Quantized, case: SmtCase) -> onnx.ModelProto:
         numpy_helper.from_array(q.w_scale, "w_scale"),
     ]
     if layer.kind == "matmul":
-        node = helper.make_node(schema.MATMUL, ["X", "Wq", "x_scale", "w_scale"], ["Y"],
-                                domain=schema.DOMAIN, **attrs)
+        node = helper.make_node(
+            schema.MATMUL, ["X", "Wq", "x_scale", "w_scale"], ["Y"], domain=schema.DOMAIN, **attrs
+        )
     else:
         p = layer.pad
-        node = helper.make_node(schema.CONV, ["X", "Wq", "x_scale", "w_scale"], ["Y"],
-                                domain=schema.DOMAIN, kernel_shape=[layer.kernel] * 2,
-                                pads=[p, p, p, p], strides=[layer.stride] * 2, **attrs)
+        node = helper.make_node(
+            schema.CONV,
+            ["X", "Wq", "x_scale", "w_scale"],
+            ["Y"],
+            domain=schema.DOMAIN,
+            kernel_shape=[layer.kernel] * 2,
+            pads=[p, p, p, p],
+            strides=[layer.stride] * 2,
+            **attrs,
+        )
     return _model([node], inits, layer.input_shape(), custom=True)
 
 
@@ -179,20 +197,34 @@ def reference_seconds(layer: Layer, q: Quantized, x: np.ndarray, case: SmtCase) 
     xs = x[:rows]
     t0 = time.perf_counter()
     if layer.kind == "matmul":
-        reference.nbsmt_matmul(xs, q.wq[:, :outs], q.x_scale, q.w_scale[:outs],
-                               threads=case.threads, reduce=case.reduce)
+        reference.nbsmt_matmul(
+            xs,
+            q.wq[:, :outs],
+            q.x_scale,
+            q.w_scale[:outs],
+            threads=case.threads,
+            reduce=case.reduce,
+        )
     else:
         p = layer.pad
-        reference.nbsmt_conv(xs, q.wq[:outs], q.x_scale, q.w_scale[:outs],
-                             kernel_shape=[layer.kernel] * 2, pads=[p, p, p, p],
-                             strides=[layer.stride] * 2, threads=case.threads,
-                             reduce=case.reduce)
+        reference.nbsmt_conv(
+            xs,
+            q.wq[:outs],
+            q.x_scale,
+            q.w_scale[:outs],
+            kernel_shape=[layer.kernel] * 2,
+            pads=[p, p, p, p],
+            strides=[layer.stride] * 2,
+            threads=case.threads,
+            reduce=case.reduce,
+        )
     seconds = time.perf_counter() - t0
     return seconds * (layer.batch / rows) * (layer.outputs / outs)
 
 
-def bench_layer(layer: Layer, threads: int, reps: int, with_reference: bool,
-                rng: np.random.Generator) -> dict[str, float]:
+def bench_layer(
+    layer: Layer, threads: int, reps: int, with_reference: bool, rng: np.random.Generator
+) -> dict[str, float]:
     w = _weights(layer, rng)
     x = relu_like(layer.input_shape(), rng)
     q = quantize(layer, w, x)
@@ -211,8 +243,13 @@ def bench_layer(layer: Layer, threads: int, reps: int, with_reference: bool,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                        help="intra-op thread counts (default: 1 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="intra-op thread counts (default: 1 2)",
+    )
     parser.add_argument("--reps", type=int, default=7, help="timed runs per operator")
     parser.add_argument("--all", action="store_true", help="also the strided and 1x1 layers")
     parser.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
@@ -221,11 +258,16 @@ def main() -> int:
 
     layers = LAYERS + (EXTRA_LAYERS if args.all else [])
     rng = np.random.default_rng(args.seed)
-    print("NB-SMT ops vs ONNX Runtime float32 (same shapes, same intra-op threads);"
-          " median of", args.reps, "runs; ratio = NB-SMT time / float time")
+    print(
+        "NB-SMT ops vs ONNX Runtime float32 (same shapes, same intra-op threads); median of",
+        args.reps,
+        "runs; ratio = NB-SMT time / float time",
+    )
     if not args.no_reference:
-        print("NumPy reference: timed on batch 1 (MatMul: 16 rows) and 8 output channels,"
-              " scaled by rows x output channels; 'vs ref' = reference time / NB-SMT time")
+        print(
+            "NumPy reference: timed on batch 1 (MatMul: 16 rows) and 8 output channels,"
+            " scaled by rows x output channels; 'vs ref' = reference time / NB-SMT time"
+        )
     misses: list[str] = []
     for threads in args.threads:
         header = f"{'threads=' + str(threads):<28}{'float ms':>9}"
@@ -245,14 +287,18 @@ def main() -> int:
                 ratio = t / base
                 line += f"{t * 1e3:>12.2f} ({ratio:4.1f}x)"
                 if ratio > TARGETS[case.threads]:
-                    misses.append(f"{layer.name} threads={threads} {case.label}: {ratio:.1f}x "
-                                  f"> {TARGETS[case.threads]}x")
+                    misses.append(
+                        f"{layer.name} threads={threads} {case.label}: {ratio:.1f}x "
+                        f"> {TARGETS[case.threads]}x"
+                    )
                 if not args.no_reference:
                     speedup = res["ref " + case.label] / t
                     worst_ref = min(worst_ref, speedup)
                     if speedup < REFERENCE_SPEEDUP_TARGET:
-                        misses.append(f"{layer.name} threads={threads} {case.label}: only "
-                                      f"{speedup:.0f}x faster than the NumPy reference")
+                        misses.append(
+                            f"{layer.name} threads={threads} {case.label}: only "
+                            f"{speedup:.0f}x faster than the NumPy reference"
+                        )
             if not args.no_reference:
                 line += f"{worst_ref:>11.0f}x"
             print(line, flush=True)

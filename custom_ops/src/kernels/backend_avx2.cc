@@ -1,7 +1,272 @@
-// AVX2 implementation of the per-ISA pieces (engine.h). (placeholder: generic)
+// AVX2 implementation of the per-ISA pieces (engine.h), for x86-64 CPUs without
+// AVX-512 VNNI. Same packed byte layouts as the other backends; the u8 x s8
+// four-way dot product is emulated exactly: bytes are widened to int16 and
+// multiplied pairwise with vpmaddwd (|a * b| <= 255 * 128, pair sums fit int32),
+// accumulating (k0 k1) and (k2 k3) partial sums per column that are added once
+// at the end. Pieces that are not hot (weight preparation, statistics) use the
+// portable versions.
 #include "engine.h"
-namespace nbsmt { namespace detail {
+
 #if defined(__x86_64__) || defined(_M_X64)
-const Backend& avx2_backend() { return generic_backend(); }
-#endif
-}}
+#include <immintrin.h>
+
+#include <cstring>
+
+#define NBSMT_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
+#define NBSMT_AVX2_INLINE __attribute__((target("avx2,fma,bmi,bmi2,popcnt"), always_inline)) inline
+
+namespace nbsmt {
+namespace detail {
+
+namespace {
+
+// R(v) on 16 int16 lanes (same formula as the AVX-512 backend).
+NBSMT_AVX2_INLINE __m256i reduce16(__m256i v, bool is_signed) {
+  const __m256i odd = _mm256_and_si256(_mm256_srai_epi16(v, 4), _mm256_set1_epi16(1));
+  __m256i q = _mm256_srai_epi16(_mm256_add_epi16(_mm256_add_epi16(v, _mm256_set1_epi16(7)), odd), 4);
+  if (is_signed) {
+    q = _mm256_max_epi16(_mm256_min_epi16(q, _mm256_set1_epi16(7)), _mm256_set1_epi16(-8));
+    const __m256i keep = _mm256_and_si256(_mm256_cmpgt_epi16(v, _mm256_set1_epi16(-9)),
+                                          _mm256_cmpgt_epi16(_mm256_set1_epi16(8), v));
+    return _mm256_blendv_epi8(_mm256_slli_epi16(q, 4), v, keep);
+  }
+  q = _mm256_min_epi16(q, _mm256_set1_epi16(15));
+  const __m256i keep = _mm256_cmpgt_epi16(_mm256_set1_epi16(16), v);
+  return _mm256_blendv_epi8(_mm256_slli_epi16(q, 4), v, keep);
+}
+
+// int16 lanes -> bytes (truncating), 16 lanes -> 16 bytes.
+NBSMT_AVX2_INLINE __m128i to_bytes(__m256i v) {
+  const __m256i lowbytes = _mm256_and_si256(v, _mm256_set1_epi16(0xff));
+  return _mm_packus_epi16(_mm256_castsi256_si128(lowbytes), _mm256_extracti128_si256(lowbytes, 1));
+}
+
+// ---- dense ------------------------------------------------------------------
+
+NBSMT_AVX2 void dense_transform(const Plan& plan, int64_t b, const int16_t* x, int64_t x_stride,
+                                int64_t nrows, uint8_t* a, int64_t lda) {
+  const int T = plan.T;
+  const int64_t seg = plan.seg_bytes(b);
+  const int64_t n = T * plan.block_len(b);
+  const bool sgn = plan.cfg.act_signed;
+  const bool act = plan.cfg.reduce == Reduce::kActivations;
+  const __m256i off0 = _mm256_set1_epi16(static_cast<int16_t>(plan.x_offset[0]));
+  const __m256i off1 = _mm256_set1_epi16(static_cast<int16_t>(plan.x_offset[1]));
+  const __m256i zero = _mm256_setzero_si256();
+  alignas(32) int16_t tail[16];
+  alignas(16) uint8_t bytes[16];
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int16_t* xr = x + r * x_stride + plan.block_step0(b) * T;
+    uint8_t* out = a + r * lda;
+    for (int64_t l = 0; l < seg; l += 16) {
+      __m256i v;
+      if (l + 16 <= n) {
+        v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + l));
+      } else {
+        for (int i = 0; i < 16; ++i) tail[i] = l + i < n ? xr[l + i] : 0;
+        v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+      }
+      const int64_t count = seg - l < 16 ? seg - l : 16;
+      _mm_store_si128(reinterpret_cast<__m128i*>(bytes), to_bytes(_mm256_add_epi16(v, off0)));
+      std::memcpy(out + l, bytes, static_cast<size_t>(count));
+      if (T == 2) {
+        // Partner slot: swap the int16 halves of every dword (steps start even).
+        const __m256i vp = _mm256_or_si256(_mm256_slli_epi32(v, 16), _mm256_srli_epi32(v, 16));
+        const __m256i pnz = _mm256_xor_si256(_mm256_cmpeq_epi16(vp, zero), _mm256_set1_epi16(-1));
+        const __m256i t1 = act ? _mm256_sub_epi16(reduce16(v, sgn), v) : v;
+        const __m256i val = _mm256_add_epi16(_mm256_and_si256(t1, pnz), off1);
+        _mm_store_si128(reinterpret_cast<__m128i*>(bytes), to_bytes(val));
+        std::memcpy(out + seg + l, bytes, static_cast<size_t>(count));
+      }
+    }
+  }
+}
+
+// Four u8 bytes as int16 (a0 a1 a2 a3) repeated over a ymm.
+NBSMT_AVX2_INLINE __m256i broadcast_u8x4(const uint8_t* p) {
+  int32_t d;
+  std::memcpy(&d, p, 4);
+  return _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(d)));
+}
+NBSMT_AVX2_INLINE __m256i broadcast_s8x4(int32_t d) {
+  return _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(d)));
+}
+
+// Pair sums (k0 k1, k2 k3) of columns 0-3 (lo) and 4-7 (hi) -> 8 column sums.
+NBSMT_AVX2_INLINE __m256i finish8(__m256i lo, __m256i hi) {
+  return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xd8);
+}
+
+// MR rows x 8 columns (one ymm of 32 bytes per kq); panel row stride W * 4 bytes.
+template <int MR>
+NBSMT_AVX2 void dense_micro(int64_t kq, const uint8_t* a, int64_t lda, const uint8_t* panel,
+                            int64_t row_bytes, int32_t* c, int64_t ldc, bool first) {
+  __m256i lo[MR], hi[MR];
+  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+  for (int64_t q = 0; q < kq; ++q) {
+    const __m256i bb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * row_bytes));
+    const __m256i b_lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bb));
+    const __m256i b_hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bb, 1));
+    for (int r = 0; r < MR; ++r) {
+      const __m256i av = broadcast_u8x4(a + r * lda + 4 * q);
+      lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(av, b_lo));
+      hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(av, b_hi));
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    __m256i sum = finish8(lo[r], hi[r]);
+    __m256i* dst = reinterpret_cast<__m256i*>(c + r * ldc);
+    if (!first) sum = _mm256_add_epi32(sum, _mm256_loadu_si256(dst));
+    _mm256_storeu_si256(dst, sum);
+  }
+}
+
+NBSMT_AVX2 void dense_gemm(int64_t kq, const uint8_t* a, int64_t lda, int64_t nrows,
+                           const uint8_t* panel, int nv, int32_t* c, int64_t ldc, bool first) {
+  const int64_t row_bytes = static_cast<int64_t>(nv) * 64;
+  for (int64_t g = 0; g < 2 * nv; ++g) {  // groups of 8 columns
+    const uint8_t* pg = panel + g * 32;
+    int32_t* cg = c + g * 8;
+    int64_t r = 0;
+    for (; r + 4 <= nrows; r += 4) dense_micro<4>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first);
+    for (; r < nrows; ++r) dense_micro<1>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first);
+  }
+}
+
+// ---- gather -----------------------------------------------------------------
+
+// See backend_avx512.cc: pshufb controls per (dword d, w pattern bw).
+struct ExpandLuts {
+  alignas(32) uint32_t ctrl_w[2][kGatherDwords][16];
+  alignas(32) uint32_t ctrl_r[2][kGatherDwords][16];
+};
+
+const ExpandLuts& expand_luts() {
+  static const ExpandLuts luts = [] {
+    ExpandLuts l{};
+    for (int mode = 0; mode < 2; ++mode) {
+      const GatherSelectors& g =
+          gather_selectors(mode == 0 ? Reduce::kActivations : Reduce::kWeights);
+      for (int d = 0; d < kGatherDwords; ++d) {
+        for (int bw = 0; bw < 16; ++bw) {
+          uint32_t cw = 0, cr = 0;
+          for (int i = 0; i < 4; ++i) {
+            const int code = g.sel[bw][d * 4 + i];
+            const uint32_t wb = code >= 1 && code <= 4 ? static_cast<uint32_t>(code - 1) : 0x80;
+            const uint32_t rb = code >= 5 ? static_cast<uint32_t>(code - 5) : 0x80;
+            cw |= wb << (8 * i);
+            cr |= rb << (8 * i);
+          }
+          l.ctrl_w[mode][d][bw] = cw;
+          l.ctrl_r[mode][d][bw] = cr;
+        }
+      }
+    }
+    return l;
+  }();
+  return luts;
+}
+
+// Dword lanes picked from a 16-entry table by bw (0..15) in every lane.
+NBSMT_AVX2_INLINE __m256i lookup16(const uint32_t* table, __m256i bw, __m256i high) {
+  const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(table)), bw);
+  const __m256i hi = _mm256_permutevar8x32_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(table + 8)), bw);
+  return _mm256_blendv_epi8(lo, hi, high);
+}
+
+NBSMT_AVX2 void gather_expand(const Plan& plan, const uint8_t* source, int64_t s0, int64_t len,
+                              int nv, uint8_t* slice) {
+  const int64_t W4 = static_cast<int64_t>(nv) * 64;
+  const ExpandLuts& luts = expand_luts();
+  const int mode = plan.cfg.reduce == Reduce::kActivations ? 0 : 1;
+  const __m256i lane_base = _mm256_set_epi32(0x0c0c0c0c, 0x08080808, 0x04040404, 0, 0x0c0c0c0c,
+                                             0x08080808, 0x04040404, 0);
+  const __m256i flip = _mm256_set1_epi8(plan.cfg.act_signed ? static_cast<char>(0x80) : 0);
+  for (int64_t s = 0; s < len; ++s) {
+    const uint8_t* src = source + (s0 + s) * 3 * W4;
+    uint8_t* dst = slice + s * kGatherDwords * W4;
+    for (int64_t v = 0; v < 2 * nv; ++v) {  // 8 columns at a time
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + v * 32));
+      const __m256i rv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + W4 + v * 32));
+      const __m256i bw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * W4 + v * 32));
+      const __m256i high = _mm256_cmpgt_epi32(bw, _mm256_set1_epi32(7));
+      for (int d = 0; d < kGatherDwords; ++d) {
+        const __m256i cw = _mm256_add_epi8(lookup16(luts.ctrl_w[mode][d], bw, high), lane_base);
+        const __m256i cr = _mm256_add_epi8(lookup16(luts.ctrl_r[mode][d], bw, high), lane_base);
+        const __m256i out = _mm256_or_si256(_mm256_shuffle_epi8(wv, cw), _mm256_shuffle_epi8(rv, cr));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d * W4 + v * 32),
+                            _mm256_xor_si256(out, flip));
+      }
+    }
+  }
+}
+
+// 16 columns (two groups of 8) of one row.
+template <bool SIGNED>
+NBSMT_AVX2 void gather_micro16(const GatherEntry* e, int64_t n, const uint8_t* slice,
+                               int64_t row_bytes, int32_t* c, bool first) {
+  __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* row = slice + static_cast<int64_t>(e[i].index) * row_bytes;
+    const __m256i t0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+    const __m256i t1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
+    __m256i d, a0, b0, a1, b1;
+    if (SIGNED) {  // entries s8, table u8
+      d = broadcast_s8x4(e[i].bytes);
+      a0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(t0));
+      b0 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(t0, 1));
+      a1 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(t1));
+      b1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(t1, 1));
+    } else {  // entries u8, table s8
+      d = broadcast_u8x4(reinterpret_cast<const uint8_t*>(&e[i].bytes));
+      a0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(t0));
+      b0 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(t0, 1));
+      a1 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(t1));
+      b1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(t1, 1));
+    }
+    lo0 = _mm256_add_epi32(lo0, _mm256_madd_epi16(d, a0));
+    hi0 = _mm256_add_epi32(hi0, _mm256_madd_epi16(d, b0));
+    lo1 = _mm256_add_epi32(lo1, _mm256_madd_epi16(d, a1));
+    hi1 = _mm256_add_epi32(hi1, _mm256_madd_epi16(d, b1));
+  }
+  __m256i s0 = finish8(lo0, hi0), s1 = finish8(lo1, hi1);
+  __m256i* dst = reinterpret_cast<__m256i*>(c);
+  if (!first) {
+    s0 = _mm256_add_epi32(s0, _mm256_loadu_si256(dst));
+    s1 = _mm256_add_epi32(s1, _mm256_loadu_si256(dst + 1));
+  }
+  _mm256_storeu_si256(dst, s0);
+  _mm256_storeu_si256(dst + 1, s1);
+}
+
+NBSMT_AVX2 void gather_gemm(const GatherEntry* e, int64_t n, const uint8_t* slice, int nv,
+                            bool act_signed, int32_t* c, bool first) {
+  const int64_t row_bytes = static_cast<int64_t>(nv) * 64;
+  for (int v = 0; v < nv; ++v) {
+    if (act_signed) {
+      gather_micro16<true>(e, n, slice + v * 64, row_bytes, c + v * 16, first);
+    } else {
+      gather_micro16<false>(e, n, slice + v * 64, row_bytes, c + v * 16, first);
+    }
+  }
+}
+
+}  // namespace
+
+const Backend& avx2_backend() {
+  static const Backend be{Isa::kAvx2,
+                          dense_transform,
+                          generic_dense_weight_row,
+                          dense_gemm,
+                          generic_gather_weight_column,
+                          generic_gather_entries,
+                          gather_expand,
+                          gather_gemm,
+                          generic_stats_rows};
+  return be;
+}
+
+}  // namespace detail
+}  // namespace nbsmt
+
+#endif  // x86-64

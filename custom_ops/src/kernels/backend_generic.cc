@@ -28,7 +28,9 @@ void dense_transform(const Plan& plan, int64_t b, const int16_t* x, int64_t x_st
   }
 }
 
-int32_t dense_weight_row(const Plan& plan, int64_t b, const int8_t* w, int8_t* out) {
+}  // namespace
+
+int32_t generic_dense_weight_row(const Plan& plan, int64_t b, const int8_t* w, int8_t* out) {
   const int T = plan.T;
   const int64_t seg = plan.seg_bytes(b);
   const int64_t n = T * plan.block_len(b);
@@ -44,6 +46,8 @@ int32_t dense_weight_row(const Plan& plan, int64_t b, const int8_t* w, int8_t* o
   }
   return static_cast<int32_t>(corr);
 }
+
+namespace {
 
 void dense_gemm(int64_t kq, const uint8_t* a, int64_t lda, int64_t nrows, const uint8_t* panel,
                 int nv, int32_t* c, int64_t ldc, bool first) {
@@ -65,8 +69,10 @@ void dense_gemm(int64_t kq, const uint8_t* a, int64_t lda, int64_t nrows, const 
   }
 }
 
-int64_t gather_entries(const Plan& plan, int64_t b, const int16_t* x, GatherEntry* out,
-                       int32_t* byte_sum) {
+}  // namespace
+
+int64_t generic_gather_entries(const Plan& plan, int64_t b, const int16_t* x, GatherEntry* out,
+                               int32_t* byte_sum) {
   const bool sgn = plan.cfg.act_signed;
   const int64_t s0 = plan.block_step0(b);
   const int64_t s1 = s0 + plan.block_len(b);
@@ -102,7 +108,7 @@ int64_t gather_entries(const Plan& plan, int64_t b, const int16_t* x, GatherEntr
   return n;
 }
 
-void gather_weight_column(const Plan& plan, const int8_t* w, int64_t W, uint8_t* dst) {
+void generic_gather_weight_column(const Plan& plan, const int8_t* w, int64_t W, uint8_t* dst) {
   for (int64_t s = 0; s < plan.steps; ++s) {
     uint8_t* d = dst + s * 3 * W * 4;
     int32_t bw = 0;
@@ -115,6 +121,8 @@ void gather_weight_column(const Plan& plan, const int8_t* w, int64_t W, uint8_t*
     std::memcpy(d + 2 * W * 4, &bw, 4);
   }
 }
+
+namespace {
 
 void gather_expand(const Plan& plan, const uint8_t* source, int64_t s0, int64_t len, int nv,
                    uint8_t* slice) {
@@ -172,9 +180,15 @@ void gather_gemm(const GatherEntry* e, int64_t n, const uint8_t* table, int nv, 
 }  // namespace
 
 const Backend& generic_backend() {
-  static const Backend be{Isa::kGeneric,      dense_transform, dense_weight_row,
-                          dense_gemm,          gather_weight_column, gather_entries,
-                          gather_expand,       gather_gemm,      generic_stats_rows};
+  static const Backend be{Isa::kGeneric,
+                          dense_transform,
+                          generic_dense_weight_row,
+                          dense_gemm,
+                          generic_gather_weight_column,
+                          generic_gather_entries,
+                          gather_expand,
+                          gather_gemm,
+                          generic_stats_rows};
   return be;
 }
 

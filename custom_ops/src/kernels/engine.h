@@ -207,6 +207,12 @@ struct GatherSelectors {
 };
 const GatherSelectors& gather_selectors(Reduce reduce);
 
+// Portable pieces other backends reuse (backend_generic.cc).
+int32_t generic_dense_weight_row(const Plan& plan, int64_t b, const int8_t* w, int8_t* out);
+void generic_gather_weight_column(const Plan& plan, const int8_t* w, int64_t W, uint8_t* dst);
+int64_t generic_gather_entries(const Plan& plan, int64_t b, const int16_t* x, GatherEntry* out,
+                               int32_t* byte_sum);
+
 // Statistics summary of the w side (stats.cc) and the generic per-row counters.
 StatsSummary make_stats_summary(const Plan& plan, const int8_t* w, int64_t w_stride,
                                 const Parallel& parallel);
