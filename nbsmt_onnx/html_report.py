@@ -106,16 +106,46 @@ def _short(name: str, limit: int = 42) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
 
 
+def _colours(n: int) -> list[Any]:
+    """Distinct colours for n series (tab10, or tab20 beyond ten)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _legend_below(fig: Any, ax: Any, count: int) -> None:
+    """One legend for the figure, under the plots (never over the data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    ncols = min(count, 4)
+    try:  # matplotlib >= 3.7: constrained layout reserves room for it
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=8)
+    except ValueError:
+        ax.legend(handles, labels, fontsize=7)
+
+
+def _palette(names: Sequence[str]) -> dict[str, Any]:
+    """One colour per series name, so a row has the same colour in every plot."""
+    return dict(zip(names, _colours(len(names)), strict=True))
+
+
 def _grouped_barh(
-    ax: Any, labels: Sequence[str], series: Sequence[tuple[str, Sequence[float | None]]]
+    ax: Any,
+    labels: Sequence[str],
+    series: Sequence[tuple[str, Sequence[float | None]]],
+    palette: Mapping[str, Any] | None = None,
 ) -> None:
     """Horizontal grouped bars: one group per label (top to bottom), one bar per series."""
     k = max(1, len(series))
     height = 0.8 / k
+    colours = _colours(k)
     for j, (_name, values) in enumerate(series):
+        colour = palette[_name] if palette and _name in palette else colours[j]
         ys = [i + (j - (k - 1) / 2) * height for i in range(len(labels))]
         vals = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
-        ax.barh(ys, vals, height=height, label=_name)
+        ax.barh(ys, vals, height=height, label=_name, color=colour)
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels([_short(n) for n in labels], fontsize=7)
     ax.invert_yaxis()
@@ -123,7 +153,9 @@ def _grouped_barh(
 
 
 def _layer_stats_plot(
-    layers: Sequence[str], series: Mapping[str, Mapping[str, Mapping[str, Any]]]
+    layers: Sequence[str],
+    series: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    palette: Mapping[str, Any] | None = None,
 ) -> str:
     """MAC utilization / collision rate / squeezed operands per layer, one bar per variant."""
     fields = (
@@ -132,6 +164,7 @@ def _layer_stats_plot(
         ("squeezed_operand_fraction", "squeezed operands"),
     )
     height = max(3.0, 0.18 * len(layers) * max(1.0, len(series) / 2) + 1.2)
+    height += 0.22 * math.ceil(len(series) / 4)  # the legend
     fig = _figure(11.5, height)
     axes = fig.subplots(1, 3, sharey=True)
     for ax, (key, title) in zip(axes, fields, strict=True):
@@ -139,46 +172,56 @@ def _layer_stats_plot(
             (name, [_num(per.get(layer, {}).get(key)) for layer in layers])
             for name, per in series.items()
         ]
-        _grouped_barh(ax, layers, data)
+        _grouped_barh(ax, layers, data, palette)
         ax.set_title(title, fontsize=10)
         ax.set_xlim(0, 1)
-    axes[0].legend(fontsize=7, loc="lower right")
+    _legend_below(fig, axes[0], len(series))
     return _png(fig, "per-layer MAC utilization, collision rate and squeezed operands")
 
 
-def _sqnr_plot(layers: Sequence[str], series: Mapping[str, Sequence[float | None]]) -> str:
-    fig = _figure(11.5, 4.6)
+def _sqnr_plot(
+    layers: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    palette: Mapping[str, Any] | None = None,
+) -> str:
+    fig = _figure(11.5, 4.6 + 0.22 * math.ceil(len(series) / 4))
     ax = fig.subplots()
     xs = list(range(len(layers)))
-    for name, values in series.items():
+    colours = _colours(len(series))
+    for j, (name, values) in enumerate(series.items()):
+        colour = palette[name] if palette and name in palette else colours[j]
         ys = [v if v is not None and math.isfinite(v) else math.nan for v in values]
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=name)
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=name, color=colour)
     ax.set_xticks(xs)
     ax.set_xticklabels([_short(n, 30) for n in layers], rotation=90, fontsize=6)
     ax.set_ylabel("output SQNR vs int8 (dB)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_below(fig, ax, len(series))
     return _png(fig, "per-layer output SQNR vs int8")
 
 
 def _shift_plot(
-    names: Sequence[str], series: Mapping[str, tuple[list[float | None], list[float | None]]]
+    names: Sequence[str],
+    series: Mapping[str, tuple[list[float | None], list[float | None]]],
+    palette: Mapping[str, Any] | None = None,
 ) -> str:
     height = max(3.0, 0.2 * len(names) * max(1.0, len(series) / 2) + 1.2)
+    height += 0.22 * math.ceil(len(series) / 4)  # the legend
     fig = _figure(11.5, height)
     ax_mean, ax_std = fig.subplots(1, 2, sharey=True)
-    _grouped_barh(ax_mean, names, [(k, v[0]) for k, v in series.items()])
+    _grouped_barh(ax_mean, names, [(k, v[0]) for k, v in series.items()], palette)
     ax_mean.set_title("mean shift (RMS over channels, in old std units)", fontsize=10)
     _grouped_barh(
         ax_std,
         names,
         [(k, [None if r is None else 100.0 * (r - 1.0) for r in v[1]]) for k, v in series.items()],
+        palette,
     )
     ax_std.set_title(
         "std change (%) = 100 (std ratio - 1), geometric mean over channels", fontsize=10
     )
     ax_std.axvline(0.0, color="#444444", linewidth=0.8)
-    ax_mean.legend(fontsize=7, loc="lower right")
+    _legend_below(fig, ax_mean, len(series))
     return _png(fig, "BatchNorm statistic shift per layer")
 
 
@@ -307,7 +350,7 @@ def _layer_order(entries: Sequence[Mapping[str, Any]]) -> list[str]:
     return [str(e["node"]) for e in entries]
 
 
-def _evaluation_layers(result: Mapping[str, Any]) -> str:
+def _evaluation_layers(result: Mapping[str, Any], palette: Mapping[str, Any]) -> str:
     rows = [r for r in result["rows"] if r.get("available", True) and r.get("layers")]
     if not rows:
         return "<h2>Per-layer NB-SMT statistics</h2>" + _na("the result has no NB-SMT rows")
@@ -319,7 +362,7 @@ def _evaluation_layers(result: Mapping[str, Any]) -> str:
         '<p class="meta">MAC utilization = active thread slots / (groups &times; T); collision rate = '
         "(output element, step) pairs with two or more active threads / groups; squeezed operands = "
         "operands changed by the 4-bit reduction / operands of active threads (SPEC §3.4).</p>",
-        _layer_stats_plot(layers, series),
+        _layer_stats_plot(layers, series, palette),
     ]
     # Per-layer output SQNR vs int8
     parts.append("<h2>Per-layer output SQNR vs int8</h2>")
@@ -352,7 +395,7 @@ def _evaluation_layers(result: Mapping[str, Any]) -> str:
             ]
             for r in sqnr_rows
         }
-        parts.append(_sqnr_plot(layers, sq_series))
+        parts.append(_sqnr_plot(layers, sq_series, palette))
         table_rows = [
             [_esc(layer)] + [_esc(_fmt(sq_series[name][i], "db")) for name in sq_series]
             for i, layer in enumerate(layers)
@@ -365,7 +408,10 @@ def _evaluation_layers(result: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
-def _recalibration_section(recals: Sequence[tuple[str, Mapping[str, Any] | None]]) -> str:
+def _recalibration_section(
+    recals: Sequence[tuple[str, Mapping[str, Any] | None]],
+    palette: Mapping[str, Any] | None = None,
+) -> str:
     parts = ["<h2>BatchNorm statistics before / after recalibration</h2>"]
     present = [
         (name, rc) for name, rc in recals if rc and (rc.get("batchnorms") or rc.get("correction"))
@@ -401,7 +447,7 @@ def _recalibration_section(recals: Sequence[tuple[str, Mapping[str, Any] | None]
         parts.append(
             f'<p class="meta">Strategy: {strategy}. Channel-averaged statistics in the table.</p>'
         )
-        parts.append(_shift_plot(bn_names, series))
+        parts.append(_shift_plot(bn_names, series, palette))
         rows = []
         for name, rc in present:
             for b in rc.get("batchnorms") or []:
@@ -447,7 +493,7 @@ def _recalibration_section(recals: Sequence[tuple[str, Mapping[str, Any] | None]
                 [_num(by.get(n, {}).get("std_ratio")) for n in names],
             )
         if names:
-            parts.append(_shift_plot(names, series))
+            parts.append(_shift_plot(names, series, palette))
     return "".join(parts)
 
 
@@ -542,9 +588,10 @@ def _render_evaluation(result: Mapping[str, Any]) -> str:
     if any(_num(r["metrics"].get(key)) is not None for r in available):
         parts.append(_accuracy_plot(available, key, label))
     parts += ["<h2>Pipeline gate</h2>", _gate_section(result)]
-    parts.append(_evaluation_layers(result))
+    palette = _palette([r["name"] for r in result["rows"] if r.get("kind") != "float32"])
+    parts.append(_evaluation_layers(result, palette))
     recals = [(r["name"], r.get("recalibration")) for r in result["rows"] if r.get("recalibrated")]
-    parts.append(_recalibration_section(recals))
+    parts.append(_recalibration_section(recals, palette))
     transform = result.get("transform") or {}
     if transform:
         parts.append("<h2>Quantization</h2>")
