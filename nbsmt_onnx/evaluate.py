@@ -629,7 +629,9 @@ def _source_and_order(data: CalibrationData) -> tuple[Any, list[int] | None]:
     ``_order``); a public read-only ``source`` / ``indices`` is requested
     (see docs/evaluate.md, "Hooks"). Feed iterables have no source (None).
     """
-    source = getattr(data, "source", None) or getattr(data, "_source", None)
+    source = getattr(data, "source", None)
+    if not (hasattr(source, "get") and hasattr(source, "__len__")):
+        source = getattr(data, "_source", None)
     order = getattr(data, "indices", None)
     if order is None:
         order = getattr(data, "_order", None)
@@ -666,6 +668,13 @@ def _open_eval_data(
         "seed": config.eval_seed,
         "images": images,
     }
+    if isinstance(eval_data, CalibrationData):
+        # Already opened (API): keep its draw; labels index its source when it has one.
+        source, order = _source_and_order(eval_data)
+        if source is not None and order is not None:
+            resolved = None if labels is None else load_labels(labels, count=len(source))
+            per_sample = None if resolved is None else resolved.values[np.asarray(order)]
+            return _EvalStream(eval_data, order, per_sample), resolved
     if not isinstance(eval_data, (str, Path, Mapping)):
         # Feeds (an iterable or a callable): taken in order, labels in the same order.
         data = open_calibration_data(

@@ -306,3 +306,22 @@ def test_cli_json_csv_report_and_exit_codes(fm_data: Path, tmp_path: Path) -> No
     # outputs are checked before the run: an existing file without --force is a user error
     res = runner.invoke(main, [*base, "--csv", str(csv_path)])
     assert res.exit_code == 2 and "exists" in res.output
+
+
+def test_python_api_with_feed_dicts_and_label_array(fm_data: Path) -> None:
+    """nbsmt_onnx.evaluate(...) takes feed dicts (in order) with a label array in the same order."""
+    import nbsmt_onnx
+
+    x = np.load(fm_data / "eval.npz")["input"][:30]
+    y = np.load(fm_data / "eval_labels.npy")[:30]
+    feeds = [{"input": x[i : i + 10]} for i in range(0, 30, 10)]
+    result = nbsmt_onnx.evaluate(
+        FMNIST,
+        feeds,
+        {"input": np.load(fm_data / "calib.npz")["input"]},
+        nbsmt_onnx.EvaluateConfig(rows=("float32", "int8"), layer_samples=0),
+        labels=y,
+    )
+    expected = np.mean(np.argmax(_run(onnx.load(FMNIST), x)[0], axis=1) == y)
+    assert result.rows[0].metrics["top1"] == expected
+    assert result.eval_data["samples"] == 30 and result.labels == "array"
