@@ -324,6 +324,15 @@ int main(int argc, char** argv) {
       }
     }
   }
+  for (int T : {1, 2, 4}) {  // an empty reduction: every accumulator is 0
+    Case c;
+    c.cfg.threads = T;
+    c.P = 3;
+    c.M = 5;
+    c.steps = 0;
+    c.seed = 2000 + T;
+    all.push_back(c);
+  }
   std::mt19937_64 rng(seed);
   for (int i = 0; i < cases; ++i) all.push_back(random_case(rng, seed * 1000003ULL + static_cast<uint64_t>(i)));
 
