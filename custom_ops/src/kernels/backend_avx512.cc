@@ -47,7 +47,9 @@ NBSMT_AVX512_INLINE __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
   return acc;
 }
 
+// The first n of 32 lanes (n may be <= 0 or >= 32).
 inline __mmask32 lane_mask(int64_t n) {
+  if (n <= 0) return 0;
   return n >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << n) - 1);
 }
 
