@@ -745,7 +745,7 @@ def with_nbsmt_settings(
 
     This is exactly what ``transform`` would build with those settings (the
     rewrite writes them as node attributes only), without a second
-    calibration pass; ``tests/e2e/test_evaluate.py`` checks the equivalence.
+    calibration pass; ``tests/e2e/test_evaluate_fmnist.py`` checks the equivalence.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
