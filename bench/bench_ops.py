@@ -176,9 +176,11 @@ def relu_like(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     return np.maximum(rng.standard_normal(shape), 0.0).astype(np.float32)
 
 
-def time_interleaved(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median seconds per callable; the callables take turns so that load from
-    other processes affects all of them alike."""
+def time_interleaved(
+    runs: dict[str, Callable[[], object]], reps: int, stat: Callable[[list[float]], float]
+) -> dict[str, float]:
+    """Seconds per callable (``stat`` over ``reps`` runs); the callables take turns
+    so that load from other processes affects all of them alike."""
     for run in runs.values():
         run()  # warm-up: weight packing, thread pool start
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -187,7 +189,7 @@ def time_interleaved(runs: dict[str, Callable[[], object]], reps: int) -> dict[s
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: stat(ts) for name, ts in times.items()}
 
 
 def reference_seconds(layer: Layer, q: Quantized, x: np.ndarray, case: SmtCase) -> float:
@@ -223,7 +225,12 @@ def reference_seconds(layer: Layer, q: Quantized, x: np.ndarray, case: SmtCase) 
 
 
 def bench_layer(
-    layer: Layer, threads: int, reps: int, with_reference: bool, rng: np.random.Generator
+    layer: Layer,
+    threads: int,
+    reps: int,
+    stat: Callable[[list[float]], float],
+    with_reference: bool,
+    rng: np.random.Generator,
 ) -> dict[str, float]:
     w = _weights(layer, rng)
     x = relu_like(layer.input_shape(), rng)
@@ -234,7 +241,7 @@ def bench_layer(
         sessions[case.label] = create_session(smt_model(layer, q, case), opts)
     feeds = {"X": x}
     runs = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
-    result = time_interleaved(runs, reps)
+    result = time_interleaved(runs, reps, stat)
     if with_reference:
         for case in CASES:
             result["ref " + case.label] = reference_seconds(layer, q, x, case)
@@ -251,15 +258,22 @@ def main() -> int:
         help="intra-op thread counts (default: 1 2)",
     )
     parser.add_argument("--reps", type=int, default=7, help="timed runs per operator")
+    parser.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="statistic of the timed runs (min filters out interference from other processes)",
+    )
     parser.add_argument("--all", action="store_true", help="also the strided and 1x1 layers")
     parser.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     layers = LAYERS + (EXTRA_LAYERS if args.all else [])
+    stat: Callable[[list[float]], float] = statistics.median if args.stat == "median" else min
     rng = np.random.default_rng(args.seed)
     print(
-        "NB-SMT ops vs ONNX Runtime float32 (same shapes, same intra-op threads); median of",
+        f"NB-SMT ops vs ONNX Runtime float32 (same shapes, same intra-op threads); {args.stat} of",
         args.reps,
         "runs; ratio = NB-SMT time / float time",
     )
@@ -278,7 +292,7 @@ def main() -> int:
         print()
         print(header)
         for layer in layers:
-            res = bench_layer(layer, threads, args.reps, not args.no_reference, rng)
+            res = bench_layer(layer, threads, args.reps, stat, not args.no_reference, rng)
             base = res["float"]
             line = f"{layer.name:<28}{base * 1e3:>9.2f}"
             worst_ref = float("inf")
