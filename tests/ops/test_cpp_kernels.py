@@ -25,10 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CASES = 500  # random cases per run (each is checked on every kernel implementation)
 
 
-def _tool(name: str) -> str:
+def _which(name: str) -> str | None:
     """``name`` from the running interpreter's environment first (pip's cmake/ninja)."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    found = shutil.which(name, path=path)
+    return shutil.which(name, path=path)
+
+
+def _tool(name: str) -> str:
+    found = _which(name)
     if found is None:
         pytest.fail(f"{name} not found; 'pip install {name}' or install it with apt", pytrace=False)
     return found
@@ -50,9 +54,7 @@ def kernel_tests(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "-DCMAKE_BUILD_TYPE=Release",
         "-DNBSMT_BUILD_TESTS=ON",
     ]
-    ninja = shutil.which(
-        "ninja", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-    )
+    ninja = _which("ninja")
     if ninja is not None:
         configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
     for cmd in (configure, [cmake, "--build", str(build), "--target", "nbsmt_kernel_tests"]):
