@@ -11,6 +11,13 @@
 // with 0 in idle slots (a missing element at the end of a block). A zero
 // operand makes its slot inactive, so idle slots need no special case and the
 // kernel below is independent of the mapping.
+//
+// Implementation (src/kernels/engine.h explains the math): T = 1 and T = 2 are
+// exact integer matrix products of transformed operands (T = 2: the exact product
+// plus a correction product, since the collision indicator factorises); T = 4
+// gathers, per step, rows of a weight table selected by the activations'
+// non-zero pattern. Integer arithmetic throughout, so every result equals
+// accumulate_scalar() exactly; runtime-dispatched AVX-512 VNNI / AVX2 / portable code.
 #pragma once
 
 #include <cstddef>
