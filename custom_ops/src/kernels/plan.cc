@@ -452,6 +452,12 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
     rows = std::max<int64_t>(std::min<int64_t>(P, plan.gather ? 256 : 8),
                              round_up(ceil_div(P, want_row_tasks), 8));
   }
+  if (source != nullptr) {
+    // Rows made by a RowSource live in a per-task buffer: bound it for long rows.
+    constexpr int64_t kRowBufferBytes = int64_t{8} << 20;
+    const int64_t row_bytes = plan.K * static_cast<int64_t>(sizeof(int16_t));
+    rows = std::min(rows, std::max<int64_t>(8, kRowBufferBytes / std::max<int64_t>(row_bytes, 1)));
+  }
   j.rows_per_task = rows;
   j.row_tasks = ceil_div(P, rows);
   const int64_t col_tasks =
