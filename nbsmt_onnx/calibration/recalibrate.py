@@ -71,9 +71,12 @@ from nbsmt_onnx.graph.fold import (
 from nbsmt_onnx.graph.probe import (
     CHANNEL_FIRST,
     CHANNEL_LAST,
+    BatchCorrection,
     ProbeResult,
     ProbeSpec,
+    RelativeShift,
     add_statistics_probes,
+    correct_with_batch_statistics,
     use_batch_statistics,
 )
 from nbsmt_onnx.runtime.session import create_session
@@ -147,10 +150,14 @@ class VarianceRatio:
                 f"variance-ratio bound must be a finite number >= 1, got {self.bound}"
             )
 
+    def offset(self, reference: np.ndarray, eps: float = 0.0) -> float:
+        """``e`` added to numerator and denominator."""
+        return max(eps + self.floor * float(np.mean(reference)), 1e-12)
+
     def __call__(
         self, num: np.ndarray, den: np.ndarray, reference: np.ndarray, eps: float = 0.0
     ) -> np.ndarray:
-        e = max(eps + self.floor * float(np.mean(reference)), 1e-12)
+        e = self.offset(reference, eps)
         return np.clip((num + e) / (den + e), 1.0 / self.bound, self.bound)
 
 
@@ -431,6 +438,24 @@ def recalibrate_batchnorm(
         clean_probe = add_statistics_probes(
             float_model, sorted(set(clean_inputs.values())), only_statistics=True
         )
+        if single_batch_shortcut and len(groups) > 1 and _is_single_batch(data):
+            logger.info("calibration data is one batch: relative is exact in two passes")
+            runner = _Runner(data, session_factory, progress, 2)
+            (clean,) = runner.run_pass([clean_probe], "relative: clean model")
+            reference = {n: clean[t] for n, t in clean_inputs.items()}
+            shifts = {n: _relative_shift(by_name[n], old[n], reference[n], ratio) for n in levels}
+            probed = use_batch_statistics(
+                model, list(levels), only_statistics=True, relative=shifts
+            )
+            (measured,) = runner.run_pass(
+                [probed], f"relative: {len(infos)} BNs, shifted batch statistics"
+            )
+            updates += [
+                _relative(by_name[n], levels[n], old[n], measured[by_name[n].input],
+                          reference[n], ratio)
+                for n in levels
+            ]  # fmt: skip
+            return _finish(strategy, model, updates, skipped, runner)
     runner = _Runner(data, session_factory, progress, len(groups))
     current = model
     for level, group in enumerate(groups):
@@ -505,6 +530,27 @@ def _relative(
     return BatchNormUpdate(info.name, level, info.epsilon, old, new, measured, reference)
 
 
+def _relative_shift(
+    info: BatchNormInfo,
+    old: BatchNormStatistics,
+    reference: ChannelStatistics,
+    ratio: VarianceRatio,
+) -> RelativeShift:
+    """The in-graph form of :func:`_relative` (same float64 operations, same order)."""
+    _check_channels(info, reference)
+    var_c = reference.variance
+    e = ratio.offset(var_c, info.epsilon)
+    return RelativeShift(
+        mean_base=old.mean,
+        mean_reference=reference.mean,
+        var_base=old.var,
+        var_reference=var_c + e,
+        offset=e,
+        low=1.0 / ratio.bound,
+        high=ratio.bound,
+    )
+
+
 def _check_channels(info: BatchNormInfo, stats: ChannelStatistics) -> None:
     if info.channels is not None and stats.channels != info.channels:
         raise ModelError(
@@ -535,6 +581,7 @@ def correct_fused_layers(
     variant: str = DEFAULT_CORRECTION,
     layers: Iterable[str] | None = None,
     ratio: VarianceRatio = DEFAULT_RATIO,
+    single_batch_shortcut: bool = True,
     session_factory: SessionFactory = default_session,
     progress: ProgressCallback | None = None,
 ) -> CorrectionResult:
@@ -575,10 +622,27 @@ def correct_fused_layers(
     )
     levels = dependency_levels(model, names)
     groups = group_by_level(levels)
-    runner = _Runner(data, session_factory, progress, len(groups))
-    current = model
     reference: dict[str, ChannelStatistics] = {}
     results: list[LayerCorrection] = []
+    if single_batch_shortcut and len(groups) > 1 and _is_single_batch(data):
+        logger.info("calibration data is one batch: the correction is exact in two passes")
+        runner = _Runner(data, session_factory, progress, 2)
+        (clean,) = runner.run_pass([clean_probe], f"correction {variant}: clean model")
+        reference = {n: clean[s.tensor] for n, s in clean_specs.items()}
+        specs = {n: _batch_correction(nodes[n], reference[n], variant, ratio) for n in names}
+        probed = correct_with_batch_statistics(model, specs, only_statistics=True)
+        (measured,) = runner.run_pass(
+            [probed], f"correction {variant}: {len(names)} layers from batch statistics"
+        )
+        for name in names:
+            mu = measured[nodes[name].output[0]]
+            corr = _correction(name, mu, reference[name], variant, ratio)
+            results.append(LayerCorrection(name, levels[name], corr, mu, reference[name]))
+        results.sort(key=lambda c: c.level)
+        current = apply_channel_corrections(model, {c.name: c.correction for c in results})
+        return CorrectionResult(variant, current, tuple(results), runner.passes, runner.model_runs)
+    runner = _Runner(data, session_factory, progress, len(groups))
+    current = model
     for level, group in enumerate(groups):
         specs = {n: ProbeSpec(nodes[n].output[0], nbsmt_channel_axis(nodes[n])) for n in group}
         probed = add_statistics_probes(current, list(specs.values()), only_statistics=True)
@@ -593,21 +657,47 @@ def correct_fused_layers(
         level_results = []
         for name in group:
             mu = measured[specs[name].tensor]
-            ref = reference[name]
-            if mu.channels != ref.channels:
-                raise ModelError(
-                    f"layer {name!r} has {mu.channels} output channels in the NB-SMT model and "
-                    f"{ref.channels} in the float model"
-                )
-            if variant == "mean":
-                a = np.ones(mu.channels)
-            else:
-                a = np.sqrt(ratio(ref.variance, mu.variance, ref.variance))
-            corr = ChannelAffine(a, ref.mean - a * mu.mean)
-            level_results.append(LayerCorrection(name, level, corr, mu, ref))
+            corr = _correction(name, mu, reference[name], variant, ratio)
+            level_results.append(LayerCorrection(name, level, corr, mu, reference[name]))
         current = apply_channel_corrections(current, {c.name: c.correction for c in level_results})
         results.extend(level_results)
     return CorrectionResult(variant, current, tuple(results), runner.passes, runner.model_runs)
+
+
+def _correction(
+    name: str,
+    measured: ChannelStatistics,
+    reference: ChannelStatistics,
+    variant: str,
+    ratio: VarianceRatio,
+) -> ChannelAffine:
+    """``y' = a*y + b`` moving the measured statistics to the reference's (SPEC §5.2)."""
+    if measured.channels != reference.channels:
+        raise ModelError(
+            f"layer {name!r} has {measured.channels} output channels in the NB-SMT model and "
+            f"{reference.channels} in the float model"
+        )
+    if variant == "mean":
+        a = np.ones(measured.channels)
+    else:
+        a = np.sqrt(ratio(reference.variance, measured.variance, reference.variance))
+    return ChannelAffine(a, reference.mean - a * measured.mean)
+
+
+def _batch_correction(
+    node: onnx.NodeProto, reference: ChannelStatistics, variant: str, ratio: VarianceRatio
+) -> BatchCorrection:
+    """The in-graph form of :func:`_correction` (same float64 operations, same order)."""
+    e = ratio.offset(reference.variance)
+    return BatchCorrection(
+        mean_reference=reference.mean,
+        numerator=reference.variance + e,
+        offset=e,
+        low=1.0 / ratio.bound,
+        high=ratio.bound,
+        scale=variant != "mean",
+        channel_axis=nbsmt_channel_axis(node),
+    )
 
 
 @dataclass(frozen=True)
@@ -629,6 +719,7 @@ def recalibrate(
     config: Any,
     progress: bool | ProgressCallback | None = None,
     session_factory: SessionFactory = default_session,
+    ratio: VarianceRatio = DEFAULT_RATIO,
 ) -> TransformRecalibration:
     """The transform pipeline's recalibration step (issue 3), in the order the math needs.
 
@@ -643,6 +734,7 @@ def recalibrate(
     ``batches`` method is called once per pass) or any callable returning an
     iterable of feed dicts. ``config`` is a ``config.RecalibrationConfig``.
     ``progress``: True shows a progress bar per pass, or pass a callback.
+    ``ratio``: the variance-ratio regularisation of ``relative`` and ``mean+var``.
     """
     source: DataSource = data.batches if hasattr(data, "batches") else data
     callback = _progress_bar() if progress is True else (progress or None)
@@ -651,6 +743,7 @@ def recalibrate(
         source,
         strategy=config.strategy,
         float_model=float_model,
+        ratio=ratio,
         session_factory=session_factory,
         progress=callback,
     )
@@ -665,6 +758,7 @@ def recalibrate(
             source,
             variant=config.correction,
             layers=layers,
+            ratio=ratio,
             session_factory=session_factory,
             progress=callback,
         )

@@ -314,12 +314,123 @@ def add_statistics_probes(
     return ProbeResult(out, outputs)
 
 
+@dataclass(frozen=True)
+class RelativeShift:
+    """Running statistics moved by the batch's shift against a clean reference (one-pass ``relative``).
+
+    A BN given one of these in :func:`use_batch_statistics` normalises with
+
+        mean' = mean_base + (batch_mean - mean_reference)
+        var'  = var_base * min(max((batch_var + offset) / var_reference, low), high)
+
+    where ``var_reference`` already includes the offset (``var_c + offset``).
+    The node order of this arithmetic is the one
+    ``calibration.recalibrate`` uses on the host in float64, so when the
+    batch is the whole calibration set the BN sees bit for bit the
+    statistics the level-by-level passes would write.
+    """
+
+    mean_base: np.ndarray
+    mean_reference: np.ndarray
+    var_base: np.ndarray
+    var_reference: np.ndarray
+    offset: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class BatchCorrection:
+    """Per-channel correction of an NbSmt op's output from its own batch statistics (§5.2).
+
+    With batch statistics (mu_n, var_n) of the op's output ``y``:
+
+        a = sqrt(min(max(numerator / (var_n + offset), low), high))   (``scale=True``)
+        a = 1                                                         (``scale=False``, mean only)
+        b = mean_reference - a * mu_n
+
+    and ``a``/``b`` are folded into a copy of the op (``w_scale * a``,
+    ``B * a + b``, in float64, rounded once to float32 — exactly what
+    ``graph.fold.apply_channel_corrections`` writes).
+    """
+
+    mean_reference: np.ndarray
+    numerator: np.ndarray
+    offset: float
+    low: float
+    high: float
+    scale: bool
+    channel_axis: int = CHANNEL_FIRST
+
+
+def _const_f64(
+    builder: _StatisticsBuilder, base: str, purpose: str, value: np.ndarray | float
+) -> str:
+    name = builder.names.new(base, purpose)
+    builder.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=np.float64), name))
+    return name
+
+
+def _relative_moments(
+    builder: _StatisticsBuilder,
+    nodes: list[onnx.NodeProto],
+    base: str,
+    mean64: str,
+    var64: str,
+    shift: RelativeShift,
+) -> tuple[str, str]:
+    """Nodes for ``RelativeShift``'s mean' and var' (float64) from batch mean/var (float64)."""
+    diff = builder._node(
+        nodes,
+        "Sub",
+        [mean64, _const_f64(builder, base, "clean_mean", shift.mean_reference)],
+        base,
+        "mean_shift",
+    )
+    mean = builder._node(
+        nodes,
+        "Add",
+        [_const_f64(builder, base, "old_mean", shift.mean_base), diff],
+        base,
+        "relative_mean",
+    )
+    num = builder._node(
+        nodes,
+        "Add",
+        [var64, _const_f64(builder, base, "ratio_offset", shift.offset)],
+        base,
+        "var_plus_offset",
+    )
+    ratio = builder._node(
+        nodes,
+        "Div",
+        [num, _const_f64(builder, base, "clean_var_plus_offset", shift.var_reference)],
+        base,
+        "var_ratio",
+    )
+    ratio = builder._node(
+        nodes, "Max", [ratio, _const_f64(builder, base, "ratio_low", shift.low)], base, "ratio_lo"
+    )
+    ratio = builder._node(
+        nodes, "Min", [ratio, _const_f64(builder, base, "ratio_high", shift.high)], base, "ratio_hi"
+    )
+    var = builder._node(
+        nodes,
+        "Mul",
+        [_const_f64(builder, base, "old_var", shift.var_base), ratio],
+        base,
+        "relative_var",
+    )
+    return mean, var
+
+
 def use_batch_statistics(
     model: onnx.ModelProto,
     bn_names: Iterable[str],
     *,
     only_statistics: bool = False,
     check: bool = True,
+    relative: Mapping[str, RelativeShift] | None = None,
 ) -> ProbeResult:
     """Copy of ``model`` where the named BatchNormalization nodes use batch statistics.
 
@@ -330,8 +441,17 @@ def use_batch_statistics(
     selected BN input are also graph outputs (returned like
     :func:`add_statistics_probes`), so one pass both runs the train-mode
     network and measures it. ``only_statistics`` as in :func:`add_statistics_probes`.
+
+    BNs named in ``relative`` normalise instead with their original running
+    statistics moved by the batch's shift against clean statistics
+    (:class:`RelativeShift`): with the whole calibration set as one batch,
+    this is the ``relative`` strategy's sequential result in one pass.
     """
     wanted = list(dict.fromkeys(bn_names))
+    relative = dict(relative or {})
+    stray = sorted(set(relative) - set(wanted))
+    if stray:
+        raise InternalError(f"relative shifts given for BNs that are not selected: {stray}")
     if check:
         _check(model, "before")
     out = onnx.ModelProto()
@@ -374,8 +494,17 @@ def use_batch_statistics(
                     helper.make_node(
                         "Div", [probe.m2, count_d], [var64], name=names.new(node.name, "Div")
                     ),
+                ]
+            )
+            mean64 = probe.mean
+            if node.name in relative:
+                mean64, var64 = _relative_moments(
+                    builder, new_nodes, node.name, mean64, var64, relative[node.name]
+                )
+            new_nodes.extend(
+                [
                     helper.make_node(
-                        "Cast", [probe.mean], [mean_t], name=names.new(node.name, "Cast"), to=to
+                        "Cast", [mean64], [mean_t], name=names.new(node.name, "Cast"), to=to
                     ),
                     helper.make_node(
                         "Cast", [var64], [var_t], name=names.new(node.name, "Cast"), to=to
@@ -389,6 +518,161 @@ def use_batch_statistics(
             new_nodes.append(replaced)
         else:
             new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    if only_statistics:
+        del graph.output[:]
+    for probe in outputs.values():
+        graph.output.extend(_stat_outputs(probe))
+    graph.initializer.extend(builder.initializers)
+    if only_statistics:
+        prune_to_outputs(graph)
+    if check:
+        _check(out, "after")
+    return ProbeResult(out, outputs)
+
+
+_W_SCALE = 3  # input index of w_scale / b_scale in both NbSmt ops (ops.schema)
+_BIAS = 4  # input index of B / bias
+
+
+def correct_with_batch_statistics(
+    model: onnx.ModelProto,
+    corrections: Mapping[str, BatchCorrection],
+    *,
+    only_statistics: bool = False,
+    check: bool = True,
+) -> ProbeResult:
+    """Copy of ``model`` where the named NbSmt ops' outputs are corrected from batch statistics.
+
+    For each named op (``corrections``: node name -> :class:`BatchCorrection`)
+    the op's output is renamed and measured (batch statistics, returned like
+    :func:`add_statistics_probes`, keyed by the *original* output name), and a
+    copy of the op with ``w_scale' = w_scale * a`` and ``B' = B * a + b``
+    computed in the graph produces the original output name for every
+    downstream user. The copy runs the same integer NB-SMT arithmetic as the
+    deployed, folded op, so with the whole calibration set as one batch every
+    layer sees exactly what the level-by-level correction would give it: one
+    pass instead of one per dependency level, at twice the cost of each
+    corrected op. ``w_scale`` and ``B`` must be graph constants (initializers
+    or Constant outputs).
+    """
+    if check:
+        _check(model, "before")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    by_name = {n.name: n for n in graph.node}
+    unknown = [name for name in corrections if name not in by_name]
+    if unknown:
+        raise InternalError(f"no nodes named {unknown} in the main graph")
+    names = NameGenerator.for_model(out)
+    builder = _StatisticsBuilder(out, names)
+    outputs: dict[str, ProbeOutputs] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        spec = corrections.get(node.name)
+        if spec is None:
+            new_nodes.append(node)
+            continue
+        if len(node.input) <= _W_SCALE or not node.input[_W_SCALE]:
+            raise InternalError(f"node {node.name!r} has no w_scale input")
+        y = node.output[0]
+        raw = names.new(node.name, "uncorrected")
+        measured = onnx.NodeProto()
+        measured.CopyFrom(node)
+        del measured.output[:]
+        measured.output.append(raw)  # the stats output, if any, moves to the corrected copy
+        new_nodes.append(measured)
+        nodes, count, mean, m2 = builder.moments(raw, spec.channel_axis)
+        new_nodes.extend(nodes)
+        outputs[y] = ProbeOutputs(y, spec.channel_axis, count, mean, m2)
+        base = node.name
+        w64 = builder._node(
+            new_nodes, "Cast", [node.input[_W_SCALE]], base, "w_scale_f64", to=TensorProto.DOUBLE
+        )
+        if len(node.input) > _BIAS and node.input[_BIAS]:
+            b64 = builder._node(
+                new_nodes, "Cast", [node.input[_BIAS]], base, "bias_f64", to=TensorProto.DOUBLE
+            )
+        else:
+            b64 = builder._node(
+                new_nodes, "Mul", [w64, _const_f64(builder, base, "zero", 0.0)], base, "zero_bias"
+            )
+        if spec.scale:
+            count_d = builder._node(
+                new_nodes, "Cast", [count], base, "count_f64", to=TensorProto.DOUBLE
+            )
+            var = builder._node(new_nodes, "Div", [m2, count_d], base, "batch_var")
+            den = builder._node(
+                new_nodes,
+                "Add",
+                [var, _const_f64(builder, base, "offset", spec.offset)],
+                base,
+                "var_plus_offset",
+            )
+            ratio = builder._node(
+                new_nodes,
+                "Div",
+                [_const_f64(builder, base, "clean_var_plus_offset", spec.numerator), den],
+                base,
+                "var_ratio",
+            )
+            ratio = builder._node(
+                new_nodes,
+                "Max",
+                [ratio, _const_f64(builder, base, "low", spec.low)],
+                base,
+                "ratio_lo",
+            )
+            ratio = builder._node(
+                new_nodes,
+                "Min",
+                [ratio, _const_f64(builder, base, "high", spec.high)],
+                base,
+                "ratio_hi",
+            )
+            a = builder._node(new_nodes, "Sqrt", [ratio], base, "scale")
+            shift = builder._node(
+                new_nodes,
+                "Sub",
+                [
+                    _const_f64(builder, base, "clean_mean", spec.mean_reference),
+                    builder._node(new_nodes, "Mul", [a, mean], base, "scaled_mean"),
+                ],
+                base,
+                "shift",
+            )
+            w_new = builder._node(new_nodes, "Mul", [w64, a], base, "w_scale_corrected")
+            b_new = builder._node(
+                new_nodes,
+                "Add",
+                [builder._node(new_nodes, "Mul", [b64, a], base, "bias_scaled"), shift],
+                base,
+                "bias_corrected",
+            )
+        else:
+            shift = builder._node(
+                new_nodes,
+                "Sub",
+                [_const_f64(builder, base, "clean_mean", spec.mean_reference), mean],
+                base,
+                "shift",
+            )
+            w_new = w64
+            b_new = builder._node(new_nodes, "Add", [b64, shift], base, "bias_corrected")
+        corrected = onnx.NodeProto()
+        corrected.CopyFrom(node)
+        corrected.name = names.new(node.name, "corrected")
+        while len(corrected.input) <= _BIAS:
+            corrected.input.append("")
+        corrected.input[_W_SCALE] = builder._node(
+            new_nodes, "Cast", [w_new], base, "w_scale_f32", to=TensorProto.FLOAT
+        )
+        corrected.input[_BIAS] = builder._node(
+            new_nodes, "Cast", [b_new], base, "bias_f32", to=TensorProto.FLOAT
+        )
+        new_nodes.append(corrected)
     del graph.node[:]
     graph.node.extend(new_nodes)
     if only_statistics:

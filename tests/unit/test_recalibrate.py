@@ -168,6 +168,54 @@ def test_one_batch_sequential_shortcut_equals_level_passes() -> None:
     _assert_stats(shortcut, {bn: (s.mean, s.var) for bn, s in passes.statistics.items()}, 1e-12)
 
 
+def test_one_batch_relative_equals_level_passes() -> None:
+    """One batch: relative runs in 2 passes (clean, then shifted batch statistics in-graph)."""
+    clean, nb = _chain(perturbed=False), _chain(perturbed=True)
+    data = image_batches(seed=25, sizes=((6, 5),))
+    # a bound the perturbation reaches (bn1 channel 3 has a = 3): clipping is exercised
+    ratio = VarianceRatio(floor=0.05, bound=2.0)
+    runs = {
+        shortcut: recalibrate_batchnorm(
+            nb,
+            data,
+            strategy="relative",
+            float_model=clean,
+            batchnorms=BNS,
+            ratio=ratio,
+            session_factory=plain_session,
+            single_batch_shortcut=shortcut,
+        )
+        for shortcut in (True, False)
+    }
+    assert (runs[True].passes, runs[True].model_runs) == (2, 2)
+    assert (runs[False].passes, runs[False].model_runs) == (3, 4)
+    # The in-graph shift repeats the host's float64 operations in the same order and
+    # both routes write float32 statistics: identical up to float64 summation order.
+    _assert_stats(
+        runs[True], {bn: (s.mean, s.var) for bn, s in runs[False].statistics.items()}, 1e-12
+    )
+    assert runs[True].statistics["bn1"].var[3] == pytest.approx(
+        2.0 * _stats(nb, "bn1")[1][3], rel=1e-12
+    )
+    for u in runs[True].updates:
+        assert u.reference is not None
+
+
+def test_one_batch_relative_differs_from_one_pass_replacement() -> None:
+    """Guard: the shortcut must move the *old* statistics, not replace them by batch statistics."""
+    clean, nb = _chain(perturbed=False), _chain(perturbed=True)
+    data = image_batches(seed=25, sizes=((6, 5),))
+    rel = recalibrate_batchnorm(
+        nb, data, strategy="relative", float_model=clean, batchnorms=BNS,
+        session_factory=plain_session,
+    )  # fmt: skip
+    seq = recalibrate_batchnorm(
+        nb, data, strategy="sequential", batchnorms=BNS, session_factory=plain_session
+    )
+    for bn in BNS:
+        assert not np.allclose(rel.statistics[bn].mean, seq.statistics[bn].mean, rtol=1e-3)
+
+
 def _train_mode_reference(model: onnx.ModelProto, bns: list[str]) -> onnx.ModelProto:
     """Each BN rewritten with explicit float32 ops normalising by batch statistics.
 
@@ -446,6 +494,42 @@ def test_fused_correction_matches_clean_statistics_with_library(nbsmt_library: s
             np.testing.assert_array_equal(
                 initializer(result.model, f"{c}.Wq"), initializer(nb, f"{c}.Wq")
             )
+
+
+@pytest.mark.parametrize("variant", ["mean", "mean+var"])
+def test_one_batch_fused_correction_equals_level_passes(nbsmt_library: str, variant: str) -> None:
+    """One batch: the correction runs in 2 passes (clean, then in-graph corrected op copies)."""
+    data = image_batches(seed=45, sizes=((9, 6),))
+    clean, nb = _nbsmt_pair(False, data)
+    ratio = VarianceRatio(floor=0.01, bound=1.005)  # tight bound: some channels clip
+    runs = {
+        shortcut: correct_fused_layers(
+            nb, clean, data, variant=variant, ratio=ratio, single_batch_shortcut=shortcut
+        )
+        for shortcut in (True, False)
+    }
+    assert (runs[True].passes, runs[True].model_runs) == (2, 2)
+    assert (runs[False].passes, runs[False].model_runs) == (3, 4)
+    assert [c.name for c in runs[True].corrections] == ["conv1", "conv2", "conv3"]
+    for a, b in zip(runs[True].corrections, runs[False].corrections, strict=True):
+        assert a.level == b.level
+        # The corrected op copies compute w_scale*a and B*a+b exactly as the fold does,
+        # so every layer sees bit-identical inputs on both routes: the statistics agree
+        # up to float64 summation order.
+        np.testing.assert_allclose(a.measured.mean, b.measured.mean, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a.measured.variance, b.measured.variance, rtol=1e-12)
+        np.testing.assert_allclose(a.correction.scale, b.correction.scale, rtol=1e-12)
+        np.testing.assert_allclose(a.correction.shift, b.correction.shift, rtol=1e-12, atol=1e-12)
+    if variant == "mean+var":
+        scales = np.concatenate([c.correction.scale for c in runs[True].corrections])
+        clipped = np.isclose(scales, np.sqrt(1.005), rtol=1e-12) | np.isclose(
+            scales, np.sqrt(1 / 1.005), rtol=1e-12
+        )
+        assert clipped.any() and not clipped.all()
+    for c in ("conv1", "conv2", "conv3"):
+        np.testing.assert_array_equal(
+            initializer(runs[True].model, f"{c}.Wq"), initializer(nb, f"{c}.Wq")
+        )
 
 
 def test_variance_ratio_regularisation() -> None:
