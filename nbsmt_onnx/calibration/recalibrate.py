@@ -629,8 +629,8 @@ def correct_fused_layers(
         runner = _Runner(data, session_factory, progress, 2)
         (clean,) = runner.run_pass([clean_probe], f"correction {variant}: clean model")
         reference = {n: clean[s.tensor] for n, s in clean_specs.items()}
-        specs = {n: _batch_correction(nodes[n], reference[n], variant, ratio) for n in names}
-        probed = correct_with_batch_statistics(model, specs, only_statistics=True)
+        batch_specs = {n: _batch_correction(nodes[n], reference[n], variant, ratio) for n in names}
+        probed = correct_with_batch_statistics(model, batch_specs, only_statistics=True)
         (measured,) = runner.run_pass(
             [probed], f"correction {variant}: {len(names)} layers from batch statistics"
         )
