@@ -26,8 +26,12 @@ CASES = 500  # random cases per run (each is checked on every kernel implementat
 
 
 def _which(name: str) -> str | None:
-    """``name`` from the running interpreter's environment first (pip's cmake/ninja)."""
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    """``name`` from pip's cmake/ninja in the running environment or in the
+    project's set-up venv (.venv, scripts/setup.sh), else from PATH. The op tests
+    also run in throw-away venvs with other onnxruntime versions
+    (scripts/check_ort_versions.sh) that have no build tools of their own."""
+    dirs = [Path(sys.executable).parent, ROOT / ".venv" / "bin"]
+    path = os.pathsep.join([*(str(d) for d in dirs), os.environ.get("PATH", "")])
     return shutil.which(name, path=path)
 
 
