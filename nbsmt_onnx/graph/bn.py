@@ -92,12 +92,23 @@ class GraphIndex:
         self.initializers = {t.name: t for t in graph.initializer}
 
     def constant(self, name: str) -> np.ndarray | None:
-        """Value of a tensor that is an initializer (not overridable) or a Constant node."""
-        if name in self.initializers and name not in self.graph_inputs:
-            return numpy_helper.to_array(self.initializers[name])
-        prod = self.producer.get(name)
-        if prod is not None and prod[0].op_type == "Constant" and prod[0].domain in ("", "ai.onnx"):
-            return _constant_node_value(prod[0])
+        """Value of a tensor that is an initializer (not overridable) or a Constant node.
+
+        ``Identity`` nodes of constants are followed: exporters de-duplicate
+        identical initializers that way (the Fashion-MNIST ResNet's two
+        down-sampling BNs read their bias through one, docs/models.md).
+        """
+        for _ in range(len(self.graph.node) + 1):
+            if name in self.initializers and name not in self.graph_inputs:
+                return numpy_helper.to_array(self.initializers[name])
+            prod = self.producer.get(name)
+            if prod is None or prod[0].domain not in ("", "ai.onnx"):
+                return None
+            if prod[0].op_type == "Constant":
+                return _constant_node_value(prod[0])
+            if prod[0].op_type != "Identity":
+                return None
+            name = prod[0].input[0]
         return None
 
     def uses(self, name: str) -> int:

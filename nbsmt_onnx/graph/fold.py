@@ -139,21 +139,34 @@ def prune_orphans(graph: onnx.GraphProto, candidates: Iterable[str]) -> int:
     """Remove those of ``candidates`` (initializers / Constant outputs) that nothing reads now.
 
     Only tensors a pass has just disconnected are candidates: dead constants
-    that were already in the input model are not this pass's business.
+    that were already in the input model are not this pass's business. A
+    dead candidate produced by an ``Identity`` of a constant (a de-duplicated
+    initializer, see ``GraphIndex.constant``) goes too, and its input becomes
+    a candidate in turn.
     """
     index = GraphIndex(graph)
-    dead = {
-        name
-        for name in candidates
-        if name and not index.uses(name) and name not in index.graph_inputs
-    }
+
+    def removable(node: onnx.NodeProto) -> bool:
+        return node.op_type in ("Constant", "Identity") and node.domain in ("", "ai.onnx")
+
+    dead: set[str] = set()
+    pending = [c for c in candidates if c]
+    while pending:
+        name = pending.pop()
+        if name in dead or name in index.graph_inputs or name in index.graph_outputs:
+            continue
+        users = [
+            c for c in index.consumers.get(name, []) if not (removable(c) and c.output[0] in dead)
+        ]
+        if users:
+            continue
+        dead.add(name)
+        prod = index.producer.get(name)
+        if prod is not None and prod[0].op_type == "Identity" and index.constant(name) is not None:
+            pending.append(prod[0].input[0])
     if not dead:
         return 0
-    keep_nodes = [
-        n
-        for n in graph.node
-        if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output[0] in dead)
-    ]
+    keep_nodes = [n for n in graph.node if not (removable(n) and n.output[0] in dead)]
     removed = len(graph.node) - len(keep_nodes)
     del graph.node[:]
     graph.node.extend(keep_nodes)

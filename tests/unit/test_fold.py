@@ -149,6 +149,52 @@ def test_fold_and_write_back_with_shared_bn_initializers() -> None:
     )
 
 
+def _bias_through_identity():  # type: ignore[no-untyped-def]
+    """bn2 reads its bias through Identity(bn1.B): an exporter's de-duplicated initializer
+    (the Fashion-MNIST ResNet's down-sampling BNs, docs/models.md)."""
+    b = Builder(seed=14)
+    y1 = b.bn("bn1", b.nbsmt_conv("conv1", "x", 4, 4, x_scale=0.02), 4)
+    dedup = b.node("Identity", ["bn1.B"], ["bn2.B"], "dedup")
+    c2 = b.nbsmt_conv("conv2", "x", 4, 4, x_scale=0.02)
+    b.init("bn2.scale", (1 + 0.3 * b.rng.normal(size=4)).astype(np.float32))
+    b.init("bn2.mean", (0.5 * b.rng.normal(size=4)).astype(np.float32))
+    b.init("bn2.var", (0.5 + b.rng.random(size=4)).astype(np.float32))
+    y2 = b.node(
+        "BatchNormalization",
+        [c2, "bn2.scale", dedup, "bn2.mean", "bn2.var"],
+        ["bn2.out"],
+        "bn2",
+        epsilon=1e-3,
+    )
+    return b.model([image_input(4)], [y1, y2])
+
+
+def test_bn_parameter_through_identity_is_recalibrated_and_folded() -> None:
+    model = _bias_through_identity()
+    infos = {i.name: i for i in find_batchnorms(model)}
+    assert infos["bn2"].recalibratable and infos["bn2"].fold_target == "conv2"
+    # fold only bn2: bn1 still reads bn1.B, so the Identity goes but the initializer stays
+    only2 = fold_batchnorm_into_nbsmt(model, only=["bn2"])
+    assert only2.count == 1
+    assert "dedup" not in {n.name for n in only2.model.graph.node}
+    assert "bn1.B" in _names(only2.model)
+    beta = initializer(model, "bn1.B").astype(np.float64)
+    gamma, mean, var = (
+        initializer(model, f"bn2.{k}").astype(np.float64) for k in ("scale", "mean", "var")
+    )
+    g = gamma / np.sqrt(var + 1e-3)
+    _, bias = _params(only2.model, "conv2")
+    expected = ((initializer(model, "conv2.B").astype(np.float64) - mean) * g + beta).astype(
+        np.float32
+    )
+    np.testing.assert_array_equal(bias, expected)
+    # fold both: nothing reads bn1.B any more
+    both = fold_batchnorm_into_nbsmt(model)
+    assert both.count == 2
+    assert [n.op_type for n in both.model.graph.node] == ["NbSmtConv", "NbSmtConv"]
+    assert "bn1.B" not in _names(both.model) and "bn2.mean" not in _names(both.model)
+
+
 def test_shared_w_scale_is_copied_not_changed_for_the_other_op() -> None:
     b = Builder(seed=14)
     c1 = b.nbsmt_conv("conv1", "x", 4, 4, x_scale=0.02)
