@@ -1,8 +1,9 @@
 // NbSmtConv (SPEC.md §3.1): ONNX Conv semantics with NB-SMT integer arithmetic.
 //
-// Per image and group: quantize X once (channels-last), im2col a bounded chunk
-// of output positions into packed rows (pack.h), nbsmt::accumulate() against the
-// packed weights, and scale to float:
+// Weights are packed (pack.h) and prepared for the kernels once per call and
+// group. Images are quantized once (pixel-major, a bounded chunk of images at a
+// time); the kernel tasks im2col the packed rows they need on demand (RowSource)
+// and accumulate them against the prepared weights; the result is scaled to float:
 //   Y[n, m, p] = float32(x_scale * w_scale[m]) * float32(acc) (+ B[m])
 // each operation rounded to float32 (the build forbids FMA contraction).
 #include <algorithm>
@@ -19,11 +20,31 @@ namespace nbsmt::ort {
 namespace {
 
 constexpr const char* kOpType = "NbSmtConv";
-// Upper bound of the packed-activation chunk (bytes); keeps memory independent
-// of batch and image size.
-constexpr int64_t kPackBudgetBytes = int64_t{16} << 20;
+// Bound of the per-chunk buffers (quantized images and accumulators, bytes): keeps
+// the memory independent of the batch size (a chunk holds at least one image).
+constexpr int64_t kChunkBudgetBytes = int64_t{16} << 20;
 
 enum ConvInput : size_t { kX = 0, kWq, kXScale, kWScale, kB };
+
+// Packed rows of one group made on demand by im2col from the quantized images of
+// a chunk; row r of the chunk is output position r % P of its image r / P.
+struct Im2ColSource {
+  const Im2Col* plan;
+  const int16_t* xq;  // the chunk's images, image_entries each
+  int64_t image_entries, P, group;
+
+  static void fill(void* ctx, int64_t r0, int64_t r1, int16_t* out) {
+    const auto& s = *static_cast<const Im2ColSource*>(ctx);
+    for (int64_t r = r0; r < r1;) {
+      const int64_t img = r / s.P, p = r % s.P;
+      const int64_t count = std::min(r1 - r, s.P - p);
+      im2col_rows(*s.plan, s.xq + img * s.image_entries, s.group, p, p + count,
+                  out + (r - r0) * s.plan->row_length);
+      r += count;
+    }
+  }
+  RowSource row_source() { return RowSource{this, fill}; }
+};
 
 struct ConvKernel {
   const OrtApi* api;
@@ -113,79 +134,64 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     if (!pack_weights(layout, static_cast<const int8_t*>(w.data), M, K, 1, w_packed.data())) {
       throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
     }
+    const OrtParallel par(api, ctx);
+    std::vector<std::shared_ptr<const PreparedWeights>> prepared(static_cast<size_t>(group));
+    for (int64_t g = 0; g < group; ++g) {
+      prepared[g] = prepare_weights(cfg, Mg, layout.steps, w_packed.data() + g * Mg * RL, RL,
+                                    par.get());
+    }
     const float* w_scale = static_cast<const float*>(ws.data);
     const float* bias = b.present() ? static_cast<const float*>(b.data) : nullptr;
     std::vector<float> scale(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) scale[m] = x_scale * w_scale[m];
 
-    // Rows are (image, output position) pairs over the whole batch, processed in
-    // chunks of bounded size; a chunk may span several small images (late layers)
-    // so that accumulate() sees large matrices. Only the chunk's images are
-    // quantized (an image split between two chunks is quantized twice).
-    const int64_t total_rows = N * P;
-    const int64_t row_bytes = std::max<int64_t>(1, RL) * static_cast<int64_t>(sizeof(int16_t));
-    const int64_t chunk = std::max<int64_t>(1, std::min(total_rows, kPackBudgetBytes / row_bytes));
-    const int64_t max_images = std::min(N, (chunk + P - 1) / P + 1);
+    // Rows are (image, output position) pairs, processed in chunks of whole
+    // images; a chunk may hold several small images (late layers) so that the
+    // kernels see large matrices. Only the chunk's images are quantized (xq,
+    // pixel-major); their packed rows are made by im2col inside the kernel tasks
+    // (RowSource), a few rows at a time, and never stored for the whole chunk.
     const int64_t image_entries = static_cast<int64_t>(plan.image_entries());
-    // Zero once: entries without a channel, and the idle slots of the packed rows,
-    // sit at the same positions for every image and row and are never written.
-    std::vector<int16_t> xq(static_cast<size_t>(max_images * image_entries), 0);
-    std::vector<int16_t> x_packed(static_cast<size_t>(chunk * RL), 0);
-    std::vector<int32_t> acc(static_cast<size_t>(chunk * Mg));
-
-    const OrtParallel par(api, ctx);
+    const int64_t image_bytes = image_entries * static_cast<int64_t>(sizeof(int16_t)) +
+                                P * Mg * static_cast<int64_t>(sizeof(int32_t));
+    const int64_t chunk_images = std::clamp<int64_t>(kChunkBudgetBytes / image_bytes, 1, N);
+    // Zero once: entries that hold no channel are never written.
+    std::vector<int16_t> xq(static_cast<size_t>(chunk_images * image_entries), 0);
+    std::vector<int32_t> acc(static_cast<size_t>(chunk_images * P * Mg));
     const bool act_signed = cfg.act_signed;
     const float* xdata = static_cast<const float*>(x.data);
-    // Calls f(n, first, count, offset) for the pieces of rows [r0, r1) that lie in
-    // one image: image n, output positions [first, first + count), chunk row offset.
-    auto for_image_pieces = [P](int64_t r0, int64_t r1, int64_t base, const auto& f) {
-      for (int64_t r = r0; r < r1;) {
-        const int64_t n = r / P, p = r % P;
-        const int64_t count = std::min(r1 - r, P - p);
-        f(n, p, count, r - base);
-        r += count;
-      }
-    };
-    for (int64_t c0 = 0; c0 < total_rows; c0 += chunk) {
-      const int64_t rows = std::min(chunk, total_rows - c0);
-      const int64_t n_first = c0 / P;
-      const int64_t n_count = (c0 + rows - 1) / P - n_first + 1;
-      par.for_ranges(n_count * in_size, grain_for(n_count * in_size, 256),
+    for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
+      const int64_t images = std::min(chunk_images, N - n0);
+      const int64_t rows = images * P;
+      par.for_ranges(images * in_size, grain_for(images * in_size, 256),
                      [&](int64_t a, int64_t b) {
                        for (int64_t i = a; i < b;) {
                          const int64_t img = i / in_size, s0 = i % in_size;
                          const int64_t s1 = std::min(in_size, s0 + (b - i));
-                         quantize_image(plan, xdata + (n_first + img) * C * in_size, s0, s1,
+                         quantize_image(plan, xdata + (n0 + img) * C * in_size, s0, s1,
                                         x_scale, act_signed, xq.data() + img * image_entries);
                          i += s1 - s0;
                        }
                      });
       for (int64_t g = 0; g < group; ++g) {
-        par.for_ranges(rows, grain_for(rows, 16), [&](int64_t a, int64_t b) {
-          for_image_pieces(c0 + a, c0 + b, c0, [&](int64_t n, int64_t p, int64_t count, int64_t off) {
-            im2col_rows(plan, xq.data() + (n - n_first) * image_entries, g, p, p + count,
-                        x_packed.data() + off * RL);
-          });
-        });
-        accumulate(cfg, rows, Mg, layout.steps, x_packed.data(), RL,
-                   w_packed.data() + g * Mg * RL, RL, acc.data(), Mg, 1, stats_ptr, par.get());
-        par.for_ranges(Mg, grain_for(Mg, 4), [&](int64_t m0, int64_t m1) {
-          for (int64_t m = m0; m < m1; ++m) {
-            const int64_t oc = g * Mg + m;
+        Im2ColSource source{&plan, xq.data(), image_entries, P, g};
+        // acc column-major (acc[m * rows + r]): the scaling below reads runs of rows.
+        accumulate_prepared(*prepared[g], rows, source.row_source(), acc.data(), 1, rows,
+                            stats_ptr, par.get());
+        par.for_ranges(images * Mg, grain_for(images * Mg, 4), [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t img = i / Mg, m = i % Mg, oc = g * Mg + m;
+            float* yr = y + ((n0 + img) * M + oc) * P;
+            const int32_t* ar = acc.data() + m * rows + img * P;
             const float s = scale[oc];
-            const float bm = bias != nullptr ? bias[oc] : 0.0f;
-            for_image_pieces(c0, c0 + rows, c0, [&](int64_t n, int64_t p, int64_t count, int64_t off) {
-              float* yr = y + (n * M + oc) * P + p;
-              const int32_t* ar = acc.data() + off * Mg + m;
-              if (bias != nullptr) {
-                for (int64_t r = 0; r < count; ++r) {
-                  const float v = s * static_cast<float>(ar[r * Mg]);
-                  yr[r] = v + bm;
-                }
-              } else {
-                for (int64_t r = 0; r < count; ++r) yr[r] = s * static_cast<float>(ar[r * Mg]);
+            if (bias != nullptr) {
+              const float bm = bias[oc];
+              for (int64_t p = 0; p < P; ++p) {
+                const float v = s * static_cast<float>(ar[p]);
+                yr[p] = v + bm;
               }
-            });
+            } else {
+              for (int64_t p = 0; p < P; ++p) yr[p] = s * static_cast<float>(ar[p]);
+            }
           }
         });
       }

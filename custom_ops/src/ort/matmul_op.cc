@@ -94,6 +94,9 @@ void MatMulKernel::compute(OrtKernelContext* ctx) const {
       throw OpError(label + ": Bq contains -128; quantized weights must be in [-127, 127]");
     }
 
+    const OrtParallel par(api, ctx);
+    const std::shared_ptr<const PreparedWeights> prepared =
+        prepare_weights(cfg, N, layout.steps, w_packed.data(), RL, par.get());
     const float* b_scale = static_cast<const float*>(bs.data);
     const float* bias = bias_t.present() ? static_cast<const float*>(bias_t.data) : nullptr;
     std::vector<float> scale(static_cast<size_t>(N));
@@ -105,7 +108,6 @@ void MatMulKernel::compute(OrtKernelContext* ctx) const {
     std::vector<int16_t> a_packed(static_cast<size_t>(chunk * RL), 0);
     std::vector<int32_t> acc(static_cast<size_t>(chunk * N));
 
-    const OrtParallel par(api, ctx);
     const bool act_signed = cfg.act_signed;
     const float* adata = static_cast<const float*>(a.data);
     for (int64_t p0 = 0; p0 < P; p0 += chunk) {
@@ -114,8 +116,8 @@ void MatMulKernel::compute(OrtKernelContext* ctx) const {
         quantize_pack_rows(layout, adata + p0 * K, r0, r1, a_scale, act_signed,
                            a_packed.data() + r0 * RL);
       });
-      accumulate(cfg, rows, N, layout.steps, a_packed.data(), RL, w_packed.data(), RL, acc.data(),
-                 N, 1, stats_ptr, par.get());
+      accumulate_prepared(*prepared, rows, a_packed.data(), RL, acc.data(), N, 1, stats_ptr,
+                          par.get());
       float* yc = y + p0 * N;
       par.for_ranges(rows, grain_for(rows, 8), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
