@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnx.reference.op_run import OpRun
 
 IR_VERSION = 8
 OPSET = 17
@@ -167,51 +166,17 @@ def gemm_variants(seed: int = 0) -> onnx.ModelProto:
     return make_model(nodes, [value("x", [3, 5])], [value("y", [5, 2])], inits)
 
 
-class BatchNormalization(OpRun):
-    """Inference-mode BatchNormalization for the reference runs of the transform tests.
-
-    onnx.reference's opset 9-13 implementation fills in the schema default
-    ``momentum=0.9`` and then normalises with the *batch* statistics (training
-    behaviour), so it disagrees with every runtime on inference models such as
-    Paddle exports. Opsets 9-13 define no training mode for this op; here it
-    uses the running statistics, and opset >= 14 honours ``training_mode=0``
-    the same way (training-mode graphs are not transform inputs).
-    """
-
-    op_domain = ""
-
-    def _run(
-        self,
-        x,
-        scale,
-        bias,
-        mean,
-        var,
-        epsilon=None,
-        momentum=None,
-        training_mode=None,
-        spatial=None,
-        is_test=None,
-    ):  # type: ignore[no-untyped-def]
-        eps = 1e-5 if epsilon is None else epsilon
-        shape = (-1,) + (1,) * (x.ndim - 2)
-        y = scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(
-            var.reshape(shape) + eps
-        ) + bias.reshape(shape)
-        return (y.astype(x.dtype),)
-
-
 def reference_run(
     model: onnx.ModelProto, feed: dict[str, np.ndarray], outputs: list[str] | None = None
 ) -> list[np.ndarray]:
-    """Run a (simulation) model with the NumPy reference: NB-SMT ops + inference-mode BN."""
-    from onnx.reference import ReferenceEvaluator
+    """Run a (simulation) model with the NumPy reference: NB-SMT ops + inference-mode BN.
 
-    from nbsmt_onnx.ops.reference import REFERENCE_OPS
+    ``nbsmt_onnx.ops.reference.reference_evaluator`` installs both (onnx.reference's
+    own BatchNormalization for opsets 9-13 normalises with batch statistics).
+    """
+    from nbsmt_onnx.ops.reference import reference_evaluator
 
-    return ReferenceEvaluator(model, new_ops=[BatchNormalization, *REFERENCE_OPS]).run(
-        outputs, feed
-    )
+    return reference_evaluator(model).run(outputs, feed)
 
 
 def conv_bn_relu_input3(seed: int = 0) -> onnx.ModelProto:

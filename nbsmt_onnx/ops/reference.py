@@ -26,7 +26,9 @@ separately (shift-and-accumulate, no packing) so tests can show that
 
 :class:`NbSmtConv` and :class:`NbSmtMatMul` plug both ops into
 ``onnx.reference.ReferenceEvaluator``; :func:`reference_evaluator` builds one,
-so whole graphs run without the C++ library.
+so whole graphs run without the C++ library (it also replaces ``onnx.reference``'s
+BatchNormalization, which uses batch statistics for opsets 9-13, by an
+inference-mode one: :class:`BatchNormalization`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from nbsmt_onnx.errors import ModelError, UnsupportedModelError
 from nbsmt_onnx.ops import schema
 
 __all__ = [
+    "BatchNormalization",
     "ConvGeometry",
     "NbSmtConv",
     "NbSmtMatMul",
@@ -679,9 +682,69 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class BatchNormalization(OpRun):
+    """Inference-mode ``BatchNormalization`` (every opset) for reference runs.
+
+    ``onnx.reference``'s own implementation for opsets 9-13 receives the schema
+    default ``momentum=0.9`` for every node and then normalises with the
+    statistics of the current *batch* (training behaviour), and opsets 6-8
+    do the same unless ``is_test=1``. Opsets 9-13 define no training mode at
+    all, and ONNX Runtime (like every inference runtime) uses the running
+    statistics, so reference runs of inference models (Paddle exports are
+    opset 11) disagreed with the runtime. This implementation always uses the
+    running statistics, with the formula of ``onnx.reference``'s inference
+    path: ``scale * (x - mean) / sqrt(var + epsilon) + bias`` in the input's
+    float type. A training-mode node (opset >= 14, ``training_mode=1``) is
+    not an inference graph and is refused.
+    """
+
+    op_domain = ""
+
+    def _run(
+        self,
+        x: np.ndarray,
+        scale: np.ndarray,
+        bias: np.ndarray,
+        mean: np.ndarray,
+        var: np.ndarray,
+        epsilon: float | None = None,
+        momentum: float | None = None,
+        training_mode: int | None = None,
+        spatial: int | None = None,
+        is_test: int | None = None,
+    ) -> tuple[np.ndarray]:
+        if training_mode:
+            raise UnsupportedModelError(
+                "BatchNormalization with training_mode=1 is a training graph; export the model "
+                "in inference mode (training_mode=0)"
+            )
+        eps = 1e-5 if epsilon is None else float(epsilon)
+        # spatial=0 (opsets < 9) gives per-element statistics [C, D1, ...]; the usual [C]
+        # statistics broadcast over the spatial axes.
+        shape = (-1,) + (1,) * (x.ndim - 2)
+
+        def per_channel(v: np.ndarray) -> np.ndarray:
+            return v.reshape(shape) if v.ndim == 1 else v
+
+        y = per_channel(scale) * (x - per_channel(mean)) / np.sqrt(
+            per_channel(var) + eps
+        ) + per_channel(bias)
+        return (y.astype(x.dtype),)
+
+
 REFERENCE_OPS: tuple[type[OpRun], ...] = (NbSmtConv, NbSmtMatMul)
+
+#: Corrections of standard ``onnx.reference`` ops that :func:`reference_evaluator` installs.
+STANDARD_OP_FIXES: tuple[type[OpRun], ...] = (BatchNormalization,)
 
 
 def reference_evaluator(model: onnx.ModelProto | str | bytes, **kwargs: Any) -> ReferenceEvaluator:
-    """A ``ReferenceEvaluator`` that runs NB-SMT graphs with the NumPy ops (no C++ library)."""
-    return ReferenceEvaluator(model, new_ops=list(REFERENCE_OPS), **kwargs)
+    """A ``ReferenceEvaluator`` that runs NB-SMT graphs with the NumPy ops (no C++ library).
+
+    Besides the NB-SMT ops it installs :data:`STANDARD_OP_FIXES`: an
+    inference-mode ``BatchNormalization`` for every opset (see
+    :class:`BatchNormalization`). ``new_ops`` given by the caller win over
+    these (``ReferenceEvaluator`` keeps the first class per op name).
+    """
+    extra = list(kwargs.pop("new_ops", None) or [])
+    return ReferenceEvaluator(model, new_ops=[*extra, *REFERENCE_OPS, *STANDARD_OP_FIXES], **kwargs)

@@ -845,3 +845,95 @@ def test_reference_evaluator_with_schemas_registered_first(tmp_path: Path) -> No
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def _bn_model(
+    opset: int, extra_outputs: tuple[str, ...] = (), **attrs: object
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x [4, 3, 5, 5] -> BatchNormalization -> y, with running statistics far from the batch's."""
+    rng = np.random.default_rng(5)
+    params = {
+        "gamma": rng.uniform(0.5, 1.5, 3).astype(np.float32),
+        "beta": rng.normal(0, 0.5, 3).astype(np.float32),
+        "mean": rng.normal(2.0, 0.5, 3).astype(np.float32),
+        "var": rng.uniform(2.0, 4.0, 3).astype(np.float32),
+    }
+    node = helper.make_node(
+        "BatchNormalization",
+        ["x", "gamma", "beta", "mean", "var"],
+        ["y", *extra_outputs],
+        epsilon=1e-3,
+        **attrs,
+    )
+    graph = helper.make_graph(
+        [node],
+        "bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3, 5, 5])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3, 5, 5]),
+            *(helper.make_tensor_value_info(o, TensorProto.FLOAT, [3]) for o in extra_outputs),
+        ],
+        initializer=[numpy_helper.from_array(v, k) for k, v in params.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    onnx.checker.check_model(model, full_check=True)
+    return model, params
+
+
+def _bn_inference(x: np.ndarray, p: dict[str, np.ndarray], eps: float) -> np.ndarray:
+    """Inference BN computed independently in float64 (running statistics)."""
+    c = (-1, 1, 1)
+    y = (x.astype(np.float64) - p["mean"].reshape(c)) / np.sqrt(p["var"].reshape(c) + eps)
+    return y * p["gamma"].reshape(c) + p["beta"].reshape(c)
+
+
+@pytest.mark.parametrize(
+    ("opset", "attrs"), [(9, {}), (11, {}), (13, {}), (15, {"training_mode": 0}), (17, {})]
+)
+def test_reference_evaluator_batchnorm_is_inference_mode(opset: int, attrs: dict) -> None:
+    """onnx.reference's own BN (opsets 9-13) uses batch statistics; ours the running ones."""
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    model, params = _bn_model(opset, **attrs)
+    x = np.random.default_rng(6).normal(0, 1, (4, 3, 5, 5)).astype(np.float32)
+    (got,) = ref.reference_evaluator(model).run(None, {"x": x})
+    want = _bn_inference(x, params, 1e-3)
+    assert got.dtype == np.float32
+    # float32 evaluation of a 4-operation formula vs float64: a few ulps of values ~1.
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # ONNX Runtime (inference semantics) computes the same function in float32.
+    np.testing.assert_allclose(got, sess.run(None, {"x": x})[0], rtol=1e-6, atol=1e-6)
+    if 9 <= opset <= 13:
+        # The bug this replaces: onnx.reference fills in momentum=0.9 and normalises with
+        # 0.9 * running + 0.1 * batch statistics. The batch mean is ~0 and the running mean
+        # ~2, so that moves the outputs by ~0.1-0.2 (measured 0.16); ours by < 1e-5.
+        (stock,) = ReferenceEvaluator(model).run(None, {"x": x})
+        assert np.abs(stock - want).max() > 0.05
+
+
+def test_reference_evaluator_refuses_training_mode_batchnorm() -> None:
+    model, _ = _bn_model(15, ("running_mean", "running_var"), training_mode=1)
+    x = np.zeros((4, 3, 5, 5), np.float32)
+    with pytest.raises(UnsupportedModelError, match="training_mode=1"):
+        ref.reference_evaluator(model).run(None, {"x": x})
+
+
+def test_reference_evaluator_caller_ops_win() -> None:
+    """``new_ops`` passed by the caller replace the built-in fixes."""
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return (np.full_like(x, 7.0),)
+
+    model, _ = _bn_model(11)
+    x = np.zeros((4, 3, 5, 5), np.float32)
+    (got,) = ref.reference_evaluator(model, new_ops=[BatchNormalization]).run(None, {"x": x})
+    assert np.all(got == 7.0)
