@@ -622,24 +622,6 @@ def check_disjoint_paths(eval_data: Any, calib_data: Any) -> None:
         )
 
 
-def _source_and_order(data: CalibrationData) -> tuple[Any, list[int] | None]:
-    """The indexed source of ``data`` and the source index of each sample in batch order.
-
-    ``calibration.data.CalibrationData`` keeps both private (``_source``,
-    ``_order``); a public read-only ``source`` / ``indices`` is requested
-    (see docs/evaluate.md, "Hooks"). Feed iterables have no source (None).
-    """
-    source = getattr(data, "source", None)
-    if not (hasattr(source, "get") and hasattr(source, "__len__")):
-        source = getattr(data, "_source", None)
-    order = getattr(data, "indices", None)
-    if order is None:
-        order = getattr(data, "_order", None)
-    if source is None:
-        return None, None
-    return source, [int(i) for i in order] if order is not None else None
-
-
 def _folder_files(path: Path, count: int) -> list[Path] | None:
     """The data folder's files in the order ``calibration.data`` indexes them (one sample per file)."""
     files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -670,8 +652,9 @@ def _open_eval_data(
     }
     if isinstance(eval_data, CalibrationData):
         # Already opened (API): keep its draw; labels index its source when it has one.
-        source, order = _source_and_order(eval_data)
-        if source is not None and order is not None:
+        source, indices = eval_data.source, eval_data.indices
+        if source is not None and indices is not None:
+            order = list(indices)
             resolved = None if labels is None else load_labels(labels, count=len(source))
             per_sample = None if resolved is None else resolved.values[np.asarray(order)]
             return _EvalStream(eval_data, order, per_sample), resolved
@@ -688,7 +671,7 @@ def _open_eval_data(
     # Open with one sample first to learn the source's size (asking for more than
     # it holds would log a calibration warning), then draw the real selection.
     probe = open_calibration_data(eval_data, specs, num_samples=1, **common)
-    source, _ = _source_and_order(probe)
+    source = probe.source
     if source is None:
         raise DataError(f"evaluation data {probe.description} is not an indexed source")
     total = len(source)
@@ -707,9 +690,9 @@ def _open_eval_data(
         seed=config.eval_seed,
         description=probe.description,
     )
-    _, order = _source_and_order(data)
-    if order is None or len(order) != data.num_samples:
+    if data.indices is None or len(data.indices) != data.num_samples:
         raise DataError(f"evaluation data {probe.description}: cannot map samples to labels")
+    order = list(data.indices)
     resolved = None
     per_sample = None
     if labels is not None:

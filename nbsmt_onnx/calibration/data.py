@@ -176,8 +176,12 @@ def _fmt_shape_spec(shape: tuple[int | None, ...]) -> str:
 # --------------------------------------------------------------------------- sources
 
 
-class _IndexedSource:
-    """Samples addressable by index: ``len()`` and ``get(i) -> {name: array without batch axis}``."""
+class IndexedSource:
+    """Samples addressable by index: ``len()`` and ``get(i) -> {name: array without batch axis}``.
+
+    ``get`` returns the raw sample; :class:`CalibrationData` validates it
+    (names, dtype, shape, NaN/Inf) when it builds a batch.
+    """
 
     description = ""
 
@@ -239,7 +243,7 @@ class _ArrayGroup:
         return {k: np.asarray(v[index]) for k, v in self.arrays.items()}
 
 
-class ArraySource(_IndexedSource):
+class ArraySource(IndexedSource):
     """In-memory or memory-mapped arrays: an ``.npz``, an ``.npy`` or a mapping from the API."""
 
     def __init__(self, arrays: Mapping[str, Any], specs: tuple[InputSpec, ...], where: str) -> None:
@@ -295,7 +299,7 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise DataError(f"cannot read {path}: {err}") from err
 
 
-class ArrayFolderSource(_IndexedSource):
+class ArrayFolderSource(IndexedSource):
     """A folder of .npy/.npz files; a few decoded files are cached (LRU)."""
 
     _CACHE_FILES = 4
@@ -350,7 +354,7 @@ class ArrayFolderSource(_IndexedSource):
         return {k: np.asarray(v if j is None else v[j]) for k, v in arrays.items()}
 
 
-class ImageFolderSource(_IndexedSource):
+class ImageFolderSource(IndexedSource):
     """A folder of PNG/JPEG images for a model with one 4-D input; decoded one at a time."""
 
     def __init__(
@@ -450,7 +454,7 @@ def load_image(path: Path, pre: ImagePreprocessing, channels: int, dtype: np.dty
     return np.ascontiguousarray(arr)
 
 
-class RandomSource(_IndexedSource):
+class RandomSource(IndexedSource):
     """Standard-normal samples (float inputs with static non-batch dims only). Smoke tests only."""
 
     description = "random (smoke test only)"
@@ -495,7 +499,7 @@ class CalibrationData:
         self,
         specs: tuple[InputSpec, ...],
         *,
-        source: _IndexedSource | None = None,
+        source: IndexedSource | None = None,
         feeds: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
         num_samples: int,
         batch_size: int,
@@ -567,6 +571,24 @@ class CalibrationData:
             self.batch_size = batch_size
             self.num_samples = num_samples
             self.num_batches = None
+
+    @property
+    def source(self) -> IndexedSource | None:
+        """The indexed source the samples are drawn from (``len(source)`` is its size).
+
+        None for feed iterables, which have no addressable samples. Read-only:
+        callers use it to map samples back to per-source data such as labels.
+        """
+        return self._source
+
+    @property
+    def indices(self) -> tuple[int, ...] | None:
+        """The source index of each sample, in batch order (None for feed iterables).
+
+        ``indices[k]`` is the source sample at position ``k`` of the
+        concatenated batches, i.e. the seeded draw of ``num_samples``.
+        """
+        return tuple(self._order) if self._source is not None else None
 
     def batches(self) -> Iterator[Feed]:
         """Yield validated feed dicts (float data cast to the model's float type)."""

@@ -54,6 +54,30 @@ def test_npz_keyed_sampling_is_seeded_and_complete(tmp_path: Path) -> None:
     )
 
 
+def test_source_and_indices_map_samples_to_the_source(tmp_path: Path) -> None:
+    """Public read-only ``source`` / ``indices``: sample k of the batches is source[indices[k]]."""
+    arr = _stack(10)
+    np.savez(tmp_path / "c.npz", x=arr)
+    data = _open(tmp_path / "c.npz", n=7, bs=3, seed=4)
+    assert data.source is not None and len(data.source) == 10
+    assert data.indices is not None and len(data.indices) == data.num_samples == 7
+    assert list(data.indices) == [int(i) for i in np.random.default_rng(4).permutation(10)[:7]]
+    np.testing.assert_array_equal(_all(data), arr[list(data.indices)])
+    for k, i in enumerate(data.indices):
+        np.testing.assert_array_equal(data.source.get(i)["x"], arr[i], err_msg=str(k))
+    with pytest.raises(AttributeError):
+        data.indices = (0,)  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        data.source = None  # type: ignore[misc]
+    # the model's fixed batch drops the remainder: indices follow
+    fixed = (InputSpec("x", np.dtype(np.float32), (2, 3, 4, 4)),)
+    data = _open({"x": arr}, fixed, n=5, seed=0)
+    assert data.indices is not None and len(data.indices) == 4 and len(data.source) == 10  # type: ignore[arg-type]
+    # feed iterables have no addressable samples
+    feeds = _open([{"x": _stack(2)}])
+    assert feeds.source is None and feeds.indices is None
+
+
 def test_unkeyed_npy_and_savez_positional(tmp_path: Path) -> None:
     arr = _stack(5)
     np.save(tmp_path / "c.npy", arr)
