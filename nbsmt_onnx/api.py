@@ -13,7 +13,15 @@
    data with the ``stats`` outputs exposed (outputs must be finite);
 8. build the exports (QDQ from the final simulation model) and verify the QDQ
    model with stock ONNX Runtime against the ``threads=1`` simulation;
-9. assemble the report.
+9. with an evaluation set (``eval_data``): score the simulation model against
+   the float model (and the int8 model) on held-out data with ``evaluate``'s
+   metric code and apply the pipeline gate (``max_drop`` / ``min_agreement``);
+10. assemble the report.
+
+Activation ranges (step 4) can be passed in (``ranges=``, e.g. the
+``TransformResult.ranges`` of an earlier transform of the same model on the
+same data): the float pass gives the same ranges whatever the NB-SMT
+settings, so a sweep needs it once.
 
 Nothing is written to disk here: :class:`TransformResult` holds the models
 and the report; ``TransformResult.save`` writes them through ``io``.
@@ -27,10 +35,10 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -55,7 +63,13 @@ from nbsmt_onnx.report import add_stats_outputs, build_report
 from nbsmt_onnx.runtime.library import get_library_path
 from nbsmt_onnx.runtime.session import SessionOptions, create_session
 
+if TYPE_CHECKING:
+    from nbsmt_onnx.evaluate import EvaluateConfig, EvaluationResult, EvaluationSet
+
 log = logging.getLogger(__name__)
+
+#: Report suffixes written as HTML (``html_report.write_html``); anything else is JSON.
+HTML_SUFFIXES = (".html", ".htm")
 
 METADATA_VERSION_KEY = "nbsmt_onnx.version"
 METADATA_SETTINGS_KEY = "nbsmt_onnx.settings"
@@ -103,7 +117,13 @@ def output_paths(
 
 @dataclass
 class TransformResult:
-    """What ``transform`` produced: the models (in memory) and the report dict."""
+    """What ``transform`` produced: the models (in memory) and the report dict.
+
+    ``ranges``: the activation range of every rewritten node's input (pass
+    them as ``transform(..., ranges=...)`` to skip the float calibration pass
+    in another transform of the same model and data). ``evaluation``: the
+    held-out evaluation and gate, when ``transform`` was given ``eval_data``.
+    """
 
     sim_model: onnx.ModelProto
     qdq_model: onnx.ModelProto | None
@@ -111,6 +131,18 @@ class TransformResult:
     config: TransformConfig
     source_path: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    ranges: dict[str, ActivationRange] = field(default_factory=dict)
+    evaluation: EvaluationResult | None = None
+
+    @property
+    def passed(self) -> bool:
+        """False when the evaluation set's gate (``max_drop`` / ``min_agreement``) was missed."""
+        return self.evaluation is None or self.evaluation.passed
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 3 when the gate was missed (the same code as ``nbsmt-onnx evaluate``)."""
+        return 0 if self.evaluation is None else self.evaluation.exit_code
 
     def output_paths(
         self, output: str | Path | None = None, qdq_output: str | Path | None = None
@@ -128,8 +160,10 @@ class TransformResult:
     ) -> list[Path]:
         """Write the configured exports (and the report, if a path is given); all or nothing.
 
-        Every destination is checked before anything is written; if a later
-        write fails, the files written by this call are removed again.
+        The report is HTML (``html_report.write_html``: one self-contained page
+        with plots) when ``report_path`` ends in ``.html`` / ``.htm``, JSON
+        otherwise. Every destination is checked before anything is written; if
+        a later write fails, the files written by this call are removed again.
         """
         paths = self.output_paths(output, qdq_output)
         protect = (self.source_path,) if self.source_path is not None else ()
@@ -148,7 +182,12 @@ class TransformResult:
                     )
                 written += io.save_model(model, path, force=force, protect=protect)
             if report_path is not None:
-                written.append(write_report(self.report, report_path, force=force))
+                if Path(report_path).suffix.lower() in HTML_SUFFIXES:
+                    from nbsmt_onnx.html_report import write_html
+
+                    written.append(write_html(self.report, report_path, force=force))
+                else:
+                    written.append(write_report(self.report, report_path, force=force))
         except NbsmtError:
             for p in written:
                 p.unlink(missing_ok=True)
@@ -349,23 +388,144 @@ def _no_candidates_error(plan: RewritePlan) -> UnsupportedModelError:
 # --------------------------------------------------------------------------- public API
 
 
+def _given_ranges(
+    ranges: Mapping[str, ActivationRange], tensors: Sequence[str]
+) -> dict[str, ActivationRange]:
+    """The caller's ranges for ``tensors``, checked (every tensor present, right type)."""
+    if not isinstance(ranges, Mapping):
+        raise ConfigError(
+            f"ranges must be a mapping of tensor name -> ActivationRange (TransformResult.ranges); "
+            f"got {type(ranges).__name__}"
+        )
+    missing = [t for t in tensors if t not in ranges]
+    if missing:
+        shown = ", ".join(repr(t) for t in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ConfigError(
+            f"ranges has no range for {len(missing)} activation tensor(s) ({shown}); pass the "
+            "TransformResult.ranges of a transform of the same model with the same selection"
+        )
+    out = {}
+    for t in tensors:
+        value = ranges[t]
+        if not isinstance(value, ActivationRange):
+            raise ConfigError(
+                f"ranges[{t!r}] must be an ActivationRange; got {type(value).__name__}"
+            )
+        out[t] = value
+    return out
+
+
+def _produced_row(config: TransformConfig, recalibrated: bool) -> Any:
+    """The evaluation row of the model ``transform`` produces (the gated row)."""
+    from nbsmt_onnx.evaluate import RowSpec
+
+    base = "int8" if config.threads == 1 else "nbsmt"
+    kind = base + ("+recal" if recalibrated else "")
+    return RowSpec(kind, config.threads, config.mapping, config.reduce)
+
+
+def _open_evaluation_set(
+    float_model: onnx.ModelProto,
+    source_path: Path | None,
+    calib_data: Any,
+    eval_data: Any,
+    eval_labels: Any,
+    eval_config: EvaluateConfig | None,
+    produced_kind: str,
+    images: ImagePreprocessing | None,
+) -> EvaluationSet:
+    """Open and check the held-out data before any long pass (step 9 uses it)."""
+    from nbsmt_onnx.evaluate import EvaluateConfig, check_disjoint_paths, open_evaluation
+
+    if eval_config is None:
+        eval_config = EvaluateConfig()
+    if not isinstance(eval_config, EvaluateConfig):
+        raise ConfigError(
+            f"eval_config must be an EvaluateConfig; got {type(eval_config).__name__}"
+        )
+    check_disjoint_paths(eval_data, calib_data)
+    kinds = ["float32"]
+    if eval_config.reference == "int8" and produced_kind != "int8":
+        kinds.append("int8")
+    kinds.append(produced_kind)
+    ev_config = replace(eval_config, rows=tuple(kinds), gate_rows=(produced_kind,))
+    return open_evaluation(
+        float_model,
+        eval_data,
+        ev_config,
+        labels=eval_labels,
+        images=images,
+        model_name=str(source_path) if source_path else "<ModelProto>",
+    )
+
+
+def _evaluate_produced(
+    evaluation_set: EvaluationSet,
+    int8_model: onnx.ModelProto,
+    sim_model: onnx.ModelProto,
+    produced: Any,
+    data: CalibrationData,
+    recal_report: dict[str, Any] | None,
+    prepare_s: float,
+) -> EvaluationResult:
+    """Step 9: the produced model (and float32, int8 with --reference int8) on held-out data."""
+    from nbsmt_onnx.evaluate import ModelRow, RowSpec, evaluate_models
+
+    rows = [ModelRow(RowSpec("float32"), None, "float32")]
+    if "int8" in evaluation_set.config.row_kinds and produced.kind != "int8":
+        rows.append(
+            ModelRow(RowSpec("int8", 1, "channel", "activations"), int8_model, "int8 (T=1)")
+        )
+    rows.append(
+        ModelRow(
+            produced, sim_model, produced.name({}), prepare_s=prepare_s,
+            recalibration=recal_report if produced.recalibrated else None,
+        )
+    )  # fmt: skip
+    return evaluate_models(evaluation_set, rows, int8_model=int8_model, calib=data)
+
+
 def transform(
     model: str | Path | onnx.ModelProto,
     calib_data: Any,
     config: TransformConfig | None = None,
     *,
     images: ImagePreprocessing | None = None,
+    ranges: Mapping[str, ActivationRange] | None = None,
+    eval_data: Any = None,
+    eval_labels: Any = None,
+    eval_config: EvaluateConfig | None = None,
 ) -> TransformResult:
     """Rewrite ``model`` into an NB-SMT simulation model (and a QDQ model) — see the module doc.
 
     ``calib_data``: a path (.npz, .npy, folder of arrays or images), ``"random"``
     (smoke tests only), a dict of arrays, or an iterable of feed dicts.
+
+    ``ranges``: activation ranges to use instead of the float calibration pass
+    (``TransformResult.ranges`` of a transform of the same model, data and
+    selection; every rewritten node's input must be present).
+
+    ``eval_data`` (held-out data, the sources ``calib_data`` takes) turns on
+    step 9: the produced simulation model is scored against the float model
+    with ``evaluate``'s metrics (top-1/top-5 with ``eval_labels``, agreement,
+    KL, cosine, SQNR), and the gate of ``eval_config`` (an ``EvaluateConfig``:
+    ``max_drop`` vs its ``reference`` row, ``min_agreement``; also
+    ``eval_samples``, ``eval_batch_size``, ``eval_seed``, ``output``,
+    ``output_kind``, ``layer_samples``) is applied to it. Its rows are
+    float32, int8 (when ``reference="int8"``) and the produced model; its
+    ``rows``, ``gate_rows``, sweep and ``transform`` fields are not used. The
+    result is in ``TransformResult.evaluation`` and ``report["evaluation"]``;
+    a missed gate does not raise: ``TransformResult.exit_code`` is 3.
     """
     started = time.perf_counter()
     warnings: list[str] = []
     config = TransformConfig() if config is None else config
     if not isinstance(config, TransformConfig):
         raise ConfigError(f"config must be a TransformConfig; got {type(config).__name__}")
+    if eval_data is None and (eval_labels is not None or eval_config is not None):
+        raise ConfigError(
+            "evaluation labels / thresholds need held-out evaluation data (eval_data, --eval-data)"
+        )
     get_library_path()  # fail before any long pass if the library is missing
     _register_schemas()
 
@@ -395,11 +555,24 @@ def transform(
     if not plan.candidates:
         raise _no_candidates_error(plan)
 
-    ranges: dict[str, ActivationRange] = collect_ranges(
-        float_model, plan.activation_tensors, data, config.ranges, progress=config.progress
-    )
+    recalibrates = config.recalibration.enabled and not data.is_random
+    produced = _produced_row(config, recalibrates) if eval_data is not None else None
+    evaluation_set = None
+    if produced is not None:
+        evaluation_set = _open_evaluation_set(
+            float_model, source_path, calib_data, eval_data, eval_labels, eval_config,
+            produced.kind, images,
+        )  # fmt: skip
 
-    rewritten = rewrite_model(float_model, plan, ranges, config)
+    if ranges is None:
+        act_ranges = collect_ranges(
+            float_model, plan.activation_tensors, data, config.ranges, progress=config.progress
+        )
+    else:
+        act_ranges = _given_ranges(ranges, plan.activation_tensors)
+        log.info("using %d activation range(s) given by the caller", len(act_ranges))
+
+    rewritten = rewrite_model(float_model, plan, act_ranges, config)
     io.check_model(rewritten.model, what="simulation model")
 
     sim_model, recal_report = _recalibrate(float_model, rewritten, data, config)
@@ -418,6 +591,17 @@ def transform(
             sim_model, qdq_model, data.first_batch()
         )
 
+    evaluation = None
+    if evaluation_set is not None:
+        from nbsmt_onnx.evaluate import with_nbsmt_settings
+
+        int8_model = with_nbsmt_settings(rewritten.model, 1, config.mapping, config.reduce)
+        evaluation = _evaluate_produced(
+            evaluation_set, int8_model, sim_model, produced, data, recal_report,
+            time.perf_counter() - started,
+        )  # fmt: skip
+        warnings.extend(w for w in evaluation.warnings if w not in warnings)
+
     report = build_report(
         version=_version(),
         settings=settings,
@@ -428,6 +612,7 @@ def transform(
             "batch_size": data.batch_size,
             "seed": data.seed,
             "random": data.is_random,
+            "activation_ranges": "calibrated" if ranges is None else "given by the caller",
         },
         rewritten=rewritten.rewritten,
         skipped=rewritten.skipped,
@@ -437,8 +622,21 @@ def transform(
         exports=exports,
         warnings=warnings,
     )
+    if evaluation is not None:
+        report["evaluation"] = {
+            k: v for k, v in evaluation.to_dict().items() if k not in ("transform", "warnings")
+        }
     report["wall_time_s"] = round(time.perf_counter() - started, 3)
-    return TransformResult(sim_model, qdq_model, report, config, source_path, warnings)
+    return TransformResult(
+        sim_model,
+        qdq_model,
+        report,
+        config,
+        source_path,
+        warnings,
+        ranges=dict(act_ranges),
+        evaluation=evaluation,
+    )
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,42 @@ def _floats(value: str, name: str) -> tuple[float, ...]:
     "--report",
     "report_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the JSON report here.",
+    help="Write the report here: HTML when PATH ends in .html/.htm, JSON otherwise.",
+)
+@click.option(
+    "--eval-data",
+    metavar="DATA",
+    help="Held-out data: score the produced model against float32 (pipeline gate).",
+)
+@click.option(
+    "--eval-labels",
+    metavar="LABELS",
+    help="Labels of --eval-data: .npy, .csv or 'folders' [default: agreement with float32].",
+)
+@click.option(
+    "--eval-samples", type=int, default=None, help="Evaluate a seeded subset of N samples."
+)
+@click.option(
+    "--eval-batch-size", type=int, default=16, show_default=True, help="Evaluation batch size."
+)
+@click.option(
+    "--reference",
+    type=click.Choice(["float32", "int8"]),
+    default="float32",
+    show_default=True,
+    help="Row --max-drop is measured against.",
+)
+@click.option(
+    "--max-drop",
+    type=float,
+    default=None,
+    help="Gate: max top-1 drop in points vs --reference (exit 3 if missed).",
+)
+@click.option(
+    "--min-agreement",
+    type=float,
+    default=None,
+    help="Gate: min top-1 agreement with float32, e.g. 0.95 (exit 3 if missed).",
 )
 @click.option(
     "--resize", metavar="N|HxW", help="Images: resize the shorter side to N, or to HxW exactly."
@@ -296,7 +331,12 @@ def _floats(value: str, name: str) -> tuple[float, ...]:
 )
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def transform_command(model: Path, **kw: Any) -> None:
-    """Rewrite MODEL into an NB-SMT simulation model (and/or a QDQ model) with a report."""
+    """Rewrite MODEL into an NB-SMT simulation model (and/or a QDQ model) with a report.
+
+    With --eval-data, the produced model is also scored on held-out data
+    (table printed, numbers in the report). Exit codes: 0 ok, 2 user error,
+    3 a threshold (--max-drop/--min-agreement) was missed (outputs are written).
+    """
     from nbsmt_onnx.api import output_paths, transform
     from nbsmt_onnx.config import (
         ImagePreprocessing,
@@ -340,6 +380,7 @@ def transform_command(model: Path, **kw: Any) -> None:
         layout=str(kw.pop("layout")),
         channel_order=str(kw.pop("channel_order")),
     )
+    eval_config, eval_data, eval_labels = _transform_evaluation(kw, config.progress)
     force = bool(kw.pop("force"))
     report_path = kw.pop("report_path")
     paths = output_paths(model, config.export, kw.pop("output"), kw.pop("qdq_output"))
@@ -353,7 +394,15 @@ def transform_command(model: Path, **kw: Any) -> None:
             err=True,
         )
 
-    result = transform(model, calib, config, images=images)
+    result = transform(
+        model,
+        calib,
+        config,
+        images=images,
+        eval_data=eval_data,
+        eval_labels=eval_labels,
+        eval_config=eval_config,
+    )
     written = result.save(
         paths.get("sim", paths.get("qdq")),
         qdq_output=paths.get("qdq") if "sim" in paths else None,
@@ -373,6 +422,39 @@ def transform_command(model: Path, **kw: Any) -> None:
         )
     for path in written:
         click.echo(f"wrote {path}")
+    if result.evaluation is not None:
+        click.echo(result.evaluation.format_table())
+        sys.exit(result.exit_code)
+
+
+def _transform_evaluation(kw: dict[str, Any], progress: bool) -> tuple[Any, Any, Any]:
+    """``transform``'s evaluation options -> (EvaluateConfig | None, eval data, labels)."""
+    from nbsmt_onnx.evaluate import EvaluateConfig
+
+    eval_data, eval_labels = kw.pop("eval_data"), kw.pop("eval_labels")
+    options = {
+        "eval_samples": kw.pop("eval_samples"),
+        "eval_batch_size": kw.pop("eval_batch_size"),
+        "reference": str(kw.pop("reference")),
+        "max_drop": kw.pop("max_drop"),
+        "min_agreement": kw.pop("min_agreement"),
+    }
+    if eval_data is None:
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name, value in (
+                ("eval_labels", eval_labels),
+                ("eval_samples", options["eval_samples"]),
+                ("max_drop", options["max_drop"]),
+                ("min_agreement", options["min_agreement"]),
+                ("reference", None if options["reference"] == "float32" else "int8"),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need(s) held-out data: add --eval-data DATA")
+        return None, None, None
+    return EvaluateConfig(progress=progress, **options), eval_data, eval_labels
 
 
 @main.command("inspect")

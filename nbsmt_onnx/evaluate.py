@@ -69,7 +69,7 @@ from nbsmt_onnx.calibration.data import (
 )
 from nbsmt_onnx.calibration.labels import Labels, load_labels
 from nbsmt_onnx.config import ImagePreprocessing, TransformConfig
-from nbsmt_onnx.errors import ConfigError, DataError, NbsmtError, OutputError
+from nbsmt_onnx.errors import ConfigError, DataError, InternalError, NbsmtError, OutputError
 from nbsmt_onnx.metrics import (
     OUTPUT_KINDS,
     Agreement,
@@ -875,6 +875,103 @@ def _gate(rows: Sequence[EvaluationRow], config: EvaluateConfig, labelled: bool)
 # --------------------------------------------------------------------------- evaluate
 
 
+@dataclass(frozen=True)
+class ModelRow:
+    """One row to score with :func:`evaluate_models`: its settings and its model.
+
+    ``model`` is None for the float32 row (the evaluation set's float model)
+    and for rows that could not be built (``available=False``, with a ``note``
+    saying why). ``prepare_s``: time spent building the model (shown in the
+    table); ``recalibration``: the transform report's recalibration section.
+    """
+
+    spec: RowSpec
+    model: onnx.ModelProto | None
+    name: str
+    prepare_s: float = 0.0
+    recalibration: Mapping[str, Any] | None = None
+    available: bool = True
+    note: str | None = None
+
+
+@dataclass
+class EvaluationSet:
+    """Held-out data opened and checked against a float model; built by :func:`open_evaluation`."""
+
+    float_model: onnx.ModelProto
+    model_name: str
+    specs: tuple[InputSpec, ...]
+    output: str
+    output_kind: str
+    classification: bool
+    stream: _EvalStream
+    labels: Labels | None
+    float_session: Any
+    config: EvaluateConfig
+
+    @property
+    def labelled(self) -> bool:
+        return self.stream.labels is not None
+
+
+def open_evaluation(
+    float_model: onnx.ModelProto,
+    eval_data: Any,
+    config: EvaluateConfig,
+    *,
+    labels: Any = None,
+    images: ImagePreprocessing | None = None,
+    model_name: str = "<ModelProto>",
+) -> EvaluationSet:
+    """Open the evaluation data and labels and check them on the float model's first batch.
+
+    Fails fast (before any long pass): unknown ``config.output``, data that do
+    not fit the model, labels that do not match the samples, a non-classification
+    output with labels, labels outside the model's classes. Also decides the
+    output kind (``config.output_kind="auto"``).
+    """
+    if isinstance(eval_data, str) and eval_data == "random":
+        raise DataError("evaluation data cannot be 'random'; pass held-out data with --data")
+    out_names = [o.name for o in float_model.graph.output]
+    output = config.output or out_names[0]
+    if output not in out_names:
+        raise ConfigError(f"model has no output {output!r}; its outputs are {', '.join(out_names)}")
+    specs = model_inputs(float_model)
+    stream, resolved_labels = _open_eval_data(eval_data, labels, specs, config, images)
+    sopts = SessionOptions(intra_op_threads=config.session_threads)
+    with io.session_source(float_model) as src:
+        float_session = create_session(src, sopts)
+    first = np.asarray(float_session.run([output], stream.data.first_batch())[0])
+    scores = as_classification(first)
+    output_kind = config.output_kind
+    if output_kind == "auto":
+        output_kind = detect_output_kind(scores) if scores is not None else "logits"
+        log.info("output %r read as %s", output, output_kind)
+    if stream.labels is not None:
+        if scores is None:
+            raise DataError(
+                f"labels need a classification output [N, classes]; output {output!r} has shape "
+                f"{tuple(first.shape)}; evaluate without --labels for fidelity metrics"
+            )
+        if stream.labels.size and int(stream.labels.max()) >= scores.shape[1]:
+            raise DataError(
+                f"label {int(stream.labels.max())} is outside the model's {scores.shape[1]} classes "
+                f"(0..{scores.shape[1] - 1}); check the label file"
+            )
+    return EvaluationSet(
+        float_model=float_model,
+        model_name=model_name,
+        specs=specs,
+        output=output,
+        output_kind=output_kind,
+        classification=scores is not None,
+        stream=stream,
+        labels=resolved_labels,
+        float_session=float_session,
+        config=config,
+    )
+
+
 def evaluate(
     model: str | Path | onnx.ModelProto,
     eval_data: Any,
@@ -912,10 +1009,11 @@ def evaluate(
     else:
         float_model = io.load_model(Path(model))
         model_name = str(model)
-    out_names = [o.name for o in float_model.graph.output]
-    output = config.output or out_names[0]
-    if output not in out_names:
-        raise ConfigError(f"model has no output {output!r}; its outputs are {', '.join(out_names)}")
+    if config.output is not None and config.output not in {
+        o.name for o in float_model.graph.output
+    }:
+        names = ", ".join(o.name for o in float_model.graph.output)
+        raise ConfigError(f"model has no output {config.output!r}; its outputs are {names}")
 
     specs = model_inputs(float_model)
     tc = config.transform
@@ -923,44 +1021,16 @@ def evaluate(
         calib_data, specs, num_samples=tc.num_samples, batch_size=tc.batch_size, seed=tc.seed,
         images=images,
     )  # fmt: skip
-    stream, resolved_labels = _open_eval_data(eval_data, labels, specs, config, images)
-    labelled = stream.labels is not None
-    sopts = SessionOptions(intra_op_threads=config.session_threads)
-
-    # Fail fast on the float model's first batch: output kind, classification shape, labels.
-    with io.session_source(float_model) as src:
-        float_session = create_session(src, sopts)
-    first = np.asarray(float_session.run([output], stream.data.first_batch())[0])
-    scores = as_classification(first)
-    classification = scores is not None
-    output_kind = config.output_kind
-    if output_kind == "auto":
-        output_kind = detect_output_kind(scores) if scores is not None else "logits"
-        log.info("output %r read as %s", output, output_kind)
-    if labelled:
-        assert stream.labels is not None
-        if scores is None:
-            raise DataError(
-                f"labels need a classification output [N, classes]; output {output!r} has shape "
-                f"{tuple(first.shape)}; evaluate without --labels for fidelity metrics"
-            )
-        if stream.labels.size and int(stream.labels.max()) >= scores.shape[1]:
-            raise DataError(
-                f"label {int(stream.labels.max())} is outside the model's {scores.shape[1]} classes "
-                f"(0..{scores.shape[1] - 1}); check the label file"
-            )
-
-    # Content hashes of the calibration samples actually used (one streamed load pass).
-    calib_digests: set[bytes] = set()
-    if not calib.is_random:
-        for batch in calib.batches():
-            calib_digests.update(_sample_digests(batch, specs))
+    evaluation = open_evaluation(
+        float_model, eval_data, config, labels=labels, images=images, model_name=model_name
+    )
 
     swept = {"mapping": len(config.mappings) > 1, "reduce": len(config.reduces) > 1}
-    runners = [_Runner(s, s.id, s.name(swept)) for s in plan_rows(config)]
+    planned = plan_rows(config)
+    unavailable: dict[str, str] = {}
     recal_ok = _recalibration_available()
-    for r in runners:
-        if not r.spec.recalibrated:
+    for spec in planned:
+        if not spec.recalibrated:
             continue
         reason = None
         if not recal_ok:
@@ -969,35 +1039,105 @@ def evaluate(
             reason = "random calibration data (recalibration needs real data)"
         if reason is not None:
             if config.rows is not None:
-                raise ConfigError(f"row {r.spec.kind!r} cannot be computed: {reason}")
-            r.available, r.note = False, reason
-            warnings.append(f"{r.name}: unavailable: {reason}")
+                raise ConfigError(f"row {spec.kind!r} cannot be computed: {reason}")
+            unavailable[spec.id] = reason
+            warnings.append(f"{spec.name(swept)}: unavailable: {reason}")
 
-    # --- models: one int8 transform, attribute edits, one transform per recalibrated row
+    # --- models: one int8 transform, attribute edits, one transform per recalibrated row.
+    # The recalibrated rows reuse the int8 transform's activation ranges (the float pass
+    # over the calibration data gives the same ranges for every variant).
     t0 = time.perf_counter()
     int8_spec = RowSpec("int8", 1, "channel", "activations")
     base = transform(float_model, calib, _variant_config(tc, int8_spec))
     base_s = time.perf_counter() - t0
     warnings.extend(w for w in base.warnings if w not in warnings)
     int8_model = base.sim_model
-    for r in runners:
-        if not r.available:
-            continue
-        t0 = time.perf_counter()
-        if r.spec.is_float:
-            r.session = float_session
-        elif not r.spec.recalibrated:
-            assert r.spec.threads and r.spec.mapping and r.spec.reduce
-            r.model = with_nbsmt_settings(int8_model, r.spec.threads, r.spec.mapping, r.spec.reduce)
-            r.prepare_s = base_s if r.spec.kind == "int8" else 0.0
+    rows: list[ModelRow] = []
+    for spec in planned:
+        name = spec.name(swept)
+        if spec.id in unavailable:
+            rows.append(ModelRow(spec, None, name, available=False, note=unavailable[spec.id]))
+        elif spec.is_float:
+            rows.append(ModelRow(spec, None, name))
+        elif not spec.recalibrated:
+            assert spec.threads and spec.mapping and spec.reduce
+            model_t = with_nbsmt_settings(int8_model, spec.threads, spec.mapping, spec.reduce)
+            rows.append(
+                ModelRow(spec, model_t, name, prepare_s=base_s if spec.kind == "int8" else 0.0)
+            )
         else:
-            log.info("transform with recalibration: %s", r.name)
-            res = transform(float_model, calib, _variant_config(tc, r.spec))
-            r.model = res.sim_model
-            r.recalibration = res.report.get("recalibration")
-            r.prepare_s = time.perf_counter() - t0
+            log.info("transform with recalibration: %s", name)
+            t0 = time.perf_counter()
+            res = transform(float_model, calib, _variant_config(tc, spec), ranges=base.ranges)
+            rows.append(
+                ModelRow(
+                    spec, res.sim_model, name, prepare_s=time.perf_counter() - t0,
+                    recalibration=res.report.get("recalibration"),
+                )
+            )  # fmt: skip
+    return evaluate_models(
+        evaluation,
+        rows,
+        int8_model=int8_model,
+        calib=calib,
+        warnings=warnings,
+        transform_report=base.report,
+        started=started,
+    )
+
+
+def evaluate_models(
+    evaluation: EvaluationSet,
+    rows: Sequence[ModelRow],
+    *,
+    int8_model: onnx.ModelProto,
+    calib: CalibrationData,
+    warnings: Sequence[str] = (),
+    transform_report: Mapping[str, Any] | None = None,
+    started: float | None = None,
+) -> EvaluationResult:
+    """Score ``rows`` (models already built) on ``evaluation``'s data; apply the gate.
+
+    ``int8_model``: the threads=1 model the per-layer SQNR of the NB-SMT rows
+    is measured against; ``calib``: the calibration data the models were built
+    with (its samples are hashed to warn about evaluation samples that also
+    occur in it, and it is described in the result). ``evaluate`` and
+    ``transform`` (with an evaluation set) both end here.
+    """
+    config = evaluation.config
+    started = time.perf_counter() if started is None else started
+    warnings = list(warnings)
+    specs = evaluation.specs
+    output, output_kind = evaluation.output, evaluation.output_kind
+    stream = evaluation.stream
+    labelled = evaluation.labelled
+    sopts = SessionOptions(intra_op_threads=config.session_threads)
+
+    # Content hashes of the calibration samples actually used (one streamed load pass).
+    calib_digests: set[bytes] = set()
+    if not calib.is_random:
+        for batch in calib.batches():
+            calib_digests.update(_sample_digests(batch, specs))
+
+    runners: list[_Runner] = []
+    for row in rows:
+        r = _Runner(
+            row.spec, row.spec.id, row.name, available=row.available, note=row.note,
+            prepare_s=row.prepare_s, recalibration=row.recalibration,
+        )  # fmt: skip
+        if row.available:
+            if row.spec.is_float:
+                r.session = evaluation.float_session
+            elif row.model is None:
+                raise InternalError(f"row {row.spec.id!r} is available but has no model")
+            else:
+                r.model = row.model
+        runners.append(r)
+    if len({r.row_id for r in runners}) != len(runners):
+        raise InternalError(f"duplicate row ids: {[r.row_id for r in runners]}")
 
     # --- sessions: stats outputs everywhere; NB-SMT layer outputs for per-layer SQNR vs int8
+    int8_spec = RowSpec("int8", 1, "channel", "activations")
     available = [r for r in runners if r.available]
     nbsmt_rows = [r for r in available if not r.spec.is_float]
     want_layers = config.layer_samples > 0 and any(r.spec.kind != "int8" for r in nbsmt_rows)
@@ -1100,15 +1240,15 @@ def evaluate(
     if within_eval:
         log.info("%d evaluation sample(s) occur more than once in the evaluation data", within_eval)
 
-    rows = tuple(_finish_row(r, labelled) for r in runners)
-    gate = _gate(rows, config, labelled)
+    finished = tuple(_finish_row(r, labelled) for r in runners)
+    gate = _gate(finished, config, labelled)
     return EvaluationResult(
-        rows=rows,
-        model=model_name,
+        rows=finished,
+        model=evaluation.model_name,
         output=output,
         output_kind=output_kind,
-        classification=classification,
-        labels=resolved_labels.description if resolved_labels is not None else None,
+        classification=evaluation.classification,
+        labels=evaluation.labels.description if evaluation.labels is not None else None,
         eval_data={
             "source": stream.data.description,
             "samples": position,
@@ -1128,7 +1268,7 @@ def evaluate(
         config=config,
         warnings=tuple(warnings),
         wall_time_s=time.perf_counter() - started,
-        transform_report=base.report,
+        transform_report=dict(transform_report or {}),
     )
 
 
@@ -1197,13 +1337,17 @@ __all__ = [
     "EvaluateConfig",
     "EvaluationResult",
     "EvaluationRow",
+    "EvaluationSet",
     "GateCheck",
     "GateResult",
+    "ModelRow",
     "NbsmtError",
     "RowSpec",
     "check_disjoint_paths",
     "evaluate",
+    "evaluate_models",
     "format_table",
+    "open_evaluation",
     "plan_rows",
     "with_nbsmt_settings",
     "write_text",

@@ -599,6 +599,39 @@ def _render_evaluation(result: Mapping[str, Any]) -> str:
     return _page("nbsmt-onnx evaluation", "".join(parts))
 
 
+def _transform_accuracy(evaluation: Mapping[str, Any] | None) -> list[str]:
+    """The accuracy table and gate of ``transform --eval-data`` (the report's ``evaluation``)."""
+    if not evaluation:
+        return [
+            "<h2>Accuracy</h2>",
+            _na(
+                "the transform ran without an evaluation set; pass --eval-data "
+                "(or run nbsmt-onnx evaluate --report)"
+            ),
+        ]
+    ev = evaluation.get("eval_data") or {}
+    labelled = bool(evaluation.get("labels"))
+    meta = (
+        f'<p class="meta">Evaluation: {_esc(ev.get("samples"))} samples of '
+        f"{_esc(ev.get('source'))} (seed {_esc(ev.get('seed'))}); output "
+        f"<code>{_esc(evaluation.get('output'))}</code> read as "
+        f"{_esc(evaluation.get('output_kind'))}. "
+        + (
+            f"Labels: {_esc(evaluation['labels'])}."
+            if labelled
+            else "No labels: fidelity to the float32 model."
+        )
+        + "</p>"
+    )
+    return [
+        "<h2>Accuracy</h2>",
+        meta,
+        _evaluation_table(evaluation),
+        "<h2>Pipeline gate</h2>",
+        _gate_section(evaluation),
+    ]
+
+
 def _render_transform(report: Mapping[str, Any]) -> str:
     settings = report.get("settings") or {}
     data = report.get("calibration_data") or {}
@@ -621,8 +654,7 @@ def _render_transform(report: Mapping[str, Any]) -> str:
             ]],
             left=0,
         ),
-        "<h2>Accuracy</h2>",
-        _na("the transform report holds no evaluation; run nbsmt-onnx evaluate --report"),
+        *_transform_accuracy(report.get("evaluation")),
         _transform_layers(report),
         _recalibration_section([("transform", report.get("recalibration"))]),
         "<h2>Quantization</h2>",
