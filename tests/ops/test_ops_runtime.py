@@ -3,6 +3,7 @@ a fresh process, ORT's own shape inference, and clean errors for bad models."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -127,6 +128,148 @@ def test_saved_model_runs_in_fresh_process(tmp_path: Path) -> None:
         assert same_bits(fresh[name], value), name
     failures = [f for i, c in enumerate(cases) if (f := compare(c, i, fresh)) is not None]
     assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------- weights fed at run time
+# Each node keeps its prepared weights across runs while the weight input's bytes
+# are unchanged (custom_ops/src/ort/weight_cache.h). These tests change the bytes
+# (and the shape) of Wq / Bq between runs of one session: a stale cache entry
+# would return the previous weights' result.
+
+
+def _runtime_weight_cases() -> list[Case]:
+    """Every setting, Conv and MatMul, with Wq / Bq (and scales, bias) as graph inputs."""
+    cases = _medium_cases()
+    for c in cases:
+        c.runtime_weights = True
+    return cases
+
+
+def _wq(case: Case) -> np.ndarray:
+    """The case's Wq / Bq array (a required input, never None)."""
+    w = case.inputs[1]
+    assert w is not None
+    return w
+
+
+def _new_weights(old: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Other int8 weights of the same shape (about 30 % zeros, values in [-127, 127])."""
+    w = rng.integers(-127, 128, old.shape) * (rng.random(old.shape) >= 0.3)
+    return w.astype(np.int8)
+
+
+def _differs(a: Case, b: Case) -> bool:
+    """The reference results of two cases differ (else a stale cache would go unnoticed)."""
+    (ya, sa), (yb, sb) = a.expected(), b.expected()
+    return not (same_bits(ya, yb) and same_bits(sa, sb))
+
+
+def _check(cases: list[Case], got: dict[str, np.ndarray], what: str) -> None:
+    failures = [f for i, c in enumerate(cases) if (f := compare(c, i, got)) is not None]
+    assert not failures, f"{what}:\n" + "\n".join(failures)
+
+
+def test_weights_changed_in_place_between_runs() -> None:
+    """Same session, same feed arrays: new Wq bytes give the new result, old bytes the old one."""
+    cases = _runtime_weight_cases()
+    model, feeds = build_model(cases)  # feeds hold the very arrays in case.inputs
+    session = create_session(model, SessionOptions(intra_op_threads=2))
+    names = [o.name for o in session.get_outputs()]
+
+    def run() -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, feeds), strict=True))
+
+    rng = np.random.default_rng(11)
+    before = [
+        dataclasses.replace(c, inputs=[c.inputs[0], _wq(c).copy(), *c.inputs[2:]]) for c in cases
+    ]
+    _check(cases, run(), "first run")
+    for c in cases:
+        _wq(c)[...] = _new_weights(_wq(c), rng)  # in place: same buffer, new bytes
+    unchanged = [c.describe() for c, b in zip(cases, before, strict=True) if not _differs(c, b)]
+    assert not unchanged, f"new weights do not change the reference result: {unchanged}"
+    _check(cases, run(), "after changing the weights")
+    for c, b in zip(cases, before, strict=True):
+        _wq(c)[...] = _wq(b)
+    _check(cases, run(), "after restoring the weights")
+
+
+def _symbolic_weight_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every dim of the non-activation graph inputs symbolic."""
+    for inp in model.graph.input:
+        if inp.name.endswith(("_X", "_A")):
+            continue
+        for j, dim in enumerate(inp.type.tensor_type.shape.dim):
+            dim.dim_param = f"{inp.name}_d{j}"
+    return model
+
+
+def _with_outputs(case: Case, outputs: int, rng: np.random.Generator) -> Case:
+    """``case`` with another number of output channels / columns (new weights, scales, bias)."""
+    x, wq, scale, w_scale, bias = case.inputs
+    assert wq is not None and w_scale is not None
+    shape = list(wq.shape)
+    shape[0 if case.op == schema.CONV else 1] = outputs
+    new_wq = _new_weights(np.empty(shape, np.int8), rng)
+    new_scale = np.resize(w_scale, outputs).astype(np.float32)
+    new_bias = None if bias is None else np.resize(bias, outputs).astype(np.float32)
+    return dataclasses.replace(case, inputs=[x, new_wq, scale, new_scale, new_bias])
+
+
+def test_weight_shape_changed_between_runs() -> None:
+    """Same session, Wq / Bq of another shape (symbolic graph input dims): the new result."""
+    conv, matmul = large_conv_case(3000), large_matmul_case(3001)
+    conv.attributes["group"] = 1
+    cases = [conv, matmul]
+    for c in cases:
+        c.runtime_weights = True
+        c.with_stats = True
+    model, _ = build_model(cases)
+    session = create_session(_symbolic_weight_dims(model), SessionOptions(intra_op_threads=2))
+    names = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(12)
+    for step in range(3):
+        run_cases = cases if step != 1 else [_with_outputs(c, 7, rng) for c in cases]
+        _, run_feeds = build_model(run_cases)
+        got = dict(zip(names, session.run(names, run_feeds), strict=True))
+        _check(run_cases, got, f"run {step}")
+
+
+def test_one_session_two_threads_with_different_weights() -> None:
+    """ORT may run one kernel concurrently: two Python threads share a session and feed
+    different weights; every result must be the reference of the weights it was run with."""
+    cases = _runtime_weight_cases()
+    model, feeds_a = build_model(cases)
+    rng = np.random.default_rng(13)
+    other = [
+        dataclasses.replace(c, inputs=[c.inputs[0], _new_weights(_wq(c), rng), *c.inputs[2:]])
+        for c in cases
+    ]
+    _, feeds_b = build_model(other)
+    session = create_session(model, SessionOptions(intra_op_threads=2))
+    names = [o.name for o in session.get_outputs()]
+    results: list[list[dict[str, np.ndarray]]] = [[], []]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def work(index: int, feeds: dict[str, np.ndarray]) -> None:
+        try:
+            start.wait()
+            for _ in range(4):
+                results[index].append(dict(zip(names, session.run(names, feeds), strict=True)))
+        except BaseException as err:  # reported below; a thread cannot fail the test itself
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i, f)) for i, f in enumerate((feeds_a, feeds_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for index, (run_cases, runs) in enumerate(zip((cases, other), results, strict=True)):
+        _check(run_cases, runs[0], f"thread {index}")
+        for got in runs[1:]:
+            assert all(same_bits(got[n], runs[0][n]) for n in names), f"thread {index}"
 
 
 def _ort_version() -> tuple[int, int]:

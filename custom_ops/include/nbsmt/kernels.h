@@ -2,7 +2,8 @@
 //
 // The contract is SPEC.md §2-§3. The ORT glue (src/ort/) quantizes activations,
 // lays the reduction axis out in the "packed" order described below (im2col for
-// Conv), calls accumulate(), and scales the integer accumulators to float.
+// Conv), accumulates (prepare_weights() + accumulate_prepared()), and scales the
+// integer accumulators to float. Nothing here keeps state between calls.
 //
 // Packed layout. Every reduction of K elements is split among T threads
 // according to the mapping (channel blocks or interleave). The glue reorders
@@ -73,8 +74,10 @@ struct Parallel {
 // w: M rows of steps*T int8 weights in [-127, 127] (row stride w_stride).
 // stats (nullable): counters of this call are *added* to *stats.
 // The result is identical, integer for integer, whatever `parallel` does.
-// Equivalent to prepare_weights() + accumulate_prepared(); when the same
-// weights meet several blocks of rows (images, chunks, calls), prepare them once.
+// Exactly prepare_weights() + accumulate_prepared(): the weights are prepared on
+// every call and nothing is kept between calls (the library has no caches). When
+// the same weights meet several blocks of rows (images, chunks, calls), prepare
+// them once and keep the PreparedWeights (the ORT glue keeps them per node).
 void accumulate(const SmtConfig& cfg, int64_t P, int64_t M, int64_t steps,
                 const int16_t* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
                 int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,

@@ -2,7 +2,6 @@
 // (engine.h).
 #include <algorithm>
 #include <cstring>
-#include <list>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -496,85 +495,13 @@ void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& r
   run(w, P, nullptr, 0, &rows, acc, acc_row_stride, acc_col_stride, stats, parallel);
 }
 
-namespace {
-
-// accumulate() receives raw weights on every call, and callers usually pass the
-// same weights again and again (every chunk, image and inference of a layer).
-// This cache keeps recently prepared weights and reuses them when the weight
-// bytes are *identical* to the copy kept in PreparedWeights::w (compared in
-// full, so a hit can never change a result), within a memory budget, LRU.
-class PreparedCache {
- public:
-  std::shared_ptr<const PreparedWeights> find(const SmtConfig& cfg, int64_t M, int64_t steps,
-                                              const int8_t* w, int64_t w_stride) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      const PreparedWeights& pw = **it;
-      const SmtConfig& c = pw.plan.cfg;
-      if (c.threads != cfg.threads || c.reduce != cfg.reduce || c.act_signed != cfg.act_signed ||
-          pw.plan.M != M || pw.plan.steps != steps || !same_weights(pw, w, w_stride)) {
-        continue;
-      }
-      std::shared_ptr<const PreparedWeights> hit = *it;
-      entries_.erase(it);
-      entries_.push_front(hit);
-      return hit;
-    }
-    return nullptr;
-  }
-
-  void insert(std::shared_ptr<const PreparedWeights> pw) {
-    const size_t size = footprint(*pw);
-    if (size > kBudgetBytes) return;
-    std::lock_guard<std::mutex> lock(mu_);
-    entries_.push_front(std::move(pw));
-    bytes_ += size;
-    while (bytes_ > kBudgetBytes || entries_.size() > kMaxEntries) {
-      bytes_ -= footprint(*entries_.back());
-      entries_.pop_back();
-    }
-  }
-
- private:
-  static constexpr size_t kBudgetBytes = size_t{256} << 20;
-  static constexpr size_t kMaxEntries = 256;
-
-  static size_t footprint(const PreparedWeights& pw) {
-    return pw.bytes.size() + pw.w.size() + pw.colcorr.size() * sizeof(int32_t);
-  }
-  static bool same_weights(const PreparedWeights& pw, const int8_t* w, int64_t w_stride) {
-    const int64_t K = pw.plan.K;
-    for (int64_t m = 0; m < pw.plan.M; ++m) {
-      if (std::memcmp(w + m * w_stride, pw.w.data() + m * K, static_cast<size_t>(K)) != 0) {
-        return false;
-      }
-    }
-    return true;
-  }
-
-  std::mutex mu_;
-  std::list<std::shared_ptr<const PreparedWeights>> entries_;
-  size_t bytes_ = 0;
-};
-
-PreparedCache& prepared_cache() {
-  static PreparedCache* cache = new PreparedCache;  // never destroyed: used until exit
-  return *cache;
-}
-
-}  // namespace
-
 void accumulate(const SmtConfig& cfg, int64_t P, int64_t M, int64_t steps,
                 const int16_t* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
                 int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
                 SmtStats* stats, const Parallel& parallel) {
   if (P <= 0 || M <= 0) return;
-  std::shared_ptr<const PreparedWeights> pw =
-      prepared_cache().find(cfg, M, steps, w, w_stride);
-  if (pw == nullptr) {
-    pw = prepare_weights(cfg, M, steps, w, w_stride, parallel);
-    prepared_cache().insert(pw);
-  }
+  const std::shared_ptr<const PreparedWeights> pw =
+      prepare_weights(cfg, M, steps, w, w_stride, parallel);
   accumulate_prepared(*pw, P, x, x_stride, acc, acc_row_stride, acc_col_stride, stats, parallel);
 }
 

@@ -1,7 +1,7 @@
 // NbSmtConv (SPEC.md §3.1): ONNX Conv semantics with NB-SMT integer arithmetic.
 //
-// Weights are packed (pack.h) and prepared for the kernels once per call and
-// group. Images are quantized once (pixel-major, a bounded chunk of images at a
+// Weights are packed (pack.h) and prepared for the kernels per group, once for as
+// long as Wq's bytes stay the same (the kernel object keeps them). Images are quantized once (pixel-major, a bounded chunk of images at a
 // time); the kernel tasks im2col the packed rows they need on demand (RowSource)
 // and accumulate them against the prepared weights; the result is scaled to float:
 //   Y[n, m, p] = float32(x_scale * w_scale[m]) * float32(acc) (+ B[m])
@@ -14,6 +14,7 @@
 #include "nbsmt/pack.h"
 #include "op_common.h"
 #include "parallel.h"
+#include "weight_cache.h"
 
 namespace nbsmt::ort {
 
@@ -50,6 +51,7 @@ struct ConvKernel {
   const OrtApi* api;
   std::string label;
   ConvAttributes attrs;
+  mutable PreparedWeightsCache weights;  // thread-safe; see weight_cache.h
   void compute(OrtKernelContext* ctx) const;
 };
 
@@ -130,16 +132,20 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     const int64_t RL = layout.row_length();
     const Im2Col plan = make_im2col(geo, layout, Cg, group);
 
-    std::vector<int8_t> w_packed(static_cast<size_t>(M * RL));
-    if (!pack_weights(layout, static_cast<const int8_t*>(w.data), M, K, 1, w_packed.data())) {
-      throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
-    }
     const OrtParallel par(api, ctx);
-    std::vector<std::shared_ptr<const PreparedWeights>> prepared(static_cast<size_t>(group));
-    for (int64_t g = 0; g < group; ++g) {
-      prepared[g] = prepare_weights(cfg, Mg, layout.steps, w_packed.data() + g * Mg * RL, RL,
+    // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq.
+    const std::shared_ptr<const PreparedSet> prepared = weights.get(w, [&] {
+      std::vector<int8_t> w_packed(static_cast<size_t>(M * RL));
+      if (!pack_weights(layout, static_cast<const int8_t*>(w.data), M, K, 1, w_packed.data())) {
+        throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
+      }
+      std::vector<std::shared_ptr<const PreparedWeights>> groups(static_cast<size_t>(group));
+      for (int64_t g = 0; g < group; ++g) {
+        groups[g] = prepare_weights(cfg, Mg, layout.steps, w_packed.data() + g * Mg * RL, RL,
                                     par.get());
-    }
+      }
+      return groups;
+    });
     const float* w_scale = static_cast<const float*>(ws.data);
     const float* bias = b.present() ? static_cast<const float*>(b.data) : nullptr;
     std::vector<float> scale(static_cast<size_t>(M));
@@ -175,7 +181,7 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
       for (int64_t g = 0; g < group; ++g) {
         Im2ColSource source{&plan, xq.data(), image_entries, P, g};
         // acc column-major (acc[m * rows + r]): the scaling below reads runs of rows.
-        accumulate_prepared(*prepared[g], rows, source.row_source(), acc.data(), 1, rows,
+        accumulate_prepared(*prepared->groups[g], rows, source.row_source(), acc.data(), 1, rows,
                             stats_ptr, par.get());
         par.for_ranges(images * Mg, grain_for(images * Mg, 4), [&](int64_t i0, int64_t i1) {
           for (int64_t i = i0; i < i1; ++i) {

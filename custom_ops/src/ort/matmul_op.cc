@@ -1,7 +1,9 @@
 // NbSmtMatMul (SPEC.md §3.2): Y[..., n] = NB-SMT sum over k of A[..., k] * Bq[k, n].
 //
-// The rows of A (all leading dims flattened) are quantized and packed in
-// bounded chunks, accumulated against the packed columns of Bq, and scaled:
+// The columns of Bq are packed and prepared for the kernels once for as long as
+// Bq's bytes stay the same (the kernel object keeps them). The rows of A (all
+// leading dims flattened) are quantized and packed in bounded chunks,
+// accumulated against them, and scaled:
 //   Y[r, n] = float32(a_scale * b_scale[n]) * float32(acc) (+ bias[n]).
 #include <algorithm>
 #include <memory>
@@ -11,13 +13,15 @@
 #include "nbsmt/pack.h"
 #include "op_common.h"
 #include "parallel.h"
+#include "weight_cache.h"
 
 namespace nbsmt::ort {
 
 namespace {
 
 constexpr const char* kOpType = "NbSmtMatMul";
-constexpr int64_t kPackBudgetBytes = int64_t{16} << 20;
+// Bound of the per-chunk buffers (packed rows of A and accumulators, bytes).
+constexpr int64_t kChunkBudgetBytes = int64_t{16} << 20;
 
 enum MatMulInput : size_t { kA = 0, kBq, kAScale, kBScale, kBias };
 
@@ -25,6 +29,7 @@ struct MatMulKernel {
   const OrtApi* api;
   std::string label;
   SmtAttributes attrs;
+  mutable PreparedWeightsCache weights;  // thread-safe; see weight_cache.h
   void compute(OrtKernelContext* ctx) const;
 };
 
@@ -88,22 +93,27 @@ void MatMulKernel::compute(OrtKernelContext* ctx) const {
     const PackLayout layout = make_matmul_layout(attrs.mapping, cfg.threads, K);
     const int64_t RL = layout.row_length();
 
-    // Bq is [K, N]; accumulate() wants one packed row per output column n.
-    std::vector<int8_t> w_packed(static_cast<size_t>(N * RL));
-    if (!pack_weights(layout, static_cast<const int8_t*>(bq.data), N, 1, N, w_packed.data())) {
-      throw OpError(label + ": Bq contains -128; quantized weights must be in [-127, 127]");
-    }
-
     const OrtParallel par(api, ctx);
-    const std::shared_ptr<const PreparedWeights> prepared =
-        prepare_weights(cfg, N, layout.steps, w_packed.data(), RL, par.get());
+    // The layout depends only on Bq's shape and the attributes: the cache is keyed by Bq.
+    const std::shared_ptr<const PreparedSet> prepared = weights.get(bq, [&] {
+      // Bq is [K, N]; the kernels want one packed row per output column n.
+      std::vector<int8_t> w_packed(static_cast<size_t>(N * RL));
+      if (!pack_weights(layout, static_cast<const int8_t*>(bq.data), N, 1, N, w_packed.data())) {
+        throw OpError(label + ": Bq contains -128; quantized weights must be in [-127, 127]");
+      }
+      return std::vector<std::shared_ptr<const PreparedWeights>>{
+          prepare_weights(cfg, N, layout.steps, w_packed.data(), RL, par.get())};
+    });
     const float* b_scale = static_cast<const float*>(bs.data);
     const float* bias = bias_t.present() ? static_cast<const float*>(bias_t.data) : nullptr;
     std::vector<float> scale(static_cast<size_t>(N));
     for (int64_t n = 0; n < N; ++n) scale[n] = a_scale * b_scale[n];
 
-    const int64_t row_bytes = std::max<int64_t>(1, RL) * static_cast<int64_t>(sizeof(int16_t));
-    const int64_t chunk = std::max<int64_t>(1, std::min(P, kPackBudgetBytes / row_bytes));
+    // Rows in chunks: packed activations and accumulators of a chunk stay within
+    // the budget (at least one row), whatever the number of rows.
+    const int64_t row_bytes = RL * static_cast<int64_t>(sizeof(int16_t)) +
+                              N * static_cast<int64_t>(sizeof(int32_t));
+    const int64_t chunk = std::clamp<int64_t>(kChunkBudgetBytes / row_bytes, 1, P);
     // Zero once: idle slots sit at the same positions in every row and are never written.
     std::vector<int16_t> a_packed(static_cast<size_t>(chunk * RL), 0);
     std::vector<int32_t> acc(static_cast<size_t>(chunk * N));
@@ -116,7 +126,7 @@ void MatMulKernel::compute(OrtKernelContext* ctx) const {
         quantize_pack_rows(layout, adata + p0 * K, r0, r1, a_scale, act_signed,
                            a_packed.data() + r0 * RL);
       });
-      accumulate_prepared(*prepared, rows, a_packed.data(), RL, acc.data(), N, 1, stats_ptr,
+      accumulate_prepared(*prepared->groups[0], rows, a_packed.data(), RL, acc.data(), N, 1, stats_ptr,
                           par.get());
       float* yc = y + p0 * N;
       par.for_ranges(rows, grain_for(rows, 8), [&](int64_t r0, int64_t r1) {
