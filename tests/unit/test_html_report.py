@@ -256,6 +256,37 @@ def test_transform_page() -> None:
     assert len(_images(page)) == 3  # layer statistics, BN shift, fused correction
 
 
+def test_transform_page_with_evaluation_shows_table_and_gate() -> None:
+    """``transform --eval-data``: the report's ``evaluation`` fills the accuracy section."""
+    report = transform_dict()
+    evaluation = evaluation_dict()
+    evaluation.pop("transform", None)
+    evaluation["rows"] = [evaluation["rows"][0], evaluation["rows"][3]]
+    evaluation["gate"] = {
+        "passed": False,
+        "exit_code": 3,
+        "checks": [
+            {
+                "row": evaluation["rows"][1]["id"],
+                "check": "min_agreement",
+                "value": 0.9,
+                "threshold": 0.95,
+                "passed": False,
+                "reason": "top-1 agreement with float32 is 0.9000 (< 0.95)",
+            }
+        ],
+    }
+    report["evaluation"] = evaluation
+    page = render_html(report)
+    assert_self_contained(page)
+    assert "the transform ran without an evaluation set" not in page
+    assert "Thresholds missed (exit code 3)" in page and "(&lt; 0.95)" in page
+    assert evaluation["rows"][1]["name"] in page
+    assert page.count("Not available") == 1  # only the per-layer SQNR plot
+    without = render_html(transform_dict())
+    assert "the transform ran without an evaluation set" in without
+
+
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(ConfigError, match="cannot render a report of format"):
         render_html({"format": "something"})
