@@ -135,38 +135,6 @@ NBSMT_AVX2 void dense_gemm(int64_t kq, const uint8_t* a, int64_t lda, int64_t nr
 
 // ---- gather -----------------------------------------------------------------
 
-// See backend_avx512.cc: pshufb controls per (dword d, w pattern bw).
-struct ExpandLuts {
-  alignas(32) uint32_t ctrl_w[2][kGatherDwords][16];
-  alignas(32) uint32_t ctrl_r[2][kGatherDwords][16];
-};
-
-const ExpandLuts& expand_luts() {
-  static const ExpandLuts luts = [] {
-    ExpandLuts l{};
-    for (int mode = 0; mode < 2; ++mode) {
-      const GatherSelectors& g =
-          gather_selectors(mode == 0 ? Reduce::kActivations : Reduce::kWeights);
-      for (int d = 0; d < kGatherDwords; ++d) {
-        for (int bw = 0; bw < 16; ++bw) {
-          uint32_t cw = 0, cr = 0;
-          for (int i = 0; i < 4; ++i) {
-            const int code = g.sel[bw][d * 4 + i];
-            const uint32_t wb = code >= 1 && code <= 4 ? static_cast<uint32_t>(code - 1) : 0x80;
-            const uint32_t rb = code >= 5 ? static_cast<uint32_t>(code - 5) : 0x80;
-            cw |= wb << (8 * i);
-            cr |= rb << (8 * i);
-          }
-          l.ctrl_w[mode][d][bw] = cw;
-          l.ctrl_r[mode][d][bw] = cr;
-        }
-      }
-    }
-    return l;
-  }();
-  return luts;
-}
-
 // Dword lanes picked from a 16-entry table by bw (0..15) in every lane.
 NBSMT_AVX2_INLINE __m256i lookup16(const uint32_t* table, __m256i bw, __m256i high) {
   const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(table)), bw);
@@ -177,7 +145,7 @@ NBSMT_AVX2_INLINE __m256i lookup16(const uint32_t* table, __m256i bw, __m256i hi
 NBSMT_AVX2 void gather_expand(const Plan& plan, const uint8_t* source, int64_t s0, int64_t len,
                               int nv, uint8_t* slice) {
   const int64_t W4 = static_cast<int64_t>(nv) * 64;
-  const ExpandLuts& luts = expand_luts();
+  const GatherExpandControls& luts = gather_expand_controls();
   const int mode = plan.cfg.reduce == Reduce::kActivations ? 0 : 1;
   const __m256i lane_base = _mm256_set_epi32(0x0c0c0c0c, 0x08080808, 0x04040404, 0, 0x0c0c0c0c,
                                              0x08080808, 0x04040404, 0);

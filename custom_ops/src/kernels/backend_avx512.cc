@@ -297,43 +297,10 @@ NBSMT_AVX512 int64_t gather_entries(const Plan& plan, int64_t b, const int16_t* 
   return n;
 }
 
-// pshufb controls per (dword d, w pattern bw) that pick a column's table bytes
-// from its w dword (ctrl_w) and its R(w) dword (ctrl_r); 0x80 bytes give 0.
-struct ExpandLuts {
-  alignas(64) uint32_t ctrl_w[2][kGatherDwords][16];
-  alignas(64) uint32_t ctrl_r[2][kGatherDwords][16];
-};
-
-const ExpandLuts& expand_luts() {
-  static const ExpandLuts luts = [] {
-    ExpandLuts l{};
-    for (int mode = 0; mode < 2; ++mode) {
-      const GatherSelectors& g =
-          gather_selectors(mode == 0 ? Reduce::kActivations : Reduce::kWeights);
-      for (int d = 0; d < kGatherDwords; ++d) {
-        for (int bw = 0; bw < 16; ++bw) {
-          uint32_t cw = 0, cr = 0;
-          for (int i = 0; i < 4; ++i) {
-            const int code = g.sel[bw][d * 4 + i];
-            const uint32_t bw_byte = code >= 1 && code <= 4 ? static_cast<uint32_t>(code - 1) : 0x80;
-            const uint32_t br_byte = code >= 5 ? static_cast<uint32_t>(code - 5) : 0x80;
-            cw |= bw_byte << (8 * i);
-            cr |= br_byte << (8 * i);
-          }
-          l.ctrl_w[mode][d][bw] = cw;
-          l.ctrl_r[mode][d][bw] = cr;
-        }
-      }
-    }
-    return l;
-  }();
-  return luts;
-}
-
 NBSMT_AVX512 void gather_expand(const Plan& plan, const uint8_t* source, int64_t s0, int64_t len,
                                 int nv, uint8_t* slice) {
   const int64_t W4 = static_cast<int64_t>(nv) * 64;  // bytes of one table row
-  const ExpandLuts& luts = expand_luts();
+  const GatherExpandControls& luts = gather_expand_controls();
   const int mode = plan.cfg.reduce == Reduce::kActivations ? 0 : 1;
   // pshufb indexes within 16-byte lanes: column c's bytes sit at 4 * (c % 4).
   const __m512i lane_base = _mm512_set_epi32(
@@ -466,16 +433,7 @@ NBSMT_AVX512 void stats_rows_lanes(const Plan& plan, const StatsSummary& s, cons
       }
     }
   }
-  int64_t active = 0, collisions = 0, reduced = 0;
-  for (int64_t k = 0; k < K; ++k) active += ca[k] * s.wb[k];
-  if (two) {
-    const bool act = plan.cfg.reduce == Reduce::kActivations;
-    for (int64_t k = 0; k < K; k += 2) collisions += caa[k] * s.wbb[k];
-    for (int64_t k = 0; k < K; ++k) reduced += act ? cca[k] * s.wbb[k] : caa[k] * s.wcb[k];
-  }
-  out->active_slots += active;
-  out->collisions += collisions;
-  out->reduced_operands += reduced;
+  add_slot_counts(plan, s, ca, caa, cca, out);
 }
 
 NBSMT_AVX512 void stats_rows_codes(const Plan& plan, const StatsSummary& s, const int16_t* x,

@@ -207,6 +207,16 @@ struct GatherSelectors {
 };
 const GatherSelectors& gather_selectors(Reduce reduce);
 
+// pshufb controls of the x86 gather_expand, per reduce mode (0 activations,
+// 1 weights), dword d and w-side pattern bw: pick a column's table bytes from its
+// w dword (ctrl_w) and its R(w) dword (ctrl_r); 0x80 bytes give 0. Built from
+// the selectors with portable code (plan.cc), whatever backend reads them.
+struct GatherExpandControls {
+  alignas(64) uint32_t ctrl_w[2][kGatherDwords][16];
+  alignas(64) uint32_t ctrl_r[2][kGatherDwords][16];
+};
+const GatherExpandControls& gather_expand_controls();
+
 // Portable pieces other backends reuse (backend_generic.cc).
 int32_t generic_dense_weight_row(const Plan& plan, int64_t b, const int8_t* w, int8_t* out);
 void generic_gather_weight_column(const Plan& plan, const int8_t* w, int64_t W, uint8_t* dst);
@@ -218,6 +228,26 @@ StatsSummary make_stats_summary(const Plan& plan, const int8_t* w, int64_t w_str
                                 const Parallel& parallel);
 void generic_stats_rows(const Plan& plan, const StatsSummary& s, const int16_t* x,
                         int64_t x_stride, int64_t nrows, SmtStats* out);
+
+// The last step of stats_rows for T = 1, 2 (stats.cc): per-slot counts over a
+// task's rows times the w-side sums. ca[k] = rows with x_k != 0; for T = 2 also
+// caa[k] = rows with x_k and its partner non-zero, cca[k] = rows with x_k changed
+// by R and its partner non-zero (caa, cca unused for T = 1).
+template <class Count>
+void add_slot_counts(const Plan& plan, const StatsSummary& s, const Count* ca, const Count* caa,
+                     const Count* cca, SmtStats* out) {
+  const int64_t K = plan.K;
+  int64_t active = 0, collisions = 0, reduced = 0;
+  for (int64_t k = 0; k < K; ++k) active += ca[k] * s.wb[k];
+  if (plan.T == 2) {
+    const bool act = plan.cfg.reduce == Reduce::kActivations;
+    for (int64_t k = 0; k < K; k += 2) collisions += caa[k] * s.wbb[k];
+    for (int64_t k = 0; k < K; ++k) reduced += act ? cca[k] * s.wbb[k] : caa[k] * s.wcb[k];
+  }
+  out->active_slots += active;
+  out->collisions += collisions;
+  out->reduced_operands += reduced;
+}
 
 }  // namespace detail
 }  // namespace nbsmt

@@ -131,6 +131,32 @@ const GatherSelectors& gather_selectors(Reduce reduce) {
   return tables.mode[reduce == Reduce::kActivations ? 0 : 1];
 }
 
+const GatherExpandControls& gather_expand_controls() {
+  static const GatherExpandControls controls = [] {
+    GatherExpandControls l{};
+    for (int mode = 0; mode < 2; ++mode) {
+      const GatherSelectors& g =
+          gather_selectors(mode == 0 ? Reduce::kActivations : Reduce::kWeights);
+      for (int d = 0; d < kGatherDwords; ++d) {
+        for (int bw = 0; bw < 16; ++bw) {
+          uint32_t cw = 0, cr = 0;
+          for (int i = 0; i < 4; ++i) {
+            const int code = g.sel[bw][d * 4 + i];
+            const uint32_t w_byte = code >= 1 && code <= 4 ? static_cast<uint32_t>(code - 1) : 0x80;
+            const uint32_t r_byte = code >= 5 ? static_cast<uint32_t>(code - 5) : 0x80;
+            cw |= w_byte << (8 * i);
+            cr |= r_byte << (8 * i);
+          }
+          l.ctrl_w[mode][d][bw] = cw;
+          l.ctrl_r[mode][d][bw] = cr;
+        }
+      }
+    }
+    return l;
+  }();
+  return controls;
+}
+
 }  // namespace detail
 
 // ---- weight preparation -----------------------------------------------------

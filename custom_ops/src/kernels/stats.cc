@@ -189,16 +189,7 @@ void generic_stats_rows(const Plan& plan, const StatsSummary& s, const int16_t* 
       cca[k] += changed_by_reduce(xr[k], sgn) & aq;
     }
   }
-  int64_t active = 0, collisions = 0, reduced = 0;
-  for (int64_t k = 0; k < K; ++k) active += ca[k] * s.wb[k];
-  if (two) {
-    const bool act = plan.cfg.reduce == Reduce::kActivations;
-    for (int64_t k = 0; k < K; k += 2) collisions += caa[k] * s.wbb[k];
-    for (int64_t k = 0; k < K; ++k) reduced += act ? cca[k] * s.wbb[k] : caa[k] * s.wcb[k];
-  }
-  out->active_slots += active;
-  out->collisions += collisions;
-  out->reduced_operands += reduced;
+  add_slot_counts(plan, s, ca.data(), caa.data(), cca.data(), out);
 }
 
 }  // namespace detail

@@ -1,9 +1,11 @@
 // NbSmtConv (SPEC.md §3.1): ONNX Conv semantics with NB-SMT integer arithmetic.
 //
-// Weights are packed (pack.h) and prepared for the kernels per group, once for as
-// long as Wq's bytes stay the same (the kernel object keeps them). Images are quantized once (pixel-major, a bounded chunk of images at a
-// time); the kernel tasks im2col the packed rows they need on demand (RowSource)
-// and accumulate them against the prepared weights; the result is scaled to float:
+// Weights are packed (pack.h) and prepared for the kernels per group, once for
+// as long as Wq's bytes stay the same (the kernel object keeps them). Images are
+// quantized once (pixel-major, a bounded chunk of images at a time); the kernel
+// tasks im2col the packed rows they need on demand (RowSource) and accumulate
+// them against the prepared weights; the result is scaled to float
+// (scale_accumulators, op_kernel.h):
 //   Y[n, m, p] = float32(x_scale * w_scale[m]) * float32(acc) (+ B[m])
 // each operation rounded to float32 (the build forbids FMA contraction).
 #include <algorithm>
@@ -13,6 +15,7 @@
 #include "nbsmt/kernels.h"
 #include "nbsmt/pack.h"
 #include "op_common.h"
+#include "op_kernel.h"
 #include "parallel.h"
 #include "weight_cache.h"
 
@@ -20,12 +23,12 @@ namespace nbsmt::ort {
 
 namespace {
 
-constexpr const char* kOpType = "NbSmtConv";
 // Bound of the per-chunk buffers (quantized images and accumulators, bytes): keeps
 // the memory independent of the batch size (a chunk holds at least one image).
 constexpr int64_t kChunkBudgetBytes = int64_t{16} << 20;
 
-enum ConvInput : size_t { kX = 0, kWq, kXScale, kWScale, kB };
+// Input indices read by shape inference (SPEC order; Compute reads all via get_op_inputs).
+enum ConvInput : size_t { kX = 0, kWq = 1 };
 
 // Packed rows of one group made on demand by im2col from the quantized images of
 // a chunk; row r of the chunk is output position r % P of its image r / P.
@@ -48,24 +51,25 @@ struct Im2ColSource {
 };
 
 struct ConvKernel {
-  const OrtApi* api;
-  std::string label;
-  ConvAttributes attrs;
-  mutable PreparedWeightsCache weights;  // thread-safe; see weight_cache.h
+  static constexpr const char* kOpType = "NbSmtConv";
+  ConvKernel(const OrtApi* api_, const OrtKernelInfo* info)
+      : api(api_),
+        label(node_label(api, info, kOpType)),
+        attrs(read_conv_attributes(KernelInfoAttrs(api, info, label), label)) {}
   void compute(OrtKernelContext* ctx) const;
+  // Output shapes for ORT (InferOutputShapeFn), best effort.
+  static OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* op, OrtShapeInferContext* ctx);
+
+  const OrtApi* api;
+  const std::string label;
+  const ConvAttributes attrs;
+  mutable PreparedWeightsCache weights;  // thread-safe; see weight_cache.h
 };
 
 void ConvKernel::compute(OrtKernelContext* ctx) const {
-  const Tensor x = get_input(api, ctx, kX);
-  const Tensor w = get_input(api, ctx, kWq);
-  const Tensor xs = get_input(api, ctx, kXScale);
-  const Tensor ws = get_input(api, ctx, kWScale);
-  const Tensor b = get_input(api, ctx, kB);
-  expect_type(x, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "X", "float32", label);
-  expect_type(w, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, "Wq", "int8", label);
-  expect_type(xs, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "x_scale", "float32", label);
-  expect_type(ws, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "w_scale", "float32", label);
-  if (b.present()) expect_type(b, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "B", "float32", label);
+  const OpInputs in = get_op_inputs(api, ctx, {"X", "Wq", "x_scale", "w_scale", "B"}, label);
+  const Tensor &x = in.act, &w = in.weights, &xs = in.act_scale, &ws = in.channel_scale;
+  const Tensor& b = in.bias;
 
   // ---- shapes
   const size_t rank = x.dims.size();
@@ -94,57 +98,34 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
   const std::vector<int64_t> kernel(w.dims.begin() + 2, w.dims.end());
   const ConvGeometry geo = resolve_conv_geometry(attrs, x_spatial, kernel, label);
   const float x_scale = read_activation_scale(xs, "x_scale", label);
-  if (ws.dims != std::vector<int64_t>{M}) {
-    throw OpError(label + ": w_scale " + shape_str(ws.dims) + " must have shape [" +
-                  std::to_string(M) + "] (one scale per output channel of Wq " +
-                  shape_str(w.dims) + ")");
-  }
-  if (b.present() && b.dims != std::vector<int64_t>{M}) {
-    throw OpError(label + ": B " + shape_str(b.dims) + " must have shape [" + std::to_string(M) +
-                  "] (one bias per output channel of Wq " + shape_str(w.dims) + ")");
+  expect_length(ws, M, "w_scale", "one scale per output channel of Wq " + shape_str(w.dims),
+                label);
+  if (b.present()) {
+    expect_length(b, M, "B", "one bias per output channel of Wq " + shape_str(w.dims), label);
   }
   const int64_t KS = geo.kernel_size();
   const int64_t K = Cg * KS;
-  if (K > kMaxReductionLength) {
-    throw OpError(label + ": reduction length C/group * kernel size = " + std::to_string(K) +
-                  " exceeds " + std::to_string(kMaxReductionLength) +
-                  ", the largest for which the int32 accumulator is exact");
-  }
+  expect_reduction_length(K, "C/group * kernel size", label);
 
   // ---- outputs
   std::vector<int64_t> y_dims = {N, M};
   for (size_t i = 3 - (rank - 2); i < 3; ++i) y_dims.push_back(geo.out[i]);
   void* y_data = nullptr;
-  void* stats_data = nullptr;
   if (!get_output(api, ctx, 0, y_dims, &y_data)) throw OpError(label + ": output Y is missing");
-  const bool want_stats = get_output(api, ctx, 1, {4}, &stats_data);
   float* y = static_cast<float*>(y_data);
-  auto* stats_out = static_cast<int64_t*>(want_stats ? stats_data : nullptr);
-
-  SmtStats stats;
-  SmtStats* stats_ptr = stats_out != nullptr ? &stats : nullptr;
+  StatsOutput stats(api, ctx);
   const int64_t P = geo.out_size();
   const int64_t in_size = geo.in_size();
   const int64_t Mg = M / group;
   if (N > 0 && P > 0 && M > 0) {
     const SmtConfig& cfg = attrs.smt.config;
     const PackLayout layout = make_conv_layout(attrs.smt.mapping, cfg.threads, Cg, KS);
-    const int64_t RL = layout.row_length();
     const Im2Col plan = make_im2col(geo, layout, Cg, group);
 
     const OrtParallel par(api, ctx);
     // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq.
     const std::shared_ptr<const PreparedSet> prepared = weights.get(w, [&] {
-      std::vector<int8_t> w_packed(static_cast<size_t>(M * RL));
-      if (!pack_weights(layout, static_cast<const int8_t*>(w.data), M, K, 1, w_packed.data())) {
-        throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
-      }
-      std::vector<std::shared_ptr<const PreparedWeights>> groups(static_cast<size_t>(group));
-      for (int64_t g = 0; g < group; ++g) {
-        groups[g] = prepare_weights(cfg, Mg, layout.steps, w_packed.data() + g * Mg * RL, RL,
-                                    par.get());
-      }
-      return groups;
+      return prepare_weight_groups(cfg, layout, w, "Wq", M, K, 1, group, label, par.get());
     });
     const float* w_scale = static_cast<const float*>(ws.data);
     const float* bias = b.present() ? static_cast<const float*>(b.data) : nullptr;
@@ -182,60 +163,20 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
         Im2ColSource source{&plan, xq.data(), image_entries, P, g};
         // acc column-major (acc[m * rows + r]): the scaling below reads runs of rows.
         accumulate_prepared(*prepared->groups[g], rows, source.row_source(), acc.data(), 1, rows,
-                            stats_ptr, par.get());
+                            stats.counters(), par.get());
         par.for_ranges(images * Mg, grain_for(images * Mg, 4), [&](int64_t i0, int64_t i1) {
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t img = i / Mg, m = i % Mg, oc = g * Mg + m;
-            float* yr = y + ((n0 + img) * M + oc) * P;
-            const int32_t* ar = acc.data() + m * rows + img * P;
-            const float s = scale[oc];
-            if (bias != nullptr) {
-              const float bm = bias[oc];
-              for (int64_t p = 0; p < P; ++p) {
-                const float v = s * static_cast<float>(ar[p]);
-                yr[p] = v + bm;
-              }
-            } else {
-              for (int64_t p = 0; p < P; ++p) yr[p] = s * static_cast<float>(ar[p]);
-            }
+            scale_accumulators<false>(acc.data() + m * rows + img * P, P, &scale[oc],
+                                      bias != nullptr ? &bias[oc] : nullptr,
+                                      y + ((n0 + img) * M + oc) * P);
           }
         });
       }
     }
   }
-  if (stats_out != nullptr) {
-    stats_out[0] = stats.groups;
-    stats_out[1] = stats.active_slots;
-    stats_out[2] = stats.collisions;
-    stats_out[3] = stats.reduced_operands;
-  }
+  stats.write();
 }
-
-OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi* api,
-                                        const OrtKernelInfo* info, void** kernel) {
-  try {
-    auto k = std::make_unique<ConvKernel>();
-    k->api = api;
-    k->label = node_label(api, info, kOpType);
-    k->attrs = read_conv_attributes(KernelInfoAttrs(api, info, k->label), k->label);
-    *kernel = k.release();
-    return nullptr;
-  } catch (...) {
-    return status_from_current_exception(api, kOpType);
-  }
-}
-
-OrtStatusPtr ORT_API_CALL compute_kernel(void* kernel, OrtKernelContext* ctx) {
-  const auto* k = static_cast<const ConvKernel*>(kernel);
-  try {
-    k->compute(ctx);
-    return nullptr;
-  } catch (...) {
-    return status_from_current_exception(k->api, kOpType);
-  }
-}
-
-void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<ConvKernel*>(kernel); }
 
 std::string conv_dim_symbol(AutoPad auto_pad, const std::string& in, int64_t k, int64_t s,
                             int64_t d, int64_t pb, int64_t pe) {
@@ -257,7 +198,8 @@ std::string conv_dim_symbol(AutoPad auto_pad, const std::string& in, int64_t k, 
 // Y = [N, M, out...] when the shapes allow; otherwise nothing is set (ORT keeps the
 // type). Errors are reported at kernel creation / compute, not here: ORT ignores
 // the status returned by shape inference.
-OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* op, OrtShapeInferContext* ctx) {
+OrtStatusPtr ORT_API_CALL ConvKernel::infer_shape(const OrtCustomOp* op,
+                                                    OrtShapeInferContext* ctx) {
   const OrtApi* api = static_cast<const NbSmtCustomOp*>(op)->api;
   if (api == nullptr) return nullptr;
   try {
@@ -267,8 +209,9 @@ OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* op, OrtShapeInferContex
     const size_t rank = xd.size();
     if (rank < 3 || rank > 5) return nullptr;
     const bool have_w = infer_input_dims(api, ctx, kWq, &wd, &wt) && wd.size() == rank;
-    const ConvAttributes attrs = read_conv_attributes(ShapeInferAttrs(api, ctx), kOpType);
-    const ConvParams p = conv_params_for_rank(attrs, rank - 2, kOpType);
+    const ConvAttributes attrs =
+        read_conv_attributes(ShapeInferAttrs(api, ctx), ConvKernel::kOpType);
+    const ConvParams p = conv_params_for_rank(attrs, rank - 2, ConvKernel::kOpType);
 
     std::vector<InferDim> yd(rank);
     yd[0] = xd[0];
@@ -297,29 +240,8 @@ OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* op, OrtShapeInferContex
   return nullptr;
 }
 
-const OpDescription kDescription = {
-    kOpType,
-    {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
-     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT},
-    4,
-    {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64},
-    1,
-    create_kernel,
-    compute_kernel,
-    destroy_kernel,
-    infer_shape,
-};
-
 }  // namespace
 
-NbSmtCustomOp* conv_custom_op() {
-  static NbSmtCustomOp op = [] {
-    NbSmtCustomOp o;
-    init_custom_op(&o, &kDescription);
-    return o;
-  }();
-  return &op;
-}
+NbSmtCustomOp* conv_custom_op() { return nbsmt_custom_op<ConvKernel>(); }
 
 }  // namespace nbsmt::ort
