@@ -9,6 +9,11 @@ ones with ``--all``) and a 128x768 @ 768x768 MatMul; inputs are ReLU-like
 is timed on a reduced problem (batch 1, a few output channels) and scaled
 linearly in rows x output channels: its cost is proportional to both.
 
+Output: per thread count the milliseconds (median [min] of ``--reps`` runs,
+interleaved), then one table of ratios NB-SMT / float for every layer, thread
+count and case, the targets, and how noisy the runs were (other processes on
+the machine); the kernel instruction set in use is printed first.
+
 Run: ``python bench/bench_ops.py`` (``make bench``); ``NBSMT_ONNX_LIBRARY``
 selects the library build, ``NBSMT_KERNEL_ISA=scalar|avx2|avx512`` the kernel.
 """
@@ -16,13 +21,15 @@ selects the library build, ``NBSMT_KERNEL_ISA=scalar|avx2|avx512`` the kernel.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from nbsmt_onnx.ops import reference, schema
@@ -176,20 +183,18 @@ def relu_like(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     return np.maximum(rng.standard_normal(shape), 0.0).astype(np.float32)
 
 
-def time_interleaved(
-    runs: dict[str, Callable[[], object]], reps: int, stat: Callable[[list[float]], float]
-) -> dict[str, float]:
-    """Seconds per callable (``stat`` over ``reps`` runs); the callables take turns
-    so that load from other processes affects all of them alike."""
+def time_interleaved(runs: Mapping[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds of each of ``reps`` runs per callable; the callables take turns so that
+    load from other processes affects all of them alike."""
     for run in runs.values():
-        run()  # warm-up: weight packing, thread pool start
+        run()  # warm-up: weight preparation, thread pool start
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(reps):
         for name, run in runs.items():
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
-    return {name: stat(ts) for name, ts in times.items()}
+    return times
 
 
 def reference_seconds(layer: Layer, q: Quantized, x: np.ndarray, case: SmtCase) -> float:
@@ -224,14 +229,32 @@ def reference_seconds(layer: Layer, q: Quantized, x: np.ndarray, case: SmtCase) 
     return seconds * (layer.batch / rows) * (layer.outputs / outs)
 
 
+@dataclass(frozen=True)
+class LayerResult:
+    """Timings of one layer at one intra-op thread count: every run (seconds) of the
+    float baseline and of each case, and the scaled NumPy reference time per case."""
+
+    layer: Layer
+    threads: int
+    runs: dict[str, list[float]]  # "float" and case labels
+    reference: dict[str, float]  # case label -> seconds (empty with --no-reference)
+
+    def time(self, name: str, stat: str) -> float:
+        ts = self.runs[name]
+        return statistics.median(ts) if stat == "median" else min(ts)
+
+    def ratio(self, label: str, stat: str) -> float:
+        return self.time(label, stat) / self.time("float", stat)
+
+    def spread(self, name: str) -> float:
+        """max / min - 1 of the runs: how much other load moved this operator."""
+        ts = self.runs[name]
+        return max(ts) / min(ts) - 1.0
+
+
 def bench_layer(
-    layer: Layer,
-    threads: int,
-    reps: int,
-    stat: Callable[[list[float]], float],
-    with_reference: bool,
-    rng: np.random.Generator,
-) -> dict[str, float]:
+    layer: Layer, threads: int, reps: int, with_reference: bool, rng: np.random.Generator
+) -> LayerResult:
     w = _weights(layer, rng)
     x = relu_like(layer.input_shape(), rng)
     q = quantize(layer, w, x)
@@ -241,11 +264,100 @@ def bench_layer(
         sessions[case.label] = create_session(smt_model(layer, q, case), opts)
     feeds = {"X": x}
     runs = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
-    result = time_interleaved(runs, reps, stat)
+    times = time_interleaved(runs, reps)
+    ref = {c.label: reference_seconds(layer, q, x, c) for c in CASES} if with_reference else {}
+    return LayerResult(layer, threads, times, ref)
+
+
+def kernel_isa() -> str:
+    """The instruction set the library's kernels use on this machine: the rule of
+    custom_ops/src/kernels/dispatch.cc (NBSMT_KERNEL_ISA if this CPU can run it, else
+    the best of avx512 / avx2 / generic) applied to the CPU flags of /proc/cpuinfo.
+    The library exports nothing but RegisterCustomOps, so it cannot be asked."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    can = {
+        "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= set(flags),
+        "avx2": {"avx2", "fma", "bmi1", "bmi2", "popcnt"} <= set(flags),
+        "generic": True,
+    }
+    wanted = os.environ.get("NBSMT_KERNEL_ISA", "")
+    wanted = "generic" if wanted == "scalar" else wanted
+    if can.get(wanted, False):
+        return f"{wanted} (NBSMT_KERNEL_ISA)"
+    best = next(isa for isa in ("avx512", "avx2", "generic") if can[isa])
+    return f"{best} (best this CPU runs)" + (
+        f"; NBSMT_KERNEL_ISA={wanted!r} ignored" if wanted else ""
+    )
+
+
+def print_times(results: list[LayerResult], threads: int) -> None:
+    """Milliseconds per operator (median [min]) for one thread count."""
+    header = f"{'threads=' + str(threads) + ', ms: median [min]':<34}{'float':>16}"
+    header += "".join(f"{case.label:>16}" for case in CASES)
+    print()
+    print(header)
+    for r in results:
+        line = f"{r.layer.name:<34}"
+        for name in ["float"] + [case.label for case in CASES]:
+            line += f"{r.time(name, 'median') * 1e3:>8.2f} [{r.time(name, 'min') * 1e3:5.2f}]"
+        print(line, flush=True)
+
+
+def print_ratios(results: list[LayerResult], stat: str, with_reference: bool) -> list[str]:
+    """The final table: NB-SMT time / float time per layer, thread count and case
+    (by ``stat``, the other statistic in parentheses); returns the missed targets."""
+    other = "min" if stat == "median" else "median"
+    misses: list[str] = []
+    print()
+    print(f"Ratio NB-SMT / float32 ORT, {stat} of the runs ({other} in parentheses)")
+    header = f"{'layer':<28}{'thr':>4}" + "".join(f"{c.label:>14}" for c in CASES)
     if with_reference:
+        header += f"{'vs ref':>9}"
+    print(header)
+    for r in results:
+        line = f"{r.layer.name:<28}{r.threads:>4}"
         for case in CASES:
-            result["ref " + case.label] = reference_seconds(layer, q, x, case)
-    return result
+            ratio = r.ratio(case.label, stat)
+            line += f"{ratio:>7.2f} ({r.ratio(case.label, other):4.2f})"
+            if ratio > TARGETS[case.threads]:
+                misses.append(
+                    f"{r.layer.name} threads={r.threads} {case.label}: {ratio:.2f}x "
+                    f"> {TARGETS[case.threads]}x"
+                )
+        if with_reference:
+            speedups = {c.label: r.reference[c.label] / r.time(c.label, stat) for c in CASES}
+            line += f"{min(speedups.values()):>8.0f}x"
+            misses += [
+                f"{r.layer.name} threads={r.threads} {label}: only {v:.0f}x faster than the "
+                "NumPy reference"
+                for label, v in speedups.items()
+                if v < REFERENCE_SPEEDUP_TARGET
+            ]
+        print(line)
+    targets = "".join(f"{'<= ' + str(TARGETS[c.threads]) + 'x':>14}" for c in CASES)
+    print(f"{'target':<32}{targets}" + (f"{'>= 100x':>9}" if with_reference else ""))
+    return misses
+
+
+def print_noise(results: list[LayerResult]) -> None:
+    """How much the runs of one operator varied (other processes share the CPU)."""
+    spreads = sorted(
+        (r.spread(name), f"{r.layer.name} threads={r.threads} {name}")
+        for r in results
+        for name in r.runs
+    )
+    median = statistics.median(s for s, _ in spreads)
+    worst, where = spreads[-1]
+    print(
+        f"noise: spread of an operator's runs (max/min - 1): median {median:.0%}, "
+        f"worst {worst:.0%} ({where})"
+    )
 
 
 def main() -> int:
@@ -262,7 +374,8 @@ def main() -> int:
         "--stat",
         choices=("median", "min"),
         default="median",
-        help="statistic of the timed runs (min filters out interference from other processes)",
+        help="statistic the targets are checked on (both are printed; min filters out "
+        "interference from other processes)",
     )
     parser.add_argument("--all", action="store_true", help="also the strided and 1x1 layers")
     parser.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
@@ -270,53 +383,29 @@ def main() -> int:
     args = parser.parse_args()
 
     layers = LAYERS + (EXTRA_LAYERS if args.all else [])
-    stat: Callable[[list[float]], float] = statistics.median if args.stat == "median" else min
     rng = np.random.default_rng(args.seed)
+    with_reference = not args.no_reference
     print(
-        f"NB-SMT ops vs ONNX Runtime float32 (same shapes, same intra-op threads); {args.stat} of",
+        "NB-SMT ops vs ONNX Runtime float32 (same shapes, same intra-op threads),",
         args.reps,
-        "runs; ratio = NB-SMT time / float time",
+        "runs each, interleaved",
     )
-    if not args.no_reference:
+    print(f"NB-SMT kernel ISA: {kernel_isa()}; onnxruntime {ort.__version__}")
+    if with_reference:
         print(
             "NumPy reference: timed on batch 1 (MatMul: 16 rows) and 8 output channels,"
-            " scaled by rows x output channels; 'vs ref' = reference time / NB-SMT time"
+            " scaled by rows x output channels; 'vs ref' = reference time / NB-SMT time,"
+            " worst case of the row"
         )
-    misses: list[str] = []
+    results: list[LayerResult] = []
     for threads in args.threads:
-        header = f"{'threads=' + str(threads):<28}{'float ms':>9}"
-        for case in CASES:
-            header += f"{case.label + ' ms (x)':>20}"
-        if not args.no_reference:
-            header += f"{'min vs ref':>12}"
-        print()
-        print(header)
-        for layer in layers:
-            res = bench_layer(layer, threads, args.reps, stat, not args.no_reference, rng)
-            base = res["float"]
-            line = f"{layer.name:<28}{base * 1e3:>9.2f}"
-            worst_ref = float("inf")
-            for case in CASES:
-                t = res[case.label]
-                ratio = t / base
-                line += f"{t * 1e3:>12.2f} ({ratio:4.1f}x)"
-                if ratio > TARGETS[case.threads]:
-                    misses.append(
-                        f"{layer.name} threads={threads} {case.label}: {ratio:.1f}x "
-                        f"> {TARGETS[case.threads]}x"
-                    )
-                if not args.no_reference:
-                    speedup = res["ref " + case.label] / t
-                    worst_ref = min(worst_ref, speedup)
-                    if speedup < REFERENCE_SPEEDUP_TARGET:
-                        misses.append(
-                            f"{layer.name} threads={threads} {case.label}: only "
-                            f"{speedup:.0f}x faster than the NumPy reference"
-                        )
-            if not args.no_reference:
-                line += f"{worst_ref:>11.0f}x"
-            print(line, flush=True)
-    print()
+        per_threads = [
+            bench_layer(layer, threads, args.reps, with_reference, rng) for layer in layers
+        ]
+        print_times(per_threads, threads)
+        results += per_threads
+    misses = print_ratios(results, args.stat, with_reference)
+    print_noise(results)
     print("targets: T=1 <= 2x, T=2 <= 3x, T=4 <= 8x float; >= 100x faster than the reference")
     if misses:
         print("MISSED:")
