@@ -623,8 +623,12 @@ def transform(
         warnings=warnings,
     )
     if evaluation is not None:
+        # The transform's own settings are the report's; the sweep fields were not used.
+        ev_dict = evaluation.to_dict()
+        for key in ("transform", "threads", "mappings", "reduces"):
+            ev_dict["settings"].pop(key, None)
         report["evaluation"] = {
-            k: v for k, v in evaluation.to_dict().items() if k not in ("transform", "warnings")
+            k: v for k, v in ev_dict.items() if k not in ("transform", "warnings")
         }
     report["wall_time_s"] = round(time.perf_counter() - started, 3)
     return TransformResult(

@@ -304,7 +304,9 @@ def test_reference_int8_and_api(fm: dict[str, Path]) -> None:
     # per-layer SQNR vs int8 of the produced row, on the first 16 samples
     layers = rows["nbsmt-t2-channel-activations"].layers
     assert len(layers) == 16 and all(e["sqnr_samples"] == 16 for e in layers)
-    assert result.report["evaluation"]["settings"]["reference"] == "int8"
+    settings = result.report["evaluation"]["settings"]
+    assert settings["reference"] == "int8" and settings["rows"] == ["float32", "int8", "nbsmt"]
+    assert not {"transform", "threads", "mappings", "reduces"} & set(settings)  # unused here
 
     # threads=1: the produced model is the int8 row itself
     t1 = transform(
