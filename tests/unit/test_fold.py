@@ -1,9 +1,10 @@
 """Folding BN into NbSmt ops, per-channel corrections and BN write-back (SPEC §5).
 
 Two kinds of checks: the folded parameters against the formula computed here
-in float64, and folded-vs-unfolded outputs -- with the NumPy reference
-evaluator (no library needed) and with ONNX Runtime + the library, graph
-optimisations disabled (otherwise ORT would fold BN itself and hide a bad fold).
+in float64, and folded-vs-unfolded outputs with the NumPy reference evaluator
+(no library needed). The same folded-vs-unfolded check in ONNX Runtime with the
+library (graph optimisations disabled, otherwise ORT would fold BN itself and
+hide a bad fold) is in tests/e2e/test_fold_onnxruntime.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from nbsmt_onnx.graph.fold import (
     write_batchnorm_statistics,
 )
 from nbsmt_onnx.ops.reference import reference_evaluator
-from nbsmt_onnx.runtime.session import create_session
 from tests.unit._bn_models import Builder, image_batches, image_input, initializer, with_outputs
 
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -258,11 +258,6 @@ def _reference_runner(model: onnx.ModelProto):  # type: ignore[no-untyped-def]
     return lambda feed, names: ev.run(names, feed)
 
 
-def _ort_runner(model: onnx.ModelProto):  # type: ignore[no-untyped-def]
-    session = create_session(model)  # graph optimisations disabled by default
-    return lambda feed, names: session.run(names, feed)
-
-
 def _models_for_execution() -> dict[str, tuple[onnx.ModelProto, list[tuple[str, str]]]]:
     """name -> (unfolded model, [(pre-BN tensor, BN name)]) covering the edge cases."""
     cases: dict[str, tuple[onnx.ModelProto, list[tuple[str, str]]]] = {}
@@ -292,11 +287,6 @@ def _fixed_size_batches():  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("case", list(_models_for_execution()))
 def test_folded_equals_unfolded_reference_evaluator(case: str) -> None:
     _check_equivalence(case, _reference_runner)
-
-
-@pytest.mark.parametrize("case", list(_models_for_execution()))
-def test_folded_equals_unfolded_onnxruntime(case: str, nbsmt_library: str) -> None:
-    _check_equivalence(case, _ort_runner)
 
 
 def _check_equivalence(case: str, runner: Runner) -> None:
