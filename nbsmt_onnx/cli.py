@@ -16,7 +16,16 @@ from typing import Any
 import click
 
 from nbsmt_onnx import __version__
-from nbsmt_onnx.config import Selection
+from nbsmt_onnx.config import (
+    CORRECTION_CHOICES,
+    RANGE_ESTIMATORS,
+    STRATEGY_CHOICES,
+    ImagePreprocessing,
+    RangeConfig,
+    RecalibrationConfig,
+    Selection,
+    TransformConfig,
+)
 from nbsmt_onnx.errors import ConfigError, NbsmtError
 
 NO_CALIB_MESSAGE = (
@@ -146,6 +155,169 @@ def _floats(value: str, name: str) -> tuple[float, ...]:
         raise ConfigError(f"--{name} takes 1 or 3 comma-separated numbers; got {value!r}") from None
 
 
+def _options(*decorators: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[..., Any]:
+    """Bundle click options so that commands sharing them declare them once."""
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
+# Defaults come from the config dataclasses: one source of truth for API and CLI.
+_TC = TransformConfig()
+_RC = RecalibrationConfig()
+_RG = RangeConfig()
+_IMG = ImagePreprocessing()
+
+_calibration_options = _options(
+    click.option(
+        "--num-samples",
+        type=int,
+        default=_TC.num_samples,
+        show_default=True,
+        help="Calibration samples drawn (seeded).",
+    ),
+    click.option(
+        "--batch-size",
+        type=int,
+        default=_TC.batch_size,
+        show_default=True,
+        help="Calibration batch size (a fixed model batch wins).",
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        default=_TC.seed,
+        show_default=True,
+        help="Seed of the calibration draw.",
+    ),
+    click.option(
+        "--range-estimator",
+        type=click.Choice(list(RANGE_ESTIMATORS)),
+        default=_RG.estimator,
+        show_default=True,
+        help="Activation range estimator.",
+    ),
+    click.option(
+        "--percentile",
+        type=float,
+        default=_RG.percentile,
+        show_default=True,
+        help="Percentile for --range-estimator percentile.",
+    ),
+)
+
+_recalibration_options = _options(
+    click.option(
+        "--strategy",
+        type=click.Choice(list(STRATEGY_CHOICES)),
+        default=_RC.strategy,
+        show_default=True,
+        help="BatchNorm recalibration strategy (docs/recalibration.md).",
+    ),
+    click.option(
+        "--fold/--no-fold",
+        default=_RC.fold,
+        show_default=True,
+        help="Fold recalibrated BN into the NB-SMT op's scale and bias.",
+    ),
+    click.option(
+        "--correction",
+        type=click.Choice(list(CORRECTION_CHOICES)),
+        default=_RC.correction,
+        show_default=True,
+        help="Correction of NB-SMT layers without a BN after them (BN-fused models).",
+    ),
+)
+
+_evaluation_options = _options(
+    click.option(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="Evaluate a seeded random subset of N samples [default: all].",
+    ),
+    click.option(
+        "--eval-batch-size", type=int, default=16, show_default=True, help="Evaluation batch size."
+    ),
+)
+
+_gate_options = _options(
+    click.option(
+        "--reference",
+        type=click.Choice(["float32", "int8"]),
+        default="float32",
+        show_default=True,
+        help="Row --max-drop is measured against.",
+    ),
+    click.option(
+        "--max-drop",
+        type=float,
+        default=None,
+        help="Gate: max top-1 drop in points vs --reference (exit 3 if missed).",
+    ),
+    click.option(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="Gate: min top-1 agreement with float32, e.g. 0.95 (exit 3 if missed).",
+    ),
+)
+
+_image_options = _options(
+    click.option(
+        "--resize", metavar="N|HxW", help="Images: resize the shorter side to N, or to HxW exactly."
+    ),
+    click.option("--center-crop", metavar="N|HxW", help="Images: center crop to N x N or HxW."),
+    click.option(
+        "--mean",
+        default=",".join(f"{v:g}" for v in _IMG.mean),
+        show_default=True,
+        help="Images: per-channel mean (RGB order) after dividing by --pixel-scale.",
+    ),
+    click.option(
+        "--std",
+        default=",".join(f"{v:g}" for v in _IMG.std),
+        show_default=True,
+        help="Images: per-channel std (RGB order).",
+    ),
+    click.option(
+        "--pixel-scale",
+        type=float,
+        default=_IMG.scale,
+        show_default=True,
+        help="Images: divide pixel values by this first.",
+    ),
+    click.option(
+        "--layout",
+        type=click.Choice(["NCHW", "NHWC"]),
+        default=_IMG.layout,
+        show_default=True,
+        help="Images: model input layout.",
+    ),
+    click.option(
+        "--channel-order",
+        type=click.Choice(["RGB", "BGR"]),
+        default=_IMG.channel_order,
+        show_default=True,
+        help="Images: channel order the model expects.",
+    ),
+)
+
+_run_options = _options(
+    click.option("--force", is_flag=True, help="Overwrite existing output files."),
+    click.option(
+        "--progress/--no-progress",
+        default=None,
+        help="Progress bars on stderr [default: when stderr is a terminal].",
+    ),
+    click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug)."),
+)
+
+
 @main.command("transform")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -187,35 +359,7 @@ def _floats(value: str, name: str) -> tuple[float, ...]:
     show_default=True,
     help="Operand reduced on a 2-thread collision.",
 )
-@click.option(
-    "--num-samples",
-    type=int,
-    default=512,
-    show_default=True,
-    help="Calibration samples drawn (seeded).",
-)
-@click.option(
-    "--batch-size",
-    type=int,
-    default=16,
-    show_default=True,
-    help="Calibration batch size (a fixed model batch wins).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample draw.")
-@click.option(
-    "--range-estimator",
-    type=click.Choice(["max", "percentile"]),
-    default="max",
-    show_default=True,
-    help="Activation range estimator.",
-)
-@click.option(
-    "--percentile",
-    type=float,
-    default=99.99,
-    show_default=True,
-    help="Percentile for --range-estimator percentile.",
-)
+@_calibration_options
 @_selection_options
 @click.option(
     "--export",
@@ -226,30 +370,11 @@ def _floats(value: str, name: str) -> tuple[float, ...]:
 )
 @click.option(
     "--recalibrate/--no-recalibrate",
-    default=False,
+    default=_RC.enabled,
     show_default=True,
     help="Recalibrate BatchNorm statistics under NB-SMT (issue 3).",
 )
-@click.option(
-    "--strategy",
-    type=click.Choice(["train-mode", "sequential", "relative"]),
-    default="relative",
-    show_default=True,
-    help="Recalibration strategy.",
-)
-@click.option(
-    "--fold/--no-fold",
-    default=True,
-    show_default=True,
-    help="Fold recalibrated BN into the NB-SMT op's scale and bias.",
-)
-@click.option(
-    "--correction",
-    type=click.Choice(["none", "mean", "mean+var"]),
-    default="mean+var",
-    show_default=True,
-    help="Correction for models whose BN is already fused.",
-)
+@_recalibration_options
 @click.option(
     "--report",
     "report_path",
@@ -266,70 +391,10 @@ def _floats(value: str, name: str) -> tuple[float, ...]:
     metavar="LABELS",
     help="Labels of --eval-data: .npy, .csv or 'folders' [default: agreement with float32].",
 )
-@click.option(
-    "--eval-samples", type=int, default=None, help="Evaluate a seeded subset of N samples."
-)
-@click.option(
-    "--eval-batch-size", type=int, default=16, show_default=True, help="Evaluation batch size."
-)
-@click.option(
-    "--reference",
-    type=click.Choice(["float32", "int8"]),
-    default="float32",
-    show_default=True,
-    help="Row --max-drop is measured against.",
-)
-@click.option(
-    "--max-drop",
-    type=float,
-    default=None,
-    help="Gate: max top-1 drop in points vs --reference (exit 3 if missed).",
-)
-@click.option(
-    "--min-agreement",
-    type=float,
-    default=None,
-    help="Gate: min top-1 agreement with float32, e.g. 0.95 (exit 3 if missed).",
-)
-@click.option(
-    "--resize", metavar="N|HxW", help="Images: resize the shorter side to N, or to HxW exactly."
-)
-@click.option("--center-crop", metavar="N|HxW", help="Images: center crop to N x N or HxW.")
-@click.option(
-    "--mean",
-    default="0",
-    show_default=True,
-    help="Images: per-channel mean (RGB order) after dividing by --pixel-scale.",
-)
-@click.option("--std", default="1", show_default=True, help="Images: per-channel std (RGB order).")
-@click.option(
-    "--pixel-scale",
-    type=float,
-    default=255.0,
-    show_default=True,
-    help="Images: divide pixel values by this first.",
-)
-@click.option(
-    "--layout",
-    type=click.Choice(["NCHW", "NHWC"]),
-    default="NCHW",
-    show_default=True,
-    help="Images: model input layout.",
-)
-@click.option(
-    "--channel-order",
-    type=click.Choice(["RGB", "BGR"]),
-    default="RGB",
-    show_default=True,
-    help="Images: channel order the model expects.",
-)
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bars on stderr [default: when stderr is a terminal].",
-)
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@_evaluation_options
+@_gate_options
+@_image_options
+@_run_options
 def transform_command(model: Path, **kw: Any) -> None:
     """Rewrite MODEL into an NB-SMT simulation model (and/or a QDQ model) with a report.
 
@@ -338,12 +403,6 @@ def transform_command(model: Path, **kw: Any) -> None:
     3 a threshold (--max-drop/--min-agreement) was missed (outputs are written).
     """
     from nbsmt_onnx.api import output_paths, transform
-    from nbsmt_onnx.config import (
-        ImagePreprocessing,
-        RangeConfig,
-        RecalibrationConfig,
-        TransformConfig,
-    )
     from nbsmt_onnx.io import check_destination
 
     _setup_logging(int(kw.pop("verbose")))
@@ -465,7 +524,6 @@ def _transform_evaluation(kw: dict[str, Any], progress: bool) -> tuple[Any, Any,
 def inspect_command(model: Path, **kw: Any) -> None:
     """List what transform would rewrite in MODEL, what not and why, and its BatchNorm layers."""
     from nbsmt_onnx.api import inspect
-    from nbsmt_onnx.config import TransformConfig
 
     _setup_logging(int(kw.pop("verbose")))
     as_json = bool(kw.pop("as_json"))
@@ -532,66 +590,13 @@ def _csv_list(value: str, name: str, cast: type = str) -> tuple[Any, ...]:
     show_default=True,
     help="Reduced operands to sweep: activations, weights.",
 )
-@click.option(
-    "--num-samples",
-    type=int,
-    default=512,
-    show_default=True,
-    help="Calibration samples drawn (seeded).",
-)
-@click.option(
-    "--batch-size", type=int, default=16, show_default=True, help="Calibration batch size."
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the calibration draw."
-)
-@click.option(
-    "--eval-samples",
-    type=int,
-    default=None,
-    help="Evaluate a seeded random subset of N samples [default: all].",
-)
-@click.option(
-    "--eval-batch-size", type=int, default=16, show_default=True, help="Evaluation batch size."
-)
+@_calibration_options
+@_evaluation_options
 @click.option(
     "--eval-seed", type=int, default=0, show_default=True, help="Seed of the evaluation subset."
 )
-@click.option(
-    "--range-estimator",
-    type=click.Choice(["max", "percentile"]),
-    default="max",
-    show_default=True,
-    help="Activation range estimator.",
-)
-@click.option(
-    "--percentile",
-    type=float,
-    default=99.99,
-    show_default=True,
-    help="Percentile for --range-estimator percentile.",
-)
 @_selection_options
-@click.option(
-    "--strategy",
-    type=click.Choice(["train-mode", "sequential", "relative"]),
-    default="relative",
-    show_default=True,
-    help="Recalibration strategy (+recal rows).",
-)
-@click.option(
-    "--fold/--no-fold",
-    default=True,
-    show_default=True,
-    help="Fold recalibrated BN into the NB-SMT op.",
-)
-@click.option(
-    "--correction",
-    type=click.Choice(["none", "mean", "mean+var"]),
-    default="mean+var",
-    show_default=True,
-    help="Correction for layers without BN (+recal rows).",
-)
+@_recalibration_options
 @click.option(
     "--output", "output_name", metavar="NAME", help="Model output to score [default: the first]."
 )
@@ -602,25 +607,7 @@ def _csv_list(value: str, name: str, cast: type = str) -> tuple[Any, ...]:
     show_default=True,
     help="How KL reads the output.",
 )
-@click.option(
-    "--reference",
-    type=click.Choice(["float32", "int8"]),
-    default="float32",
-    show_default=True,
-    help="Row --max-drop is measured against.",
-)
-@click.option(
-    "--max-drop",
-    type=float,
-    default=None,
-    help="Gate: max top-1 drop in points vs --reference (exit 3 if missed).",
-)
-@click.option(
-    "--min-agreement",
-    type=float,
-    default=None,
-    help="Gate: min top-1 agreement with float32, e.g. 0.95 (exit 3 if missed).",
-)
+@_gate_options
 @click.option(
     "--gate",
     "gate_rows",
@@ -634,38 +621,7 @@ def _csv_list(value: str, name: str, cast: type = str) -> tuple[Any, ...]:
     show_default=True,
     help="Samples for per-layer SQNR vs int8 (0 = off).",
 )
-@click.option(
-    "--resize", metavar="N|HxW", help="Images: resize the shorter side to N, or to HxW exactly."
-)
-@click.option("--center-crop", metavar="N|HxW", help="Images: center crop to N x N or HxW.")
-@click.option(
-    "--mean",
-    default="0",
-    show_default=True,
-    help="Images: per-channel mean (RGB order) after dividing by --pixel-scale.",
-)
-@click.option("--std", default="1", show_default=True, help="Images: per-channel std (RGB order).")
-@click.option(
-    "--pixel-scale",
-    type=float,
-    default=255.0,
-    show_default=True,
-    help="Images: divide pixel values by this first.",
-)
-@click.option(
-    "--layout",
-    type=click.Choice(["NCHW", "NHWC"]),
-    default="NCHW",
-    show_default=True,
-    help="Images: model input layout.",
-)
-@click.option(
-    "--channel-order",
-    type=click.Choice(["RGB", "BGR"]),
-    default="RGB",
-    show_default=True,
-    help="Images: channel order the model expects.",
-)
+@_image_options
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (nothing else)."
 )
@@ -681,24 +637,12 @@ def _csv_list(value: str, name: str, cast: type = str) -> tuple[Any, ...]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the HTML report here.",
 )
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bars on stderr [default: when stderr is a terminal].",
-)
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@_run_options
 def evaluate_command(model: Path, **kw: object) -> None:
     """Evaluate float32, int8 and NB-SMT (with/without recalibration) on held-out data.
 
     Exit codes: 0 ok, 2 user error, 3 a threshold (--max-drop/--min-agreement) was missed.
     """
-    from nbsmt_onnx.config import (
-        ImagePreprocessing,
-        RangeConfig,
-        RecalibrationConfig,
-        TransformConfig,
-    )
     from nbsmt_onnx.evaluate import EvaluateConfig, evaluate, write_text
     from nbsmt_onnx.html_report import write_html
     from nbsmt_onnx.io import check_destination
