@@ -242,17 +242,60 @@ def layer_diagnostics(
     probed = _expose(probed, tensors)
     names = tensors + list(stats_names.values())
     values = dict(zip(names, session_for(probed, threads).run(names, feed), strict=True))
-    sqnr = {}
+    sqnr, fit = {}, {}
     for t in tensors:
         acc = SqnrAccumulator()
         acc.update(ref[t], values[t])
         sqnr[t] = acc.result()
+        fit[t] = affine_fit(ref[t], values[t])
     attrs = {n.name: n for n in model.graph.node if n.domain == schema.DOMAIN}
     ops = {}
     for node, out in stats_names.items():
         t = next((a.i for a in attrs[node].attribute if a.name == "threads"), 2)
         ops[node] = layer_metrics(np.asarray(values[out], dtype=np.int64), int(t))
-    return {"sqnr_vs_float_db": sqnr, "ops": ops}
+    return {"sqnr_vs_float_db": sqnr, "fit": fit, "ops": ops}
+
+
+def affine_fit(reference: np.ndarray, value: np.ndarray) -> dict[str, float]:
+    """How much of a tensor's error a per-channel affine map could remove (channel axis 1).
+
+    ``bias_fraction``: share of the mean squared error that is per-channel mean
+    offset (what a mean correction removes). ``sqnr_mean_db`` / ``sqnr_affine_db``:
+    the SQNR after the in-sample best per-channel shift / least-squares
+    ``a * value + b`` — an upper bound on what any BN statistic change at this
+    tensor alone can do, given its input. ``gain_mean``: the variant's signal
+    gain (slope of value on reference), ``std_ratio_mean``: its std over the
+    reference's; noise that keeps the signal (gain 1) but inflates the std is
+    what variance matching wrongly "corrects" by shrinking the signal.
+    """
+    r = np.moveaxis(reference.astype(np.float64), 1, 0).reshape(reference.shape[1], -1)
+    v = np.moveaxis(value.astype(np.float64), 1, 0).reshape(value.shape[1], -1)
+    signal = float(np.sum(r * r))
+    err = v - r
+    mse = float(np.mean(err * err))
+    bias = err.mean(axis=1)
+    vc = v - v.mean(axis=1, keepdims=True)
+    rc = r - r.mean(axis=1, keepdims=True)
+    var_v = np.sum(vc * vc, axis=1)
+    a = np.where(var_v > 0, np.sum(vc * rc, axis=1) / np.where(var_v > 0, var_v, 1.0), 0.0)
+    var_r = np.sum(rc * rc, axis=1)
+    gain = np.sum(vc * rc, axis=1)[var_r > 0] / var_r[var_r > 0]
+    resid_affine = rc - a[:, None] * vc
+    resid_mean = rc - vc
+
+    def db(noise: float) -> float:
+        return 10 * math.log10(signal / noise) if noise > 0 else math.inf
+
+    return {
+        "bias_fraction": float(np.mean(bias * bias) / mse) if mse > 0 else 0.0,
+        "sqnr_mean_db": db(float(np.sum(resid_mean * resid_mean))),
+        "sqnr_affine_db": db(float(np.sum(resid_affine * resid_affine))),
+        "fit_scale_mean": float(np.mean(a)),
+        # signal gain: regression slope of the variant on the reference (1 = signal kept)
+        "gain_mean": float(np.mean(gain)) if gain.size else 1.0,
+        # std ratio variant / reference (>1: variance inflated by noise)
+        "std_ratio_mean": float(np.mean(np.sqrt(var_v[var_r > 0] / var_r[var_r > 0]))),
+    }
 
 
 @dataclass
