@@ -17,8 +17,11 @@ Rows (``--rows``, comma separated; default: the grid of ``--threads`` x
 - ``METHOD``: ``none`` (default), a BN strategy (``train-mode``,
   ``sequential``, ``relative``, ``one-pass``) or, for fused models, a
   correction (``mean``, ``mean+var``);
-- keys: ``f`` / ``r`` (VarianceRatio floor / bound), ``corr`` (correction of
-  the layers without BN after BN recalibration, default ``--correction``),
+- keys: ``f`` / ``r`` (VarianceRatio floor / bound of both the ``relative``
+  variance transfer and the ``mean+var`` correction; default: the tool's,
+  i.e. ``relative`` mean shift only (bound 1) and ``mean+var`` f=0.01, r=4),
+  ``corr`` (correction of the layers without BN after BN recalibration,
+  default ``--correction``, i.e. the tool's default),
   ``batch`` (calibration batch size; default ``--train-batch`` for
   train-mode / one-pass, else the whole set in one batch — the exact
   sequential route), ``samples`` (calibration samples used for
@@ -58,7 +61,14 @@ import onnx
 import nbsmt_onnx as nb
 from nbsmt_onnx import io
 from nbsmt_onnx.calibration.data import CalibrationData, model_inputs, open_calibration_data
-from nbsmt_onnx.calibration.recalibrate import STRATEGIES, VarianceRatio, recalibrate
+from nbsmt_onnx.calibration.recalibrate import (
+    DEFAULT_CORRECTION,
+    DEFAULT_RATIO,
+    DEFAULT_RELATIVE_RATIO,
+    STRATEGIES,
+    VarianceRatio,
+    recalibrate,
+)
 from nbsmt_onnx.config import RecalibrationConfig, Selection
 from nbsmt_onnx.evaluate import with_nbsmt_settings
 from nbsmt_onnx.graph.rewrite import ensure_node_names
@@ -360,14 +370,22 @@ class Study:
         correction = (
             row.method if row.method in CORRECTIONS else row.get("corr", self.args.correction)
         )
-        ratio = VarianceRatio(
-            floor=float(row.get("f", self.args.floor)), bound=float(row.get("r", self.args.bound))
-        )
+        relative_ratio, correction_ratio = DEFAULT_RELATIVE_RATIO, DEFAULT_RATIO
+        if row.get("f") is not None or row.get("r") is not None:
+            relative_ratio = correction_ratio = VarianceRatio(
+                floor=float(row.get("f", DEFAULT_RATIO.floor)),
+                bound=float(row.get("r", DEFAULT_RATIO.bound)),
+            )
         data = self.calib_data(row)
         cfg = _RecalSettings(strategy, correction, bool(int(row.get("fold", 1))))
         t0 = time.perf_counter()
         res = recalibrate(
-            float_model=self.float_model, sim_model=sim, data=data, config=cfg, ratio=ratio
+            float_model=self.float_model,
+            sim_model=sim,
+            data=data,
+            config=cfg,
+            relative_ratio=relative_ratio,
+            correction_ratio=correction_ratio,
         )
         info["recal_s"] = time.perf_counter() - t0
         bn_passes = res.batchnorm.passes if res.batchnorm else 0
@@ -508,10 +526,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--corrections", type=_csv(str), default=list(CORRECTIONS))
     p.add_argument(
-        "--correction", default="mean+var", help="correction of layers without BN in BN models"
+        "--correction",
+        default=DEFAULT_CORRECTION,
+        help="correction of layers without BN in BN models (default: the tool's)",
     )
-    p.add_argument("--floor", type=float, default=0.01, help="VarianceRatio floor f (default rows)")
-    p.add_argument("--bound", type=float, default=4.0, help="VarianceRatio bound r (default rows)")
     p.add_argument("--train-batch", type=int, default=25, help="batch of train-mode / one-pass")
     p.add_argument(
         "--exact-batch",
@@ -571,7 +589,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             {"name": e.name, "samples": e.data.num_samples, "labelled": e.labels is not None}
             for e in evals
         ],
-        "defaults": {"floor": args.floor, "bound": args.bound, "correction": args.correction},
+        "defaults": {
+            "relative_ratio": vars(DEFAULT_RELATIVE_RATIO),
+            "correction_ratio": vars(DEFAULT_RATIO),
+            "correction": args.correction,
+        },
         "argv": sys.argv[1:] if argv is None else list(argv),
         "rows": [],
     }

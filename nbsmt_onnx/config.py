@@ -140,14 +140,15 @@ class RangeConfig:
 class RecalibrationConfig:
     """BatchNorm recalibration settings (SPEC §4-§5, issue 3).
 
-    ``enabled`` is False until the recalibration module lands; the other
-    fields are validated now so the CLI/API surface does not change later.
+    On by default. ``strategy`` (models with BN) and ``correction`` (layers
+    without a BN after them, e.g. BN-fused models) default to what measured
+    best on real models (docs/recalibration.md, "Measured").
     """
 
-    enabled: bool = False
+    enabled: bool = True
     strategy: str = "relative"
     fold: bool = True
-    correction: str = "mean+var"
+    correction: str = "mean"
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGY_CHOICES)

@@ -23,7 +23,7 @@ from onnx import helper
 
 from nbsmt_onnx import TransformConfig, transform
 from nbsmt_onnx.cli import main
-from nbsmt_onnx.config import ImagePreprocessing
+from nbsmt_onnx.config import ImagePreprocessing, RecalibrationConfig
 from nbsmt_onnx.errors import ConfigError
 from nbsmt_onnx.evaluate import (
     EXIT_OK,
@@ -82,8 +82,13 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def test_attribute_edit_equals_a_fresh_transform(fm_data: Path) -> None:
-    """The sweep's shortcut: the T=1 model with new attributes is what transform builds."""
-    cfg = TransformConfig(threads=1, num_samples=NUM_CALIB, collect_stats=False)
+    """The sweep's shortcut: the T=1 model with new attributes is what transform builds.
+
+    (Without recalibration, like the sweep's non-recalibrated rows; recalibration is
+    on by default and depends on the NB-SMT settings.)
+    """
+    off = RecalibrationConfig(enabled=False)
+    cfg = TransformConfig(threads=1, num_samples=NUM_CALIB, collect_stats=False, recalibration=off)
     base = transform(FMNIST, fm_data / "calib.npz", cfg)
     for threads, mapping, reduce in ((2, "channel", "activations"), (4, "interleave", "weights")):
         fresh = transform(
@@ -95,6 +100,7 @@ def test_attribute_edit_equals_a_fresh_transform(fm_data: Path) -> None:
                 reduce=reduce,
                 num_samples=NUM_CALIB,
                 collect_stats=False,
+                recalibration=off,
             ),
         )
         edited = with_nbsmt_settings(base.sim_model, threads, mapping, reduce)
@@ -124,7 +130,13 @@ def test_metrics_equal_an_independent_computation(fm_data: Path) -> None:
     t2 = transform(
         FMNIST,
         fm_data / "calib.npz",
-        TransformConfig(threads=2, num_samples=NUM_CALIB, batch_size=16, collect_stats=False),
+        TransformConfig(
+            threads=2,
+            num_samples=NUM_CALIB,
+            batch_size=16,
+            collect_stats=False,
+            recalibration=RecalibrationConfig(enabled=False),  # the row is not recalibrated
+        ),
     ).sim_model
     probe, stats_names = add_stats_outputs(t2)
     nodes = [n for n in t2.graph.node if n.domain == "nbsmt"]

@@ -50,7 +50,9 @@ def test_defaults_and_dict() -> None:
         "activations",
         "sim",
     )
-    assert cfg.recalibration.enabled is False
+    # recalibration on by default with the measured choices (docs/recalibration.md)
+    rc = cfg.recalibration
+    assert (rc.enabled, rc.strategy, rc.correction, rc.fold) == (True, "relative", "mean", True)
     d = cfg.to_dict()
     assert d["ranges"]["estimator"] == "max" and "progress" not in d
     assert cfg.smt_attributes(True).act_signed == 1
