@@ -20,6 +20,8 @@ Rows (``--rows``, comma separated; default: the grid of ``--threads`` x
 - keys: ``f`` / ``r`` (VarianceRatio floor / bound of both the ``relative``
   variance transfer and the ``mean+var`` correction; default: the tool's,
   i.e. ``relative`` mean shift only (bound 1) and ``mean+var`` f=0.01, r=4),
+  ``amp`` (1: VarianceRatio.amplify_only — variance only corrected where
+  NB-SMT attenuated the signal),
   ``corr`` (correction of the layers without BN after BN recalibration,
   default ``--correction``, i.e. the tool's default),
   ``batch`` (calibration batch size; default ``--train-batch`` for
@@ -81,7 +83,7 @@ log = logging.getLogger("recalibration_study")
 
 CORRECTIONS = ("mean", "mean+var")
 METHODS = ("none", *STRATEGIES, *CORRECTIONS)
-ROW_KEYS = ("f", "r", "corr", "batch", "samples", "data", "keep_first", "fold")
+ROW_KEYS = ("f", "r", "amp", "corr", "batch", "samples", "data", "keep_first", "fold")
 
 
 # --------------------------------------------------------------------------- rows
@@ -371,10 +373,11 @@ class Study:
             row.method if row.method in CORRECTIONS else row.get("corr", self.args.correction)
         )
         relative_ratio, correction_ratio = DEFAULT_RELATIVE_RATIO, DEFAULT_RATIO
-        if row.get("f") is not None or row.get("r") is not None:
+        if any(row.get(k) is not None for k in ("f", "r", "amp")):
             relative_ratio = correction_ratio = VarianceRatio(
                 floor=float(row.get("f", DEFAULT_RATIO.floor)),
                 bound=float(row.get("r", DEFAULT_RATIO.bound)),
+                amplify_only=bool(int(row.get("amp", 0))),
             )
         data = self.calib_data(row)
         cfg = _RecalSettings(strategy, correction, bool(int(row.get("fold", 1))))

@@ -146,6 +146,9 @@ class VarianceRatio:
 
     floor: float = 0.01
     bound: float = 4.0
+    #: only ever *amplify* the signal: a variance that NB-SMT lowered (the signal was
+    #: attenuated) is compensated, a variance it raised (noise added) is left alone
+    amplify_only: bool = False
 
     def __post_init__(self) -> None:
         if not (self.floor >= 0 and np.isfinite(self.floor)):
@@ -161,11 +164,25 @@ class VarianceRatio:
         """``e`` added to numerator and denominator."""
         return max(eps + self.floor * float(np.mean(reference)), 1e-12)
 
+    def relative_limits(self) -> tuple[float, float]:
+        """Clip range of ``var_n / var_c`` (``relative``: ``var' = var * ratio``)."""
+        return 1.0 / self.bound, 1.0 if self.amplify_only else self.bound
+
+    def correction_limits(self) -> tuple[float, float]:
+        """Clip range of ``var_c / var_n`` (``mean+var``: ``a = sqrt(ratio)``)."""
+        return 1.0 if self.amplify_only else 1.0 / self.bound, self.bound
+
     def __call__(
-        self, num: np.ndarray, den: np.ndarray, reference: np.ndarray, eps: float = 0.0
+        self,
+        num: np.ndarray,
+        den: np.ndarray,
+        reference: np.ndarray,
+        eps: float = 0.0,
+        limits: tuple[float, float] | None = None,
     ) -> np.ndarray:
         e = self.offset(reference, eps)
-        return np.clip((num + e) / (den + e), 1.0 / self.bound, self.bound)
+        low, high = limits if limits is not None else (1.0 / self.bound, self.bound)
+        return np.clip((num + e) / (den + e), low, high)
 
 
 #: Variance ratio of the ``mean+var`` correction (and of ``relative`` when asked for).
@@ -535,7 +552,7 @@ def _relative(
     _check_channels(info, measured)
     _check_channels(info, reference)
     var_c = reference.variance
-    k = ratio(measured.variance, var_c, var_c, info.epsilon)
+    k = ratio(measured.variance, var_c, var_c, info.epsilon, ratio.relative_limits())
     new = BatchNormStatistics(old.mean + (measured.mean - reference.mean), old.var * k)
     return BatchNormUpdate(info.name, level, info.epsilon, old, new, measured, reference)
 
@@ -556,8 +573,8 @@ def _relative_shift(
         var_base=old.var,
         var_reference=var_c + e,
         offset=e,
-        low=1.0 / ratio.bound,
-        high=ratio.bound,
+        low=ratio.relative_limits()[0],
+        high=ratio.relative_limits()[1],
     )
 
 
@@ -690,7 +707,14 @@ def _correction(
     if variant == "mean":
         a = np.ones(measured.channels)
     else:
-        a = np.sqrt(ratio(reference.variance, measured.variance, reference.variance))
+        a = np.sqrt(
+            ratio(
+                reference.variance,
+                measured.variance,
+                reference.variance,
+                limits=ratio.correction_limits(),
+            )
+        )
     return ChannelAffine(a, reference.mean - a * measured.mean)
 
 
@@ -703,8 +727,8 @@ def _batch_correction(
         mean_reference=reference.mean,
         numerator=reference.variance + e,
         offset=e,
-        low=1.0 / ratio.bound,
-        high=ratio.bound,
+        low=ratio.correction_limits()[0],
+        high=ratio.correction_limits()[1],
         scale=variant != "mean",
         channel_axis=nbsmt_channel_axis(node),
     )

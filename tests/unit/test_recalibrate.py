@@ -163,12 +163,13 @@ def test_one_batch_sequential_shortcut_equals_level_passes() -> None:
     _assert_stats(shortcut, {bn: (s.mean, s.var) for bn, s in passes.statistics.items()}, 1e-12)
 
 
-def test_one_batch_relative_equals_level_passes() -> None:
+@pytest.mark.parametrize("amplify_only", [False, True], ids=["two-sided", "amplify-only"])
+def test_one_batch_relative_equals_level_passes(amplify_only: bool) -> None:
     """One batch: relative runs in 2 passes (clean, then shifted batch statistics in-graph)."""
     clean, nb = _chain(perturbed=False), _chain(perturbed=True)
     data = image_batches(seed=25, sizes=((6, 5),))
     # a bound the perturbation reaches (bn1 channel 3 has a = 3): clipping is exercised
-    ratio = VarianceRatio(floor=0.05, bound=2.0)
+    ratio = VarianceRatio(floor=0.05, bound=2.0, amplify_only=amplify_only)
     runs = {
         shortcut: recalibrate_batchnorm(
             nb,
@@ -189,9 +190,12 @@ def test_one_batch_relative_equals_level_passes() -> None:
     _assert_stats(
         runs[True], {bn: (s.mean, s.var) for bn, s in runs[False].statistics.items()}, 1e-12
     )
+    # channel 3's variance grew 9x: clipped to the bound, or (amplify-only) not moved at all
     assert runs[True].statistics["bn1"].var[3] == pytest.approx(
-        2.0 * _stats(nb, "bn1")[1][3], rel=1e-12
+        (1.0 if amplify_only else 2.0) * _stats(nb, "bn1")[1][3], rel=1e-12
     )
+    # channel 1 (a = 0.8) shrank: its variance follows in both modes
+    assert runs[True].statistics["bn1"].var[1] < _stats(nb, "bn1")[1][1]
     for u in runs[True].updates:
         assert u.reference is not None
 
@@ -406,6 +410,33 @@ def test_configuration_and_data_errors() -> None:
         )
     with pytest.raises(ConfigError, match="bound"):
         VarianceRatio(bound=0.5)
+
+
+def test_default_relative_moves_the_mean_only() -> None:
+    """Default (measured): relative transfers the mean shift, the variance is kept."""
+    clean, nb = _chain(perturbed=False), _chain(perturbed=True)
+    result = recalibrate_batchnorm(
+        nb, image_batches(seed=32), strategy="relative", float_model=clean, batchnorms=BNS,
+        session_factory=plain_session,
+    )  # fmt: skip
+    for u in result.updates:
+        np.testing.assert_array_equal(u.new.var, u.old.var)
+        assert u.mean_shift > 0
+
+
+def test_variance_ratio_limits() -> None:
+    two, amp = VarianceRatio(bound=4.0), VarianceRatio(bound=4.0, amplify_only=True)
+    assert two.relative_limits() == two.correction_limits() == (0.25, 4.0)
+    # relative: var' = var * (var_n / var_c) may only go down (BN then amplifies);
+    # mean+var: a^2 = var_c / var_n may only go up
+    assert amp.relative_limits() == (0.25, 1.0) and amp.correction_limits() == (1.0, 4.0)
+    var_c, var_n = np.array([1.0, 1.0]), np.array([0.5, 2.0])
+    np.testing.assert_allclose(
+        amp(var_n, var_c, var_c, limits=amp.relative_limits()), [0.51 / 1.01, 1.0], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        amp(var_c, var_n, var_c, limits=amp.correction_limits()), [1.01 / 0.51, 1.0], rtol=1e-12
+    )
 
 
 def test_variance_ratio_regularisation() -> None:
