@@ -477,11 +477,9 @@ def recalibrate_batchnorm(
             (measured,) = runner.run_pass(
                 [probed], f"relative: {len(infos)} BNs, shifted batch statistics"
             )
-            updates += [
-                _relative(by_name[n], levels[n], old[n], measured[by_name[n].input],
-                          reference[n], ratio)
-                for n in levels
-            ]  # fmt: skip
+            for n in levels:
+                stats = measured[by_name[n].input]
+                updates.append(_relative(by_name[n], levels[n], old[n], stats, reference[n], ratio))
             return _finish(strategy, model, updates, skipped, runner)
     runner = _Runner(data, session_factory, progress, len(groups))
     current = model

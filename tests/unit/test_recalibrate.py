@@ -205,9 +205,13 @@ def test_one_batch_relative_differs_from_one_pass_replacement() -> None:
     clean, nb = _chain(perturbed=False), _chain(perturbed=True)
     data = image_batches(seed=25, sizes=((6, 5),))
     rel = recalibrate_batchnorm(
-        nb, data, strategy="relative", float_model=clean, batchnorms=BNS,
+        nb,
+        data,
+        strategy="relative",
+        float_model=clean,
+        batchnorms=BNS,
         session_factory=plain_session,
-    )  # fmt: skip
+    )
     seq = recalibrate_batchnorm(
         nb, data, strategy="sequential", batchnorms=BNS, session_factory=plain_session
     )
@@ -416,9 +420,13 @@ def test_default_relative_moves_the_mean_only() -> None:
     """Default (measured): relative transfers the mean shift, the variance is kept."""
     clean, nb = _chain(perturbed=False), _chain(perturbed=True)
     result = recalibrate_batchnorm(
-        nb, image_batches(seed=32), strategy="relative", float_model=clean, batchnorms=BNS,
+        nb,
+        image_batches(seed=32),
+        strategy="relative",
+        float_model=clean,
+        batchnorms=BNS,
         session_factory=plain_session,
-    )  # fmt: skip
+    )
     for u in result.updates:
         np.testing.assert_array_equal(u.new.var, u.old.var)
         assert u.mean_shift > 0
