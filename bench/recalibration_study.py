@@ -178,14 +178,15 @@ def open_eval_sets(
     out = []
     for text in specs:
         name, path, labels = _parse_eval(text)
-        total = len(np.load(path)[next(iter(np.load(path).files))])
+        probe = open_calibration_data(path, inputs, num_samples=1, batch_size=1, seed=0)
+        total = len(probe.source) if probe.source is not None else 0
         n = min(limit, total) if limit else total
-        # samples in file order (seeded permutation of all of them would reorder labels)
+        # a seeded draw (all samples, permuted, when no limit); labels follow ``indices``
         data = open_calibration_data(path, inputs, num_samples=n, batch_size=batch, seed=0)
         lab = None
         if labels is not None:
             lab = np.load(labels).astype(np.int64).reshape(-1)
-            lab = lab[np.asarray(data._order)]  # the draw's source indices (see evaluate.py)
+            lab = lab[np.asarray(data.indices)]  # the draw's source indices
         out.append(EvalSet(name, data, lab))
     return out
 
