@@ -390,6 +390,7 @@ class Study:
             config=cfg,
             relative_ratio=relative_ratio,
             correction_ratio=correction_ratio,
+            auto_batch=False,  # the row's batch size is part of what is measured
         )
         info["recal_s"] = time.perf_counter() - t0
         bn_passes = res.batchnorm.passes if res.batchnorm else 0

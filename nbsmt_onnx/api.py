@@ -8,7 +8,9 @@
 3. plan the rewrite on the float model (what becomes NB-SMT, what not and why);
 4. calibrate activation ranges on the float model (one streaming pass);
 5. rewrite into the simulation model; check it (onnx.checker + shape inference);
-6. recalibrate BatchNorm statistics (issue 3; off until that module lands);
+6. recalibrate BatchNorm statistics under NB-SMT, or correct the layers of a
+   BN-fused model, and fold the result into the ops' scales and biases
+   (``calibration.recalibrate.recalibrate``; on by default);
 7. verify and measure: run the simulation model once over the calibration
    data with the ``stats`` outputs exposed (outputs must be finite);
 8. build the exports (QDQ from the final simulation model) and verify the QDQ
@@ -29,8 +31,6 @@ and the report; ``TransformResult.save`` writes them through ``io``.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import sys
@@ -47,6 +47,7 @@ from tqdm import tqdm
 from nbsmt_onnx import io
 from nbsmt_onnx.calibration.data import CalibrationData, model_inputs, open_calibration_data
 from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
+from nbsmt_onnx.calibration.recalibrate import recalibrate
 from nbsmt_onnx.config import ImagePreprocessing, TransformConfig
 from nbsmt_onnx.errors import ConfigError, NbsmtError, OutputError, UnsupportedModelError
 from nbsmt_onnx.graph.qdq import MIN_QDQ_OPSET, to_qdq
@@ -254,11 +255,7 @@ def _register_schemas() -> None:
 def _recalibrate(
     float_model: onnx.ModelProto, sim: RewriteResult, data: CalibrationData, config: TransformConfig
 ) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
-    """Step 6 — BatchNorm recalibration (issue 3).
-
-    Calls ``nbsmt_onnx.calibration.recalibrate.recalibrate`` when that module
-    exists and recalibration is enabled (the default is off until it lands).
-    """
+    """Step 6 — BatchNorm recalibration / fused-layer correction and folding (SPEC §4-§5)."""
     rc = config.recalibration
     if not rc.enabled:
         return sim.model, None
@@ -267,13 +264,7 @@ def _recalibrate(
             "recalibration skipped: random calibration data would corrupt the BN statistics"
         )
         return sim.model, {"skipped": "random calibration data"}
-    module = "nbsmt_onnx.calibration.recalibrate"
-    recal_module = importlib.import_module(module) if importlib.util.find_spec(module) else None
-    if recal_module is None or not hasattr(recal_module, "recalibrate"):
-        raise ConfigError(
-            "BatchNorm recalibration is not available in this version; run without --recalibrate"
-        )
-    result = recal_module.recalibrate(
+    result = recalibrate(
         float_model=float_model,
         sim_model=sim.model,
         data=data,

@@ -231,7 +231,34 @@ _recalibration_options = _options(
         show_default=True,
         help="Correction of NB-SMT layers without a BN after them (BN-fused models).",
     ),
+    click.option(
+        "--recal-samples",
+        type=click.IntRange(min=1),
+        default=_RC.samples,
+        help="Calibration samples recalibration uses [default: as many as fit in one batch "
+        "of --recal-memory: the exact two-pass route; more are streamed, one pass per BN level].",
+    ),
+    click.option(
+        "--recal-memory",
+        type=click.IntRange(min=1),
+        default=_RC.memory_mb,
+        show_default=True,
+        help="Activation memory (MB) one recalibration batch may use (estimated from the graph).",
+    ),
 )
+
+
+def _recalibration_config(kw: dict[str, Any], enabled: bool = True) -> RecalibrationConfig:
+    """Pop the ``_recalibration_options`` of ``kw`` into a RecalibrationConfig."""
+    return RecalibrationConfig(
+        enabled=enabled,
+        strategy=str(kw.pop("strategy")),
+        fold=bool(kw.pop("fold")),
+        correction=str(kw.pop("correction")),
+        samples=kw.pop("recal_samples"),
+        memory_mb=int(kw.pop("recal_memory")),
+    )
+
 
 _evaluation_options = _options(
     click.option(
@@ -422,12 +449,7 @@ def transform_command(model: Path, **kw: Any) -> None:
         ),
         selection=_selection(kw),
         export=str(kw.pop("export")),
-        recalibration=RecalibrationConfig(
-            enabled=bool(kw.pop("recalibrate")),
-            strategy=str(kw.pop("strategy")),
-            fold=bool(kw.pop("fold")),
-            correction=str(kw.pop("correction")),
-        ),
+        recalibration=_recalibration_config(kw, enabled=bool(kw.pop("recalibrate"))),
         progress=sys.stderr.isatty() if progress is None else bool(progress),
     )
     images = ImagePreprocessing(
@@ -479,11 +501,32 @@ def transform_command(model: Path, **kw: Any) -> None:
             f"collision rate {nbsmt['collision_rate']:.3f}, "
             f"squeezed operands {nbsmt['squeezed_operand_fraction']:.3f}"
         )
+    recal = result.report.get("recalibration")
+    if recal:
+        click.echo(_recalibration_line(recal))
     for path in written:
         click.echo(f"wrote {path}")
     if result.evaluation is not None:
         click.echo(result.evaluation.format_table())
         sys.exit(result.exit_code)
+
+
+def _recalibration_line(recal: dict[str, Any]) -> str:
+    """One line on what recalibration did (from the report's ``recalibration`` section)."""
+    if "skipped" in recal and "strategy" not in recal:
+        return f"recalibration skipped: {recal['skipped']}"
+    parts = [f"{recal['strategy']} on {len(recal['batchnorms'])} BN(s), {recal['passes']} pass(es)"]
+    correction = recal.get("correction")
+    if correction:
+        parts.append(
+            f"{correction['variant']} correction of {len(correction['layers'])} layer(s), "
+            f"{correction['passes']} pass(es)"
+        )
+    if "fold" in recal:
+        parts.append(f"{len(recal['fold']['folded'])} BN(s) folded")
+    batches = recal.get("batches")
+    tail = f"; {batches['note']}" if batches else ""
+    return "recalibration: " + ", ".join(parts) + tail
 
 
 def _transform_evaluation(kw: dict[str, Any], progress: bool) -> tuple[Any, Any, Any]:
@@ -667,11 +710,7 @@ def evaluate_command(model: Path, **kw: object) -> None:
             percentile=kw.pop("percentile"),  # type: ignore[arg-type]
         ),
         selection=_selection(kw),
-        recalibration=RecalibrationConfig(
-            strategy=str(kw.pop("strategy")),
-            fold=bool(kw.pop("fold")),
-            correction=str(kw.pop("correction")),
-        ),
+        recalibration=_recalibration_config(kw),
         progress=progress,
     )
     config = EvaluateConfig(

@@ -32,6 +32,10 @@ def _choice(name: str, value: object, choices: tuple[Any, ...]) -> None:
         raise ConfigError(f"{name} must be one of {valid}; got {value!r}")
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _tuple_of_str(name: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
@@ -143,16 +147,35 @@ class RecalibrationConfig:
     On by default. ``strategy`` (models with BN) and ``correction`` (layers
     without a BN after them, e.g. BN-fused models) default to what measured
     best on real models (docs/recalibration.md, "Measured").
+
+    ``samples`` / ``memory_mb``: ``sequential``, ``relative`` and the
+    correction are exact in two passes when their data is one batch, and need
+    one pass per BN level otherwise. So they re-batch the calibration samples
+    into one batch when its activations fit in ``memory_mb`` (estimated from
+    the graph, ``graph.memory``). ``samples=None`` uses as many calibration
+    samples as fit (all of them when they do); a number uses that many,
+    streamed in batches of what fits when one batch would not.
+    ``train-mode`` keeps the calibration batch size: it is part of the method.
     """
 
     enabled: bool = True
     strategy: str = "relative"
     fold: bool = True
     correction: str = "mean"
+    samples: int | None = None
+    memory_mb: int = 4096
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGY_CHOICES)
         _choice("correction", self.correction, CORRECTION_CHOICES)
+        if self.samples is not None and not _positive_int(self.samples):
+            raise ConfigError(
+                f"recalibration samples must be a positive integer; got {self.samples!r}"
+            )
+        if not _positive_int(self.memory_mb):
+            raise ConfigError(
+                f"recalibration memory_mb must be a positive integer; got {self.memory_mb!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -179,7 +202,7 @@ class TransformConfig:
         _choice("export", self.export, EXPORT_CHOICES)
         for name in ("num_samples", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _positive_int(value):
                 raise ConfigError(f"{name} must be a positive integer; got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer; got {self.seed!r}")

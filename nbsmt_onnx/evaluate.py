@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib
-import importlib.util
 import io as _stdio
 import json
 import logging
@@ -798,13 +796,6 @@ class _Runner:
     recalibration: Mapping[str, Any] | None = None
 
 
-def _recalibration_available() -> bool:
-    module = "nbsmt_onnx.calibration.recalibrate"
-    if importlib.util.find_spec(module) is None:
-        return False
-    return hasattr(importlib.import_module(module), "recalibrate")
-
-
 def _variant_config(base: TransformConfig, spec: RowSpec) -> TransformConfig:
     recal = replace(base.recalibration, enabled=spec.recalibrated)
     return replace(
@@ -1028,14 +1019,11 @@ def evaluate(
     swept = {"mapping": len(config.mappings) > 1, "reduce": len(config.reduces) > 1}
     planned = plan_rows(config)
     unavailable: dict[str, str] = {}
-    recal_ok = _recalibration_available()
     for spec in planned:
         if not spec.recalibrated:
             continue
         reason = None
-        if not recal_ok:
-            reason = "BatchNorm recalibration is not available in this version"
-        elif calib.is_random:
+        if calib.is_random:
             reason = "random calibration data (recalibration needs real data)"
         if reason is not None:
             if config.rows is not None:

@@ -734,3 +734,60 @@ def _take_feeds(it: Iterable[Any], num_samples: int) -> list[Any]:
         "kept %d feed(s) of a one-shot iterator in memory so every pass can replay them", len(out)
     )
     return out
+
+
+def feed_samples(feed: Mapping[str, np.ndarray]) -> int | None:
+    """Samples in a feed (the common leading dimension), or None when inputs disagree or are scalars."""
+    sizes = {int(np.asarray(v).shape[0]) if np.ndim(v) else None for v in feed.values()}
+    if len(sizes) != 1:
+        return None
+    (size,) = sizes
+    return size
+
+
+def rebatch(
+    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]], batch_size: int, max_samples: int
+) -> Callable[[], Iterator[Feed]]:
+    """The first ``max_samples`` samples of ``batches()``, regrouped into batches of ``batch_size``.
+
+    Re-iterable like its source (each call reads it again) and deterministic
+    when the source is. Holds at most one new batch plus one source batch.
+    Every feed must have a common leading (batch) dimension (:func:`feed_samples`).
+    """
+    if batch_size < 1 or max_samples < 1:
+        raise ConfigError(f"rebatch needs positive sizes; got {batch_size}, {max_samples}")
+
+    def take(feed: Mapping[str, np.ndarray], start: int, stop: int) -> Feed:
+        return {k: np.asarray(v)[start:stop] for k, v in feed.items()}
+
+    def join(parts: list[Feed]) -> Feed:
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def generate() -> Iterator[Feed]:
+        pending: list[Feed] = []
+        have = seen = 0
+        for feed in batches():
+            n = feed_samples(feed)
+            if n is None:
+                raise DataError(
+                    "calibration feeds without a common batch dimension cannot be re-batched"
+                )
+            n = min(n, max_samples - seen)
+            offset = 0
+            while offset < n:
+                step = min(n - offset, batch_size - have)
+                pending.append(take(feed, offset, offset + step))
+                have += step
+                offset += step
+                if have == batch_size:
+                    yield join(pending)
+                    pending, have = [], 0
+            seen += n
+            if seen >= max_samples:
+                break
+        if pending:
+            yield join(pending)
+
+    return generate

@@ -50,8 +50,10 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from nbsmt_onnx.calibration.data import CalibrationData, feed_samples, rebatch
 from nbsmt_onnx.calibration.statistics import ChannelAccumulator, ChannelStatistics
-from nbsmt_onnx.errors import ConfigError, DataError, ModelError
+from nbsmt_onnx.config import RecalibrationConfig
+from nbsmt_onnx.errors import ConfigError, DataError, InternalError, ModelError
 from nbsmt_onnx.graph.bn import (
     BatchNormInfo,
     BatchNormStatistics,
@@ -72,6 +74,7 @@ from nbsmt_onnx.graph.fold import (
     apply_channel_corrections,
     write_batchnorm_statistics,
 )
+from nbsmt_onnx.graph.memory import estimate_activation_memory
 from nbsmt_onnx.graph.probe import (
     CHANNEL_FIRST,
     CHANNEL_LAST,
@@ -83,7 +86,7 @@ from nbsmt_onnx.graph.probe import (
     correct_with_batch_statistics,
     use_batch_statistics,
 )
-from nbsmt_onnx.runtime.session import create_session
+from nbsmt_onnx.runtime.session import SessionOptions, create_session
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +113,15 @@ SessionFactory = Callable[[onnx.ModelProto], _Session]
 
 
 def default_session(model: onnx.ModelProto) -> _Session:
-    """``runtime.session.create_session`` on ``model``, also for models over 2 GB (via ``io``)."""
+    """``runtime.session.create_session`` on ``model``, also for models over 2 GB (via ``io``).
+
+    Without ORT's memory arena: recalibration batches are sized to a memory
+    budget (``graph.memory``), and the arena would hold up to twice that.
+    """
     from nbsmt_onnx import io
 
     with io.session_source(model) as source:
-        return create_session(source)
+        return create_session(source, SessionOptions(memory_arena=False))
 
 
 @dataclass(frozen=True)
@@ -733,6 +740,103 @@ def _batch_correction(
 
 
 @dataclass(frozen=True)
+class BatchPlan:
+    """How the transform's recalibration batches the calibration samples (reported).
+
+    ``samples`` of the ``available`` calibration samples are used, in batches
+    of ``batch_size``; ``fit`` is how many one batch may hold within
+    ``memory_mb`` (``bytes_per_sample`` estimated by ``graph.memory``), None
+    when the data could not be re-batched (``note`` says why).
+    """
+
+    samples: int | None
+    batch_size: int | None
+    available: int | None
+    fit: int | None
+    bytes_per_sample: int | None
+    memory_mb: int
+    note: str
+
+    @property
+    def one_batch(self) -> bool:
+        return self.samples is not None and self.samples == self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "available": self.available,
+            "fit_in_one_batch": self.fit,
+            "mb_per_sample": (
+                None if self.bytes_per_sample is None else round(self.bytes_per_sample / 2**20, 3)
+            ),
+            "memory_mb": self.memory_mb,
+            "note": self.note,
+        }
+
+
+def _memory_probe(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with what recalibration measures probed: every BN input and NbSmt output."""
+    specs: dict[str, ProbeSpec] = {i.input: ProbeSpec(i.input) for i in find_batchnorms(model)}
+    for node in model.graph.node:
+        if is_nbsmt(node) and node.output[0] not in specs:
+            specs[node.output[0]] = ProbeSpec(node.output[0], nbsmt_channel_axis(node))
+    return add_statistics_probes(model, list(specs.values()), only_statistics=True).model
+
+
+def plan_batches(
+    model: onnx.ModelProto, data: CalibrationData | DataSource, samples: int | None, memory_mb: int
+) -> tuple[BatchPlan, DataSource]:
+    """Re-batch ``data`` for the exact recalibration routes (see ``RecalibrationConfig``).
+
+    Returns the plan and the data source to use: one batch of as many samples
+    as fit in ``memory_mb`` (or of ``samples``, streamed in batches that fit).
+    Data that cannot be re-batched (not a ``CalibrationData``, a model with a
+    fixed batch size, feeds without a common batch axis) is used as given.
+    """
+    source: DataSource = data.batches if hasattr(data, "batches") else data
+
+    def as_given(note: str) -> tuple[BatchPlan, DataSource]:
+        logger.info("recalibration uses the calibration batches as given: %s", note)
+        return BatchPlan(None, None, None, None, None, memory_mb, note), source
+
+    if not isinstance(data, CalibrationData):
+        return as_given("not a CalibrationData")
+    if any(spec.fixed_batch is not None for spec in data.specs):
+        return as_given("the model has a fixed batch size")
+    available = 0
+    first: Feed | None = None
+    for feed in source():
+        n = feed_samples(feed)
+        if n is None:
+            return as_given("the feeds have no common batch axis")
+        first = feed if first is None else first
+        available += n
+    if first is None or available == 0:
+        raise DataError("calibration data yielded no samples")
+    shapes = {k: tuple(np.asarray(v).shape[1:]) for k, v in first.items()}
+    try:
+        memory = estimate_activation_memory(_memory_probe(model), shapes)
+    except InternalError as err:
+        return as_given(f"no memory estimate ({err})")
+    fit = memory.largest_batch(memory_mb * 2**20)
+    wanted = min(available, fit if samples is None else samples)
+    batch = min(wanted, fit)
+    per_mb = memory.per_sample / 2**20
+    if batch == wanted:
+        note = f"one batch of {wanted} samples (~{per_mb:.1f} MB each; {fit} fit in {memory_mb} MB)"
+    else:
+        note = (
+            f"{wanted} samples streamed in batches of {batch}: one batch of {wanted} would need "
+            f"~{memory.batch_bytes(wanted) / 2**20:.0f} MB (+ headroom) > {memory_mb} MB, so "
+            "sequential, relative and the correction take one pass per level of layers"
+        )
+    logger.info("recalibration: %s; %d calibration samples available", note, available)
+    plan = BatchPlan(wanted, batch, available, fit, memory.per_sample, memory_mb, note)
+    return plan, rebatch(source, batch, wanted)
+
+
+@dataclass(frozen=True)
 class TransformRecalibration:
     """What the transform step gets back: the final simulation model and a JSON-ready report."""
 
@@ -741,6 +845,7 @@ class TransformRecalibration:
     fold: FoldResult | None
     correction: CorrectionResult | None
     report: dict[str, Any]
+    batches: BatchPlan | None = None
 
 
 def recalibrate(
@@ -753,6 +858,7 @@ def recalibrate(
     session_factory: SessionFactory = default_session,
     relative_ratio: VarianceRatio = DEFAULT_RELATIVE_RATIO,
     correction_ratio: VarianceRatio = DEFAULT_RATIO,
+    auto_batch: bool = True,
 ) -> TransformRecalibration:
     """The transform pipeline's recalibration step (issue 3), in the order the math needs.
 
@@ -769,12 +875,25 @@ def recalibrate(
     ``progress``: True shows a progress bar per pass, or pass a callback.
     ``relative_ratio`` / ``correction_ratio``: the variance ratios of ``relative``
     (default: mean shift only) and of the ``mean+var`` correction.
+    ``auto_batch``: regroup a ``CalibrationData`` for the exact routes
+    (:func:`plan_batches`, ``config.samples`` / ``config.memory_mb``); False
+    uses its batches as given (``bench/recalibration_study.py`` sets batches itself).
     """
-    source: DataSource = data.batches if hasattr(data, "batches") else data
+    given: DataSource = data.batches if hasattr(data, "batches") else data
+    plan, source = None, given
+    if auto_batch:
+        defaults = RecalibrationConfig()
+        plan, source = plan_batches(
+            sim_model,
+            data,
+            getattr(config, "samples", defaults.samples),
+            getattr(config, "memory_mb", defaults.memory_mb),
+        )
     callback = _progress_bar() if progress is True else (progress or None)
     bn = recalibrate_batchnorm(
         sim_model,
-        source,
+        # train-mode normalises with each batch's statistics: its batch size is the method's
+        given if config.strategy == "train-mode" else source,
         strategy=config.strategy,
         float_model=float_model,
         ratio=relative_ratio,
@@ -802,6 +921,8 @@ def recalibrate(
         fold = FoldBatchNormIntoNbSmt()(model)
         model = fold.model
     report = _report(bn, correction, fold)
+    if plan is not None:
+        report["batches"] = plan.to_dict()
     logger.info(
         "recalibration: %d BNs (%s, %d passes), %d layers corrected, %d BNs folded",
         len(bn.updates),
@@ -810,7 +931,7 @@ def recalibrate(
         len(correction.corrections) if correction else 0,
         fold.count if fold else 0,
     )
-    return TransformRecalibration(model, bn, fold, correction, report)
+    return TransformRecalibration(model, bn, fold, correction, report, plan)
 
 
 def _first_input(model: onnx.ModelProto, node_name: str) -> str:
@@ -906,6 +1027,7 @@ __all__ = [
     "DEFAULT_STRATEGY",
     "STRATEGIES",
     "BatchNormUpdate",
+    "BatchPlan",
     "CorrectionResult",
     "DataSource",
     "LayerCorrection",
@@ -915,6 +1037,7 @@ __all__ = [
     "TransformRecalibration",
     "VarianceRatio",
     "correct_fused_layers",
+    "plan_batches",
     "recalibrate",
     "recalibrate_batchnorm",
 ]

@@ -144,32 +144,24 @@ class _StatisticsBuilder:
             self._constants[key] = name
         return self._constants[key]
 
-    def _reduce_sum(
-        self, nodes: list[onnx.NodeProto], base: str, x: str, axes: Sequence[int], keepdims: int
+    def _reduce(
+        self,
+        nodes: list[onnx.NodeProto],
+        op: str,
+        base: str,
+        x: str,
+        axes: Sequence[int],
+        keepdims: int,
     ) -> str:
-        out = self.names.new(base, "sum")
-        if self.opset >= 13:
-            axes_name = self._const_i64("axes", axes)
-            nodes.append(
-                helper.make_node(
-                    "ReduceSum",
-                    [x, axes_name],
-                    [out],
-                    name=self.names.new(base, "ReduceSum"),
-                    keepdims=keepdims,
-                )
-            )
-        else:
-            nodes.append(
-                helper.make_node(
-                    "ReduceSum",
-                    [x],
-                    [out],
-                    name=self.names.new(base, "ReduceSum"),
-                    axes=list(axes),
-                    keepdims=keepdims,
-                )
-            )
+        """``op`` (ReduceSum / ReduceSumSquare) over ``axes``; axes became an input at
+        opset 13 for ReduceSum and at opset 18 for the other reductions."""
+        out = self.names.new(base, op)
+        axes_as_input = self.opset >= (13 if op == "ReduceSum" else 18)
+        inputs = [x, self._const_i64("axes", axes)] if axes_as_input else [x]
+        attrs: dict[str, Any] = {"keepdims": keepdims}
+        if not axes_as_input:
+            attrs["axes"] = list(axes)
+        nodes.append(helper.make_node(op, inputs, [out], name=self.names.new(base, op), **attrs))
         return out
 
     def _node(
@@ -224,11 +216,12 @@ class _StatisticsBuilder:
             nodes, "Reshape", [count_1, self._const_i64("scalar_shape", [])], base, "count"
         )
         count_d = self._node(nodes, "Cast", [count], base, "count_f64", to=TensorProto.DOUBLE)
-        total = self._reduce_sum(nodes, base, grouped, axes, keepdims=1)
+        total = self._reduce(nodes, "ReduceSum", base, grouped, axes, keepdims=1)
         mean_k = self._node(nodes, "Div", [total, count_d], base, "mean_keepdims")
         centred = self._node(nodes, "Sub", [grouped, mean_k], base, "centred")
-        squared = self._node(nodes, "Mul", [centred, centred], base, "centred_sq")
-        m2 = self._reduce_sum(nodes, base, squared, axes, keepdims=0)
+        # One fused reduction: no float64 tensor of squares is materialised (peak
+        # memory of a probe is x, its float64 copy and the centred copy).
+        m2 = self._reduce(nodes, "ReduceSumSquare", base, centred, axes, keepdims=0)
         mean = self._node(nodes, "Reshape", [mean_k, self._const_i64("flat", [-1])], base, "mean")
         return nodes, count, mean, m2
 

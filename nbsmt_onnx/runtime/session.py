@@ -24,6 +24,10 @@ class SessionOptions:
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default (all cores)
     optimize: bool = False
     register_library: bool = True
+    # ORT's CPU arena keeps the largest blocks it ever allocated; with whole
+    # calibration sets in one batch that doubled the peak (MobileNetV2, 126
+    # images: 6.7 GB with the arena, 3.7 GB without), so recalibration turns it off.
+    memory_arena: bool = True
 
 
 def create_session(
@@ -39,6 +43,7 @@ def create_session(
     if options.intra_op_threads:
         so.intra_op_num_threads = options.intra_op_threads
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = options.memory_arena
     if options.register_library:
         path = get_library_path()
         try:

@@ -192,3 +192,33 @@ def test_transform_step_on_fused_model_corrects_every_layer(nbsmt_library: str) 
     assert out.correction is not None
     assert [c["name"] for c in out.report["correction"]["layers"]] == ["conv1", "conv2", "conv3"]
     assert out.fold is not None and out.fold.count == 0
+
+
+def test_transform_step_rebatches_into_one_batch_and_matches_streaming(
+    nbsmt_library: str,
+) -> None:
+    """CalibrationData in batches of 4: the step re-batches it into one batch (2 passes),
+    and the result equals the level-by-level streamed route (``auto_batch=False``)."""
+    from nbsmt_onnx.calibration.data import model_inputs, open_calibration_data
+    from nbsmt_onnx.calibration.recalibrate import recalibrate
+
+    clean, nb = _nbsmt_pair(True, image_batches(seed=46))
+    rng = np.random.default_rng(47)
+    arrays = {"x": np.abs(rng.normal(size=(14, 3, 6, 6)) + 0.3).astype(np.float32)}
+    data = open_calibration_data(arrays, model_inputs(clean), num_samples=14, batch_size=4, seed=0)
+    config = _Config("relative", "mean", False)
+    runs = {
+        auto: recalibrate(
+            float_model=clean, sim_model=nb, data=data, config=config, auto_batch=auto
+        )
+        for auto in (True, False)
+    }
+    auto, streamed = runs[True], runs[False]
+    assert auto.batches is not None and auto.batches.one_batch and auto.batches.samples == 14
+    assert "batches" in auto.report and "batches" not in streamed.report
+    assert auto.batchnorm is not None and streamed.batchnorm is not None
+    assert (auto.batchnorm.passes, streamed.batchnorm.passes) == (2, 3)
+    for a, b in zip(auto.batchnorm.updates, streamed.batchnorm.updates, strict=True):
+        assert a.name == b.name
+        np.testing.assert_allclose(a.new.mean, b.new.mean, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a.new.var, b.new.var, rtol=1e-12)
