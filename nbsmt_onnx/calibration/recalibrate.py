@@ -215,14 +215,23 @@ class BatchNormUpdate:
     @property
     def mean_shift(self) -> float:
         """RMS over channels of (new mean - old mean), in units of the old std."""
-        z = (self.new.mean - self.old.mean) / np.sqrt(self.old.var + self.epsilon)
-        return float(np.sqrt(np.mean(z * z)))
+        return _rms_shift(self.new.mean, self.old.mean, self.old.var + self.epsilon)
 
     @property
     def std_ratio(self) -> float:
         """Geometric mean over channels of new std / old std."""
-        r = (self.new.var + self.epsilon) / (self.old.var + self.epsilon)
-        return float(np.exp(0.5 * np.mean(np.log(r))))
+        return _std_ratio(self.new.var + self.epsilon, self.old.var + self.epsilon)
+
+
+def _rms_shift(mean: np.ndarray, reference: np.ndarray, reference_var: np.ndarray) -> float:
+    """RMS over channels of (mean - reference) / sqrt(reference_var) (report summaries)."""
+    z = (mean - reference) / np.sqrt(reference_var)
+    return float(np.sqrt(np.mean(z * z)))
+
+
+def _std_ratio(var: np.ndarray, reference_var: np.ndarray) -> float:
+    """Geometric mean over channels of sqrt(var / reference_var) (report summaries)."""
+    return float(np.exp(0.5 * np.mean(np.log(var / reference_var))))
 
 
 @dataclass(frozen=True)
@@ -258,14 +267,12 @@ class LayerCorrection:
     @property
     def mean_shift(self) -> float:
         """RMS over channels of (mu_n - mu_c), in units of the clean std (before correction)."""
-        z = (self.measured.mean - self.reference.mean) / np.sqrt(self.reference.variance + 1e-12)
-        return float(np.sqrt(np.mean(z * z)))
+        return _rms_shift(self.measured.mean, self.reference.mean, self.reference.variance + 1e-12)
 
     @property
     def std_ratio(self) -> float:
         """Geometric mean over channels of NB-SMT std / clean std (before correction)."""
-        r = (self.measured.variance + 1e-12) / (self.reference.variance + 1e-12)
-        return float(np.exp(0.5 * np.mean(np.log(r))))
+        return _std_ratio(self.measured.variance + 1e-12, self.reference.variance + 1e-12)
 
 
 @dataclass(frozen=True)
@@ -823,7 +830,13 @@ def plan_batches(
     wanted = min(available, fit if samples is None else samples)
     batch = min(wanted, fit)
     per_mb = memory.per_sample / 2**20
-    if batch == wanted:
+    if batch == wanted and wanted < available and samples is None:
+        note = (
+            f"one batch of {wanted} of the {available} calibration samples (~{per_mb:.1f} MB "
+            f"each; {fit} fit in {memory_mb} MB — raise --recal-memory to use more, or set "
+            "--recal-samples to stream them at one pass per level of layers)"
+        )
+    elif batch == wanted:
         note = f"one batch of {wanted} samples (~{per_mb:.1f} MB each; {fit} fit in {memory_mb} MB)"
     else:
         note = (

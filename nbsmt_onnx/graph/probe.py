@@ -364,6 +364,23 @@ def _const_f64(
     return name
 
 
+def _clip(
+    builder: _StatisticsBuilder,
+    nodes: list[onnx.NodeProto],
+    base: str,
+    x: str,
+    low: float,
+    high: float,
+) -> str:
+    """Nodes for min(max(x, low), high) in float64 (the bounded variance ratios)."""
+    x = builder._node(
+        nodes, "Max", [x, _const_f64(builder, base, "ratio_low", low)], base, "ratio_lo"
+    )
+    return builder._node(
+        nodes, "Min", [x, _const_f64(builder, base, "ratio_high", high)], base, "ratio_hi"
+    )
+
+
 def _relative_moments(
     builder: _StatisticsBuilder,
     nodes: list[onnx.NodeProto],
@@ -401,12 +418,7 @@ def _relative_moments(
         base,
         "var_ratio",
     )
-    ratio = builder._node(
-        nodes, "Max", [ratio, _const_f64(builder, base, "ratio_low", shift.low)], base, "ratio_lo"
-    )
-    ratio = builder._node(
-        nodes, "Min", [ratio, _const_f64(builder, base, "ratio_high", shift.high)], base, "ratio_hi"
-    )
+    ratio = _clip(builder, nodes, base, ratio, shift.low, shift.high)
     var = builder._node(
         nodes,
         "Mul",
@@ -611,20 +623,7 @@ def correct_with_batch_statistics(
                 base,
                 "var_ratio",
             )
-            ratio = builder._node(
-                new_nodes,
-                "Max",
-                [ratio, _const_f64(builder, base, "low", spec.low)],
-                base,
-                "ratio_lo",
-            )
-            ratio = builder._node(
-                new_nodes,
-                "Min",
-                [ratio, _const_f64(builder, base, "high", spec.high)],
-                base,
-                "ratio_hi",
-            )
+            ratio = _clip(builder, new_nodes, base, ratio, spec.low, spec.high)
             a = builder._node(new_nodes, "Sqrt", [ratio], base, "scale")
             shift = builder._node(
                 new_nodes,

@@ -189,6 +189,7 @@ def test_plan_uses_what_fits_or_streams_what_was_asked() -> None:
     assert 1 <= fit < 20, "the test model must not fit 20 samples in 1 MB"
     plan, source = plan_batches(model, data, None, memory_mb=budget_mb)
     assert plan.one_batch and plan.samples == fit and _sizes(source) == [fit]
+    assert f"{fit} of the 20" in plan.note and "--recal-memory" in plan.note
     # explicit samples beyond what fits: streamed in batches of what fits
     plan, source = plan_batches(model, data, 20, memory_mb=budget_mb)
     assert not plan.one_batch and plan.batch_size == fit and plan.samples == 20
