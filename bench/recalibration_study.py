@@ -28,7 +28,9 @@ Rows (``--rows``, comma separated; default: the grid of ``--threads`` x
   train-mode / one-pass, else the whole set in one batch — the exact
   sequential route), ``samples`` (calibration samples used for
   recalibration), ``data`` (name of an ``--extra-calib`` set), ``keep_first``
-  (1: first NB-SMT layer kept in float), ``fold`` (0/1).
+  (1: first NB-SMT layer kept in float), ``fold`` (0/1), ``map``
+  (``channel`` | ``interleave``) and ``red`` (``activations`` | ``weights``):
+  the NB-SMT mapping and reduce mode (default channel / activations).
 
 Activation ranges always come from ``--calib`` (``--num-calib`` samples), so
 rows differ only in what the row key says.
@@ -83,7 +85,7 @@ log = logging.getLogger("recalibration_study")
 
 CORRECTIONS = ("mean", "mean+var")
 METHODS = ("none", *STRATEGIES, *CORRECTIONS)
-ROW_KEYS = ("f", "r", "amp", "corr", "batch", "samples", "data", "keep_first", "fold")
+ROW_KEYS = ("f", "r", "amp", "corr", "batch", "samples", "data", "keep_first", "fold", "map", "red")
 
 
 # --------------------------------------------------------------------------- rows
@@ -359,7 +361,12 @@ class Study:
 
     def build(self, row: Row) -> tuple[onnx.ModelProto, dict[str, Any]]:
         keep_first = bool(int(row.get("keep_first", 0)))
-        sim = with_nbsmt_settings(self.int8(keep_first), row.threads, "channel", "activations")
+        sim = with_nbsmt_settings(
+            self.int8(keep_first),
+            row.threads,
+            row.get("map", "channel"),
+            row.get("red", "activations"),
+        )
         info: dict[str, Any] = {"recal_s": 0.0, "passes": 0, "model_runs": 0}
         if not row.recalibrated:
             return sim, info
