@@ -408,3 +408,33 @@ def test_percentile_estimator_and_random_skips_recalibration(tmp_path: Path) -> 
     assert report["settings"]["ranges"]["estimator"] == "percentile"
     assert report["recalibration"] == {"skipped": "random calibration data"}
     assert report["calibration_data"]["random"] is True and report["warnings"]
+
+
+def test_recal_samples_and_memory_options_reach_the_plan(tmp_path: Path) -> None:
+    """CLI wiring of --recal-samples / --recal-memory (the planning itself: test_memory.py)."""
+    model, calib, _ = _setup(tmp_path, tm.conv_bn_relu_input3, n=24)
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = _cli(
+        "transform", model, "-o", out, "--calib", calib, "--batch-size", "4",
+        "--recal-samples", "10", "--report", rep,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("recalibration:"))
+    assert "one batch of 10 samples" in line, line
+    batches = json.loads(rep.read_text())["recalibration"]["batches"]
+    assert (batches["samples"], batches["batch_size"], batches["available"]) == (10, 10, 24)
+    assert batches["memory_mb"] == 4096
+    fit_default = batches["fit_in_one_batch"]
+    result = _cli(
+        "transform", model, "-o", out, "--calib", calib, "--force", "--recal-memory", "1",
+        "--report", rep,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    batches = json.loads(rep.read_text())["recalibration"]["batches"]
+    assert batches["memory_mb"] == 1 and batches["fit_in_one_batch"] < fit_default
+    assert batches["samples"] == batches["batch_size"] == min(24, batches["fit_in_one_batch"])
+    result = _cli(
+        "transform", model, "-o", tmp_path / "x.onnx", "--calib", calib, "--recal-memory", "0"
+    )
+    assert result.exit_code == 2 and "--recal-memory" in result.output
+    assert not (tmp_path / "x.onnx").exists()
