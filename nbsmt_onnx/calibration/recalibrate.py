@@ -54,6 +54,7 @@ from nbsmt_onnx.calibration.data import CalibrationData, feed_samples, rebatch
 from nbsmt_onnx.calibration.statistics import ChannelAccumulator, ChannelStatistics
 from nbsmt_onnx.config import RecalibrationConfig
 from nbsmt_onnx.errors import ConfigError, DataError, InternalError, ModelError
+from nbsmt_onnx.graph import memory as _memory
 from nbsmt_onnx.graph.bn import (
     BatchNormInfo,
     BatchNormStatistics,
@@ -845,6 +846,18 @@ def plan_batches(
             "sequential, relative and the correction take one pass per level of layers"
         )
     logger.info("recalibration: %s; %d calibration samples available", note, available)
+    # The budget is fixed (results must not depend on the machine); say so if it cannot hold.
+    need = memory.batch_bytes(batch) * _memory.SAFETY_FACTOR
+    free = _memory.available_memory_bytes()
+    if free is not None and need > free:
+        logger.warning(
+            "a recalibration batch of %d samples may need ~%.0f MB but only %.0f MB of memory "
+            "is available; lower --recal-memory (now %d MB) if the run is killed",
+            batch,
+            need / 2**20,
+            free / 2**20,
+            memory_mb,
+        )
     plan = BatchPlan(wanted, batch, available, fit, memory.per_sample, memory_mb, note)
     return plan, rebatch(source, batch, wanted)
 

@@ -43,6 +43,18 @@ logger = logging.getLogger(__name__)
 SAFETY_FACTOR = 2.0
 
 
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 @dataclass(frozen=True)
 class ActivationMemory:
     """Peak activation bytes of one run: ``fixed + per_sample * batch``."""

@@ -3,6 +3,8 @@ calibration.recalibrate.plan_batches (how recalibration batches its data). No li
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
@@ -218,3 +220,29 @@ def test_plan_keeps_data_it_cannot_rebatch() -> None:
     plan, got = plan_batches(fixed, fixed_data, None, memory_mb=64)
     assert plan.samples is None and "fixed batch" in plan.note
     assert _sizes(got) == [4, 4]
+
+
+def test_plan_warns_when_the_machine_has_less_memory_than_the_batch_may_need(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import nbsmt_onnx.graph.memory as memory_module
+
+    model, data = _nbsmt_model()
+    monkeypatch.setattr(memory_module, "available_memory_bytes", lambda: 10**12)
+    with caplog.at_level(logging.WARNING):
+        plan, _ = plan_batches(model, data, None, memory_mb=64)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    monkeypatch.setattr(memory_module, "available_memory_bytes", lambda: 1024)
+    with caplog.at_level(logging.WARNING):
+        again, _ = plan_batches(model, data, None, memory_mb=64)
+    assert again == plan, "the plan must not depend on the machine"
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "only 0 MB of memory is available" in warned[0]
+    assert "--recal-memory" in warned[0]
+
+
+def test_available_memory_is_read_on_linux() -> None:
+    from nbsmt_onnx.graph.memory import available_memory_bytes
+
+    got = available_memory_bytes()
+    assert got is not None and got > 2**20
