@@ -206,9 +206,9 @@ def run_outputs(model: onnx.ModelProto, data: CalibrationData, threads: int) -> 
 
 
 def metrics(
-    reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None
+    reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None, kind: str = "logits"
 ) -> dict[str, Any]:
-    agree = Agreement(kind="logits")
+    agree = Agreement(kind=kind)
     agree.update(reference, outputs)
     out: dict[str, Any] = dict(agree.result())
     if labels is not None:
@@ -421,7 +421,9 @@ class Study:
         out = {}
         for ev in self.evals:
             outputs = run_outputs(model, ev.data, self.args.session_threads)
-            out[ev.name] = metrics(self.float_outputs[ev.name], outputs, ev.labels)
+            out[ev.name] = metrics(
+                self.float_outputs[ev.name], outputs, ev.labels, self.args.output_kind
+            )
         return out, time.perf_counter() - t0
 
 
@@ -542,6 +544,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_CORRECTION,
         help="correction of layers without BN in BN models (default: the tool's)",
     )
+    p.add_argument(
+        "--output-kind",
+        choices=("logits", "probabilities"),
+        default="logits",
+        help="what the model's first output is (for the KL divergence)",
+    )
     p.add_argument("--train-batch", type=int, default=25, help="batch of train-mode / one-pass")
     p.add_argument(
         "--exact-batch",
@@ -625,7 +633,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "recal_s": 0.0,
         "eval_s": float_s,
         "metrics": {
-            ev.name: metrics(study.float_outputs[ev.name], study.float_outputs[ev.name], ev.labels)
+            ev.name: metrics(
+                study.float_outputs[ev.name],
+                study.float_outputs[ev.name],
+                ev.labels,
+                args.output_kind,
+            )
             for ev in evals
         },
     }

@@ -232,6 +232,14 @@ _recalibration_options = _options(
         help="Correction of NB-SMT layers without a BN after them (BN-fused models).",
     ),
     click.option(
+        "--variance-bound",
+        type=click.FloatRange(min=1.0),
+        default=_RC.variance_bound,
+        show_default=True,
+        help="relative: also transfer the NB-SMT/clean variance ratio, clipped to [1/R, R]; "
+        "1 = mean shift only, 4 = SPEC rule (model-dependent: docs/recalibration.md §7).",
+    ),
+    click.option(
         "--recal-samples",
         type=click.IntRange(min=1),
         default=_RC.samples,
@@ -257,6 +265,7 @@ def _recalibration_config(kw: dict[str, Any], enabled: bool = True) -> Recalibra
         correction=str(kw.pop("correction")),
         samples=kw.pop("recal_samples"),
         memory_mb=int(kw.pop("recal_memory")),
+        variance_bound=float(kw.pop("variance_bound")),
     )
 
 

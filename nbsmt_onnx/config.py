@@ -7,6 +7,7 @@ the valid choices. Nothing downstream re-validates.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -156,6 +157,11 @@ class RecalibrationConfig:
     samples as fit (all of them when they do); a number uses that many,
     streamed in batches of what fits when one batch would not.
     ``train-mode`` keeps the calibration batch size: it is part of the method.
+
+    ``variance_bound`` (r >= 1): what ``relative`` transfers besides the mean
+    shift — the per-channel NB-SMT/clean variance ratio, clipped to [1/r, r].
+    1 (default) transfers the mean shift only; 4 is SPEC §4's rule. Which is
+    better depends on the model (docs/recalibration.md §7).
     """
 
     enabled: bool = True
@@ -164,9 +170,19 @@ class RecalibrationConfig:
     correction: str = "mean"
     samples: int | None = None
     memory_mb: int = 4096
+    variance_bound: float = 1.0
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGY_CHOICES)
+        bound = self.variance_bound
+        if (
+            isinstance(bound, bool)
+            or not isinstance(bound, (int, float))
+            or not (math.isfinite(bound) and bound >= 1)
+        ):
+            raise ConfigError(
+                f"recalibration variance_bound must be a finite number >= 1; got {bound!r}"
+            )
         _choice("correction", self.correction, CORRECTION_CHOICES)
         if self.samples is not None and not _positive_int(self.samples):
             raise ConfigError(

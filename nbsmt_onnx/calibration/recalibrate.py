@@ -882,7 +882,7 @@ def recalibrate(
     config: Any,
     progress: bool | ProgressCallback | None = None,
     session_factory: SessionFactory = default_session,
-    relative_ratio: VarianceRatio = DEFAULT_RELATIVE_RATIO,
+    relative_ratio: VarianceRatio | None = None,
     correction_ratio: VarianceRatio = DEFAULT_RATIO,
     auto_batch: bool = True,
 ) -> TransformRecalibration:
@@ -900,15 +900,19 @@ def recalibrate(
     iterable of feed dicts. ``config`` is a ``config.RecalibrationConfig``.
     ``progress``: True shows a progress bar per pass, or pass a callback.
     ``relative_ratio`` / ``correction_ratio``: the variance ratios of ``relative``
-    (default: mean shift only) and of the ``mean+var`` correction.
+    (default: ``VarianceRatio(bound=config.variance_bound)``, i.e. the mean shift
+    only unless the config says otherwise) and of the ``mean+var`` correction.
     ``auto_batch``: regroup a ``CalibrationData`` for the exact routes
     (:func:`plan_batches`, ``config.samples`` / ``config.memory_mb``); False
     uses its batches as given (``bench/recalibration_study.py`` sets batches itself).
     """
+    defaults = RecalibrationConfig()
+    if relative_ratio is None:
+        bound = getattr(config, "variance_bound", defaults.variance_bound)
+        relative_ratio = VarianceRatio(floor=DEFAULT_RELATIVE_RATIO.floor, bound=bound)
     given: DataSource = data.batches if hasattr(data, "batches") else data
     plan, source = None, given
     if auto_batch:
-        defaults = RecalibrationConfig()
         plan, source = plan_batches(
             sim_model,
             data,

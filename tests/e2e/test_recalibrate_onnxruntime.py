@@ -222,3 +222,29 @@ def test_transform_step_rebatches_into_one_batch_and_matches_streaming(
         assert a.name == b.name
         np.testing.assert_allclose(a.new.mean, b.new.mean, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(a.new.var, b.new.var, rtol=1e-12)
+
+
+def test_variance_bound_of_the_config_reaches_relative(nbsmt_library: str) -> None:
+    """RecalibrationConfig.variance_bound r = relative_ratio=VarianceRatio(bound=r); 1 = mean only."""
+    from nbsmt_onnx.calibration.recalibrate import DEFAULT_RELATIVE_RATIO, recalibrate
+    from nbsmt_onnx.config import RecalibrationConfig
+
+    assert RecalibrationConfig().variance_bound == DEFAULT_RELATIVE_RATIO.bound == 1.0
+    data = image_batches(seed=48)
+    clean, nb = _nbsmt_pair(True, data)
+
+    def run(config: RecalibrationConfig, ratio: VarianceRatio | None = None):  # type: ignore[no-untyped-def]
+        out = recalibrate(
+            float_model=clean, sim_model=nb, data=data, config=config, relative_ratio=ratio
+        )
+        assert out.batchnorm is not None
+        return {u.name: u for u in out.batchnorm.updates}
+
+    mean_only = run(RecalibrationConfig(fold=False))
+    bounded = run(RecalibrationConfig(fold=False, variance_bound=4.0))
+    explicit = run(RecalibrationConfig(fold=False), VarianceRatio(bound=4.0))
+    for name, u in mean_only.items():
+        np.testing.assert_array_equal(u.new.var, u.old.var)  # bound 1: variances untouched
+        np.testing.assert_array_equal(bounded[name].new.var, explicit[name].new.var)
+        np.testing.assert_array_equal(bounded[name].new.mean, explicit[name].new.mean)
+    assert any(not np.array_equal(bounded[n].new.var, u.old.var) for n, u in mean_only.items())

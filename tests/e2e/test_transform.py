@@ -438,3 +438,16 @@ def test_recal_samples_and_memory_options_reach_the_plan(tmp_path: Path) -> None
     )
     assert result.exit_code == 2 and "--recal-memory" in result.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_variance_bound_option_reaches_settings_and_is_checked(tmp_path: Path) -> None:
+    model, calib, _ = _setup(tmp_path, tm.conv_bn_relu_input3, n=12)
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = _cli("transform", model, "-o", out, "--calib", calib, "--variance-bound", "4",
+                  "--report", rep)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(rep.read_text())["settings"]["recalibration"]["variance_bound"] == 4.0
+    result = _cli("transform", model, "-o", tmp_path / "x.onnx", "--calib", calib,
+                  "--variance-bound", "0.5")  # fmt: skip
+    assert result.exit_code == 2 and "--variance-bound" in result.output
+    assert not (tmp_path / "x.onnx").exists()

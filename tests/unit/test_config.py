@@ -95,3 +95,10 @@ def test_image_preprocessing() -> None:
         ImagePreprocessing(mean=(0.1, 0.2))
     with pytest.raises(ConfigError, match="layout must be one of 'NCHW', 'NHWC'"):
         ImagePreprocessing(layout="CHW")
+
+
+@pytest.mark.parametrize("bound", [0.5, float("nan"), float("inf"), True, "4"])
+def test_variance_bound_must_be_a_finite_number_from_1(bound: object) -> None:
+    with pytest.raises(ConfigError, match="variance_bound must be a finite number >= 1"):
+        RecalibrationConfig(variance_bound=bound)  # type: ignore[arg-type]
+    assert RecalibrationConfig(variance_bound=4).variance_bound == 4
