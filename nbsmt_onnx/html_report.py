@@ -447,6 +447,13 @@ def _recalibration_section(
         parts.append(
             f'<p class="meta">Strategy: {strategy}. Channel-averaged statistics in the table.</p>'
         )
+        plans = [
+            f"{_esc(name)}: {_esc(rc['batches'].get('note'))}"
+            for name, rc in present
+            if isinstance(rc.get("batches"), Mapping) and rc["batches"].get("note")
+        ]
+        if plans:
+            parts.append(f'<p class="meta">Calibration batches: {"; ".join(plans)}.</p>')
         parts.append(_shift_plot(bn_names, series, palette))
         rows = []
         for name, rc in present:

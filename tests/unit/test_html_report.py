@@ -250,6 +250,12 @@ def transform_dict() -> dict[str, Any]:
 def test_transform_page() -> None:
     page = render_html(transform_dict())
     assert_self_contained(page)
+    assert "Calibration batches" not in page  # no plan in the report: no line
+    report = transform_dict()
+    report["recalibration"]["batches"] = {"note": "one batch of 8 samples <&>"}
+    assert "Calibration batches: transform: one batch of 8 samples &lt;&amp;&gt;." in render_html(
+        report
+    )
     assert "nbsmt-onnx transform report" in page and "dynamic weights" in page
     # accuracy and per-layer SQNR are not in a transform report
     assert page.count("Not available") == 2
