@@ -75,7 +75,6 @@ from nbsmt_onnx.graph.fold import (
     apply_channel_corrections,
     write_batchnorm_statistics,
 )
-from nbsmt_onnx.graph.memory import estimate_activation_memory
 from nbsmt_onnx.graph.probe import (
     CHANNEL_FIRST,
     CHANNEL_LAST,
@@ -812,19 +811,23 @@ def plan_batches(
         return as_given("not a CalibrationData")
     if any(spec.fixed_batch is not None for spec in data.specs):
         return as_given("the model has a fixed batch size")
-    available = 0
-    first: Feed | None = None
-    for feed in source():
-        n = feed_samples(feed)
-        if n is None:
-            return as_given("the feeds have no common batch axis")
-        first = feed if first is None else first
-        available += n
-    if first is None or available == 0:
+    first = data.first_batch()
+    if feed_samples(first) is None:
+        return as_given("the feeds have no common batch axis")
+    if data.source is not None:  # drawn from an indexed source: the count is known
+        available = data.num_samples
+    else:  # feed iterables: count them (one read of the data)
+        available = 0
+        for feed in source():
+            n = feed_samples(feed)
+            if n is None:
+                return as_given("the feeds have no common batch axis")
+            available += n
+    if available == 0:
         raise DataError("calibration data yielded no samples")
     shapes = {k: tuple(np.asarray(v).shape[1:]) for k, v in first.items()}
     try:
-        memory = estimate_activation_memory(_memory_probe(model), shapes)
+        memory = _memory.estimate_activation_memory(_memory_probe(model), shapes)
     except InternalError as err:
         return as_given(f"no memory estimate ({err})")
     fit = memory.largest_batch(memory_mb * 2**20)

@@ -72,10 +72,6 @@ class ActivationMemory:
         usable = budget_bytes / SAFETY_FACTOR - self.fixed
         return max(1, int(usable // self.per_sample))
 
-    def combine(self, other: ActivationMemory) -> ActivationMemory:
-        """The larger of two runs (the budget must hold the heavier one)."""
-        return self if self.batch_bytes(64) >= other.batch_bytes(64) else other
-
 
 def _tensor_bytes(vi: onnx.ValueInfoProto) -> int | None:
     if not vi.type.HasField("tensor_type"):

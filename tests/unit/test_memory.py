@@ -202,6 +202,20 @@ def test_plan_uses_what_fits_or_streams_what_was_asked() -> None:
     assert _sizes(plan_batches(model, data, 500, memory_mb=64)[1]) == [20]
 
 
+def test_plan_counts_the_samples_of_feed_iterables() -> None:
+    """Feeds have no known size: the plan counts them (the indexed case reads ``num_samples``)."""
+    model, _ = _nbsmt_model()
+    rng = np.random.default_rng(7)
+    feeds = [{"x": np.abs(rng.normal(size=(n, 3, 32, 32))).astype(np.float32)} for n in (4, 4, 3)]
+    data = open_calibration_data(feeds, (_spec(model),), num_samples=512, batch_size=4, seed=0)
+    assert data.source is None
+    plan, source = plan_batches(model, data, None, memory_mb=64)
+    assert plan.available == plan.samples == 11 and _sizes(source) == [11]
+    np.testing.assert_array_equal(
+        np.concatenate([f["x"] for f in source()]), np.concatenate([f["x"] for f in feeds])
+    )
+
+
 def test_plan_keeps_data_it_cannot_rebatch() -> None:
     model, _ = _nbsmt_model()
     source = image_batches(seed=6)
