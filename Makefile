@@ -27,7 +27,7 @@ demo: setup
 	  --export both --report $(DEMO)/transform.json --force
 	$(CLI) evaluate $(MODEL) --data $(DEMO)/data/eval.npz --labels $(DEMO)/data/eval_labels.npy \
 	  --calib $(DEMO)/data/calib.npz --num-samples 1000 \
-	  --csv $(DEMO)/evaluation.csv --report $(DEMO)/report.html
+	  --csv $(DEMO)/evaluation.csv --report $(DEMO)/report.html --force
 	@echo "demo: models and reports in $(DEMO)/ (open $(DEMO)/report.html)"
 
 bench: setup
