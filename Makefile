@@ -18,6 +18,7 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q
+	PY=$(PY) bash scripts/run_ray_tests.sh
 
 # Real data (Fashion-MNIST from Debian's package): 1000 calibration images from
 # the training set (both steps use all 1000), 2000 held-out test images; prints

@@ -40,6 +40,6 @@ stamp="$VENV/.nbsmt-installed"
 if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml custom_ops -newer "$stamp" -print -quit)" ]; then
   echo "setup: building and installing nbsmt-onnx (C++ op library included)"
   "$VENV/bin/python" -m pip install -q "scikit-build-core>=0.10" cmake ninja
-  "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test]"
+  "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test,ray]"
   touch "$stamp"
 fi

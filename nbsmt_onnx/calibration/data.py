@@ -590,23 +590,29 @@ class CalibrationData:
         """
         return tuple(self._order) if self._source is not None else None
 
-    def batches(self) -> Iterator[Feed]:
-        """Yield validated feed dicts (float data cast to the model's float type)."""
+    def batches(self, start: int = 0, stop: int | None = None) -> Iterator[Feed]:
+        """Yield validated feed dicts (float data cast to the model's float type).
+
+        ``start`` / ``stop`` select batches ``start`` .. ``stop - 1`` (all by
+        default): an indexed source reads only their samples, so workers can
+        each take a contiguous run of batches of the same seeded draw.
+        """
         validator = _Validator(
             self.specs,
             f"calibration data {self.description}",
             images=isinstance(self._source, ImageFolderSource),
         )
         if self._source is not None:
-            for start in range(0, len(self._order), self.batch_size):
-                chunk = self._order[start : start + self.batch_size]
+            end = len(self._order) if stop is None else min(len(self._order), stop * self.batch_size)
+            for offset in range(start * self.batch_size, end, self.batch_size):
+                chunk = self._order[offset : min(offset + self.batch_size, end)]
                 samples = [validator.sample(self._source.get(i), i) for i in chunk]
                 yield {s.name: np.stack([smp[s.name] for smp in samples]) for s in self.specs}
             return
         assert self._feeds is not None
         seen = 0
         for i, feed in enumerate(self._feeds()):
-            if seen >= self.num_samples:
+            if seen >= self.num_samples or (stop is not None and i >= stop):
                 break
             if not isinstance(feed, Mapping):
                 raise DataError(
@@ -615,7 +621,8 @@ class CalibrationData:
             checked = validator.feed(feed, i)
             first = next(iter(checked.values()))
             seen += int(first.shape[0]) if first.ndim else 1
-            yield checked
+            if i >= start:
+                yield checked
         if seen == 0:
             raise DataError("calibration data yielded no feeds")
 

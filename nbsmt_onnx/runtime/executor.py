@@ -1,0 +1,358 @@
+"""The one way a model is run over data: a model, a data source and a reducer in, one result out.
+
+A *reducer* says which model outputs a pass fetches, turns the outputs of one
+batch into a partial result, and merges two partial results. An executor runs
+the model over every batch of the data and merges the partials.
+
+Results never depend on how the work was split. The unit of work is the
+batch, fixed by the data (its seeded sample order and batch size); whatever
+the backend, every batch's partial result is computed the same way and the
+partials are merged strictly left to right in batch order. So a pass on two
+Ray workers returns the very same bits as the same pass in process, even for
+floating-point statistics whose merge is not associative.
+
+Backends:
+
+- :class:`LocalExecutor` (default): in this process, one session per model.
+- :class:`RayExecutor` (the ``ray`` extra): actors that each hold a session
+  with the op library registered. Data that can be reopened from a path
+  (:class:`DataSpec`) is read by the workers themselves; other data is sent
+  batch by batch from the driver. Contiguous runs of batches ("shards") go to
+  the workers; a worker that dies is restarted and its shard run again, which
+  gives the same partials. :meth:`Executor.map` runs several passes (e.g. the
+  rows of a sweep) concurrently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import onnx
+
+from nbsmt_onnx import io
+from nbsmt_onnx.calibration.data import (
+    CalibrationData,
+    Feed,
+    model_inputs,
+    open_calibration_data,
+)
+from nbsmt_onnx.config import ImagePreprocessing
+from nbsmt_onnx.errors import ConfigError, DataError
+from nbsmt_onnx.ops import schema
+from nbsmt_onnx.runtime.session import SessionOptions, create_session
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+
+#: Environment variables a Ray worker must see as the driver does (library path, kernel ISA).
+FORWARDED_ENV = ("NBSMT_ONNX_LIBRARY", "NBSMT_KERNEL_ISA")
+
+
+class Reducer(Protocol[P]):
+    """What a pass computes. Must be picklable (a module-level class) to run on Ray."""
+
+    #: Model outputs to fetch, in the order ``reduce`` receives them.
+    outputs: Sequence[str]
+
+    def reduce(self, outputs: Sequence[np.ndarray], batch: Feed, first_sample: int) -> P:
+        """The partial result of one batch; ``first_sample`` is its position in the pass."""
+        ...
+
+    def merge(self, left: P, right: P) -> P:
+        """Combine the partials of two consecutive runs of batches (left comes first)."""
+        ...
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Data a worker can open itself: the arguments of :func:`open_calibration_data`.
+
+    ``data`` is a path (``.npz``/``.npy``, a folder of arrays or images) or
+    ``"random"``; the seeded draw makes every opener see the same samples in
+    the same batches.
+    """
+
+    data: str
+    num_samples: int
+    batch_size: int
+    seed: int = 0
+    images: ImagePreprocessing | None = None
+
+    def open(self, model: onnx.ModelProto) -> CalibrationData:
+        return open_calibration_data(
+            self.data,
+            model_inputs(model),
+            num_samples=self.num_samples,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            images=self.images,
+        )
+
+
+@dataclass(frozen=True)
+class Job(Generic[P]):
+    """One pass: run ``model`` over ``data`` and reduce with ``reducer``."""
+
+    model: onnx.ModelProto
+    data: CalibrationData | DataSpec
+    reducer: Reducer[P]
+    session: SessionOptions = field(default_factory=SessionOptions)
+
+
+ProgressFn = Callable[[int, int | None], None]
+
+
+def fold(reducer: Reducer[P], partials: Sequence[P]) -> P:
+    """Merge partials strictly left to right (the one merge order every backend uses)."""
+    if not partials:
+        raise DataError("the data yielded no batches")
+    result = partials[0]
+    for part in partials[1:]:
+        result = reducer.merge(result, part)
+    return result
+
+
+def _session_options(job: Job[Any], default_threads: int = 0) -> SessionOptions:
+    """The job's options; the op library is registered only for models that use it."""
+    uses_library = any(op.domain == schema.DOMAIN for op in job.model.opset_import)
+    return replace(
+        job.session,
+        intra_op_threads=job.session.intra_op_threads or default_threads,
+        register_library=job.session.register_library and uses_library,
+    )
+
+
+def _batch_partials(
+    session: Any, data: CalibrationData, reducer: Reducer[P], start: int, stop: int | None
+) -> Iterator[P]:
+    """Partials of batches ``start`` .. ``stop`` (exclusive; None = to the end)."""
+    names = list(reducer.outputs)
+    first = start * data.batch_size
+    for feed in data.batches(start, stop):
+        outputs = session.run(names, feed)
+        yield reducer.reduce(outputs, feed, first)
+        first += _feed_samples(feed)
+
+
+def _feed_samples(feed: Feed) -> int:
+    value = next(iter(feed.values()))
+    return int(value.shape[0]) if value.ndim else 1
+
+
+class Executor:
+    """Runs passes. Use as a context manager: backends may hold processes."""
+
+    def run(self, job: Job[P], progress: ProgressFn | None = None) -> P:
+        """The reduced result of one pass."""
+        return self.map([job], progress)[0]
+
+    def map(self, jobs: Sequence[Job[Any]], progress: ProgressFn | None = None) -> list[Any]:
+        """The results of several independent passes, in the order given."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the backend holds."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """In this process, one job after the other, batches in order."""
+
+    def map(self, jobs: Sequence[Job[Any]], progress: ProgressFn | None = None) -> list[Any]:
+        results = []
+        for job in jobs:
+            data = job.data.open(job.model) if isinstance(job.data, DataSpec) else job.data
+            with io.session_source(job.model) as source:
+                session = create_session(source, _session_options(job))
+            partials = []
+            for part in _batch_partials(session, data, job.reducer, 0, None):
+                partials.append(part)
+                if progress is not None:
+                    progress(len(partials), data.num_batches)
+            results.append(fold(job.reducer, partials))
+        return results
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _require_ray() -> Any:
+    try:
+        import ray
+    except ImportError as err:
+        raise ConfigError(
+            "--executor ray needs Ray: pip install 'nbsmt-onnx[ray]' (or use --executor local)"
+        ) from err
+    return ray
+
+
+class _ShardWorker:
+    """Body of the Ray actor: one session per model (the last few kept), shards on request."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self._sessions: dict[str, Any] = {}
+        self._keep = keep
+
+    def _session(self, key: str, model_bytes: bytes, options: SessionOptions) -> Any:
+        session = self._sessions.pop(key, None)
+        if session is None:
+            session = create_session(model_bytes, options)
+        self._sessions[key] = session  # most recently used last
+        while len(self._sessions) > self._keep:
+            self._sessions.pop(next(iter(self._sessions)))
+        return session
+
+    def run_shard(
+        self,
+        key: str,
+        model_bytes: bytes,
+        options: SessionOptions,
+        data: DataSpec | list[Feed],
+        reducer: Reducer[Any],
+        batches: tuple[int, int],
+        first_sample: int,
+    ) -> list[Any]:
+        """Partials of batches ``batches[0]`` .. ``batches[1] - 1`` of the pass, in order."""
+        session = self._session(key, model_bytes, options)
+        if isinstance(data, DataSpec):
+            opened = data.open(onnx.load_from_string(model_bytes))
+            return list(_batch_partials(session, opened, reducer, *batches))
+        names = list(reducer.outputs)
+        out, first = [], first_sample
+        for feed in data:
+            out.append(reducer.reduce(session.run(names, feed), feed, first))
+            first += _feed_samples(feed)
+        return out
+
+
+@dataclass(frozen=True)
+class _Shard:
+    job: int  # index into the jobs
+    index: int  # index into the job's shards
+
+
+def plan_shards(num_batches: int, workers: int, per_worker: int = 4) -> list[tuple[int, int]]:
+    """Contiguous batch ranges: about ``per_worker`` per worker, so a slow worker delays less."""
+    if num_batches <= 0:
+        return []
+    count = max(1, min(num_batches, workers * per_worker))
+    bounds = np.linspace(0, num_batches, count + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+class RayExecutor(Executor):
+    """Ray actors, each holding one session per model; shards of batches as tasks.
+
+    ``address=None`` starts a private Ray instance for the lifetime of the
+    executor (bound to 127.0.0.1) and stops it on :meth:`close`; otherwise it
+    connects to the running cluster at ``address``. Workers need nbsmt-onnx
+    installed (the same version) on every node.
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        address: str | None = None,
+        *,
+        threads_per_worker: int = 1,
+        max_retries: int = 3,
+    ) -> None:
+        if workers < 1:
+            raise ConfigError(f"--workers must be >= 1; got {workers}")
+        ray = _require_ray()
+        self._ray = ray
+        self._started = False
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        if not ray.is_initialized():
+            if address is None:
+                ray.init(
+                    num_cpus=workers,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=False,
+                    configure_logging=False,
+                    runtime_env={"env_vars": env} if env else None,
+                )
+            else:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            self._started = True
+        actor = ray.remote(num_cpus=1, max_restarts=max_retries, max_task_retries=max_retries)(
+            _ShardWorker
+        )
+        self.workers = workers
+        self.threads_per_worker = threads_per_worker
+        self._actors = [actor.remote() for _ in range(workers)]
+
+    def map(self, jobs: Sequence[Job[Any]], progress: ProgressFn | None = None) -> list[Any]:
+        ray = self._ray
+        pending: dict[Any, _Shard] = {}
+        slots: list[list[Any]] = []
+        total = 0
+        for j, job in enumerate(jobs):
+            model_bytes = job.model.SerializeToString()
+            key = hashlib.blake2b(model_bytes, digest_size=16).hexdigest()
+            model_ref = ray.put(model_bytes)
+            options = _session_options(job, self.threads_per_worker)
+            if isinstance(job.data, DataSpec):
+                opened = job.data.open(job.model)
+                shards = plan_shards(opened.num_batches or 0, self.workers)
+                payloads: list[Any] = [job.data] * len(shards)
+                firsts = [a * opened.batch_size for a, _ in shards]
+            else:  # in-memory data: the driver reads it and ships each shard's batches
+                batches = list(job.data.batches())
+                sizes = np.cumsum([0] + [_feed_samples(b) for b in batches])
+                shards = plan_shards(len(batches), self.workers)
+                payloads = [ray.put(batches[a:b]) for a, b in shards]
+                firsts = [int(sizes[a]) for a, _ in shards]
+            slots.append([None] * len(shards))
+            for s, (bounds, payload, first) in enumerate(
+                zip(shards, payloads, firsts, strict=True)
+            ):
+                actor = self._actors[(total + s) % self.workers]
+                ref = actor.run_shard.remote(
+                    key, model_ref, options, payload, job.reducer, bounds, first
+                )
+                pending[ref] = _Shard(j, s)
+            total += len(shards)
+        done = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            shard = pending.pop(ready[0])
+            slots[shard.job][shard.index] = ray.get(ready[0])
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        results = []
+        for job, parts in zip(jobs, slots, strict=True):
+            results.append(fold(job.reducer, [p for shard in parts for p in shard]))
+        return results
+
+    def close(self) -> None:
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors = []
+        if self._started:
+            self._ray.shutdown()
+            self._started = False
+
+
+def create_executor(kind: str = "local", workers: int = 2, address: str | None = None) -> Executor:
+    """The executor for ``--executor KIND`` (``local`` or ``ray``)."""
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "ray":
+        return RayExecutor(workers, address)
+    raise ConfigError(f"--executor must be 'local' or 'ray'; got {kind!r}")

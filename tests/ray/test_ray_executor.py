@@ -1,0 +1,105 @@
+"""The Ray backend gives exactly the local backend's results, survives a lost worker,
+and runs independent passes concurrently. Runs inside a loopback-only network namespace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import executor_support as es
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+import nbsmt_onnx as nb
+from nbsmt_onnx.calibration.data import model_inputs, open_calibration_data
+from nbsmt_onnx.runtime.executor import DataSpec, Job, LocalExecutor, RayExecutor
+
+pytestmark = pytest.mark.ray
+
+
+def _arrays(n: int = 61, seed: int = 2) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).normal(size=(n, 3, 8, 8)).astype(np.float32)}
+
+
+def _npz(tmp_path: Path) -> str:
+    path = tmp_path / "calib.npz"
+    np.savez(path, **_arrays())
+    return str(path)
+
+
+def test_workers_read_the_data_themselves_and_match_local(
+    ray_executor: RayExecutor, tmp_path: Path
+) -> None:
+    model = es.float_model()
+    spec = DataSpec(_npz(tmp_path), num_samples=50, batch_size=4, seed=7)
+    ray_stats, ray_range = ray_executor.map(
+        [Job(model, spec, es.ChannelStats("c1")), Job(model, spec, es.MinMax("c1"))]
+    )
+    local_stats, local_range = LocalExecutor().map(
+        [Job(model, spec, es.ChannelStats("c1")), Job(model, spec, es.MinMax("c1"))]
+    )
+    assert ray_range == local_range  # exactly
+    assert ray_stats.total_count == 50 * 64
+    assert es.same_statistics(ray_stats, local_stats)  # bit for bit: same batches, same merge order
+
+
+def test_in_memory_data_is_shipped_by_the_driver(ray_executor: RayExecutor) -> None:
+    model = es.identity_model()
+    data = open_calibration_data(
+        _arrays(), model_inputs(model), num_samples=45, batch_size=6, seed=1
+    )
+    trace = ray_executor.run(Job(model, data, es.Trace("y")))
+    assert [(first, size) for first, size, *_ in trace] == [(6 * i, 6) for i in range(7)] + [
+        (42, 3)
+    ]
+    assert es.same_statistics(
+        ray_executor.run(Job(model, data, es.ChannelStats("y"))),
+        LocalExecutor().run(Job(model, data, es.ChannelStats("y"))),
+    )
+
+
+def test_nbsmt_model_statistics_match_local(
+    ray_executor: RayExecutor, tmp_path: Path, nbsmt_library: str
+) -> None:
+    float_model = es.float_model()
+    path = _npz(tmp_path)
+    result = nb.transform(
+        float_model,
+        path,
+        nb.TransformConfig(
+            threads=4, num_samples=32, recalibration=nb.RecalibrationConfig(enabled=False)
+        ),
+    )
+    sim = result.sim_model
+    conv = next(n for n in sim.graph.node if n.op_type == "NbSmtConv")
+    sim.graph.output.append(helper.make_tensor_value_info(conv.output[0], TensorProto.FLOAT, None))
+    spec = DataSpec(path, num_samples=61, batch_size=8, seed=0)
+    a = ray_executor.run(Job(sim, spec, es.ChannelStats(conv.output[0])))
+    b = LocalExecutor().run(Job(sim, spec, es.ChannelStats(conv.output[0])))
+    assert es.same_statistics(a, b)
+
+
+def test_a_lost_worker_is_retried_with_the_same_result(
+    ray_executor: RayExecutor, tmp_path: Path
+) -> None:
+    model = es.float_model()
+    spec = DataSpec(_npz(tmp_path), num_samples=61, batch_size=4, seed=3)
+    marker = tmp_path / "crashed"
+    crashing = es.CrashOnce("c1", marker=str(marker), at_sample=30)
+    result = ray_executor.run(Job(model, spec, crashing))
+    assert marker.exists(), "the worker did not die: the test would prove nothing"
+    expected = LocalExecutor().run(Job(model, spec, es.ChannelStats("c1")))
+    assert es.same_statistics(result, expected)
+
+
+def test_independent_passes_run_concurrently(ray_executor: RayExecutor) -> None:
+    model = es.identity_model()
+    data = open_calibration_data(
+        _arrays(16), model_inputs(model), num_samples=16, batch_size=4, seed=0
+    )
+    rows = ray_executor.map([Job(model, data, es.Trace("y", sleep=0.5)) for _ in range(2)])
+    spans = [(pid, start, end) for row in rows for _, _, pid, start, end in row]
+    assert len({pid for pid, _, _ in spans}) == 2  # both workers took part
+    overlapping = any(p != q and s1 < e2 and s2 < e1 for p, s1, e1 in spans for q, s2, e2 in spans)
+    assert overlapping, f"no two batches ran at the same time: {spans}"
