@@ -45,11 +45,22 @@ import onnx
 from tqdm import tqdm
 
 from nbsmt_onnx import io
-from nbsmt_onnx.calibration.data import CalibrationData, model_inputs, open_calibration_data
+from nbsmt_onnx.calibration.data import (
+    CalibrationData,
+    feed_samples,
+    model_inputs,
+    open_calibration_data,
+)
 from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
 from nbsmt_onnx.calibration.recalibrate import recalibrate
 from nbsmt_onnx.config import ImagePreprocessing, TransformConfig
-from nbsmt_onnx.errors import ConfigError, NbsmtError, OutputError, UnsupportedModelError
+from nbsmt_onnx.errors import (
+    ConfigError,
+    InternalError,
+    NbsmtError,
+    OutputError,
+    UnsupportedModelError,
+)
 from nbsmt_onnx.graph.qdq import MIN_QDQ_OPSET, to_qdq
 from nbsmt_onnx.graph.rewrite import (
     RewritePlan,
@@ -59,6 +70,7 @@ from nbsmt_onnx.graph.rewrite import (
     plan_rewrite,
     rewrite_model,
 )
+from nbsmt_onnx.graph.threads import assign_threads, layer_macs
 from nbsmt_onnx.ops import schema
 from nbsmt_onnx.report import add_stats_outputs, build_report
 from nbsmt_onnx.runtime.library import get_library_path
@@ -545,6 +557,8 @@ def transform(
     plan = plan_rewrite(float_model, config.selection)
     if not plan.candidates:
         raise _no_candidates_error(plan)
+    # Check the per-layer threads against the layers now, not after the long passes.
+    config.layer_threads.resolve([c.node_name for c in plan.candidates], config.threads)
 
     recalibrates = config.recalibration.enabled and not data.is_random
     produced = _produced_row(config, recalibrates) if eval_data is not None else None
@@ -565,10 +579,27 @@ def transform(
 
     rewritten = rewrite_model(float_model, plan, act_ranges, config)
     io.check_model(rewritten.model, what="simulation model")
+    # Per-layer threads before recalibration: it must see the arithmetic that will run.
+    assigned = assign_threads(rewritten.model, config.layer_threads, config.threads)
+    rewritten = replace(rewritten, model=assigned.model)
 
     sim_model, recal_report = _recalibrate(float_model, rewritten, data, config)
 
     stats = _run_with_stats(sim_model, data, config)
+    first = data.first_batch()
+    try:
+        macs = layer_macs(
+            sim_model, {k: v.shape for k, v in first.items()}, feed_samples(first) or 1
+        )
+    except InternalError as err:  # a reporting figure must not stop the transform
+        macs = None
+        warnings.append(f"speed-up figure unavailable: {err}")
+        log.warning(warnings[-1])
+    if macs is not None and macs.unknown:
+        warnings.append(
+            "speed-up figure unavailable: shapes unknown for " + ", ".join(macs.unknown[:5])
+        )
+        log.warning(warnings[-1])
 
     settings = config.to_dict()
     _metadata(sim_model, "simulation", settings)
@@ -608,7 +639,8 @@ def transform(
         rewritten=rewritten.rewritten,
         skipped=rewritten.skipped,
         stats=stats,
-        threads=config.threads,
+        threads=assigned.threads,
+        macs=macs,
         recalibration=recal_report,
         exports=exports,
         warnings=warnings,
@@ -654,13 +686,15 @@ class InspectResult:
     rewritten: tuple[tuple[str, str, str], ...]  # (node, op type, weight origin)
     skipped: tuple[SkippedNode, ...]
     batchnorms: tuple[BatchNormEntry, ...]
+    threads: Mapping[str, int] = field(default_factory=dict)  # node -> T it would run at
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.path,
             "opset": self.opset,
             "rewritten": [
-                {"node": n, "op_type": o, "weight_origin": w} for n, o, w in self.rewritten
+                {"node": n, "op_type": o, "weight_origin": w, "threads": self.threads.get(n)}
+                for n, o, w in self.rewritten
             ],
             "skipped": [
                 {"node": s.node_name, "op_type": s.op_type, "reason": s.reason}
@@ -681,12 +715,14 @@ def inspect(
     bns: Sequence[BatchNormEntry] = ()
     if any(n.op_type == "BatchNormalization" for n in float_model.graph.node):
         bns = _inspect_batchnorms(float_model, plan, config)
+    names = [c.node_name for c in plan.candidates]
     return InspectResult(
         path=str(source_path) if source_path else "<ModelProto>",
         opset=io.default_opset(float_model),
         rewritten=tuple((c.node_name, c.op_type, c.weight_origin) for c in plan.candidates),
         skipped=plan.skipped,
         batchnorms=tuple(bns),
+        threads=config.layer_threads.resolve(names, config.threads) if names else {},
     )
 
 

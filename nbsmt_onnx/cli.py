@@ -21,6 +21,7 @@ from nbsmt_onnx.config import (
     RANGE_ESTIMATORS,
     STRATEGY_CHOICES,
     ImagePreprocessing,
+    LayerThreads,
     RangeConfig,
     RecalibrationConfig,
     Selection,
@@ -378,7 +379,13 @@ _run_options = _options(
     type=click.Choice(["1", "2", "4"]),
     default="2",
     show_default=True,
-    help="NB-SMT threads per MAC.",
+    help="NB-SMT threads per MAC (every layer --layer-threads does not set).",
+)
+@click.option(
+    "--layer-threads",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    metavar="FILE.json",
+    help='Per-layer threads: a JSON object of node name or full-match regular expression -> 1, 2 or 4, e.g. {"conv1": 1, "block.*": 4}.',
 )
 @click.option(
     "--mapping",
@@ -446,8 +453,10 @@ def transform_command(model: Path, **kw: Any) -> None:
     if not calib:
         raise ConfigError(NO_CALIB_MESSAGE)
     progress = kw.pop("progress")
+    layer_threads = kw.pop("layer_threads")
     config = TransformConfig(
         threads=int(kw.pop("threads")),
+        layer_threads=LayerThreads.load(layer_threads) if layer_threads else LayerThreads(),
         mapping=str(kw.pop("mapping")),
         reduce=str(kw.pop("reduce_")),
         num_samples=kw.pop("num_samples"),
@@ -506,9 +515,15 @@ def transform_command(model: Path, **kw: Any) -> None:
     nbsmt = summary.get("nbsmt")
     if nbsmt:
         click.echo(
-            f"T={config.threads}: MAC utilization {nbsmt['mac_utilization']:.3f}, "
+            f"{_threads_label(result.report)}: MAC utilization {nbsmt['mac_utilization']:.3f}, "
             f"collision rate {nbsmt['collision_rate']:.3f}, "
             f"squeezed operands {nbsmt['squeezed_operand_fraction']:.3f}"
+        )
+    speed = summary.get("speedup") or {}
+    if speed.get("speedup") is not None:
+        click.echo(
+            f"speed-up over an 8-bit array without NB-SMT: {speed['speedup']:.2f}x "
+            f"({speed['total_macs'] / 1e6:.1f} M MACs per sample; MAC-weighted, memory not modelled)"
         )
     recal = result.report.get("recalibration")
     if recal:
@@ -518,6 +533,19 @@ def transform_command(model: Path, **kw: Any) -> None:
     if result.evaluation is not None:
         click.echo(result.evaluation.format_table())
         sys.exit(result.exit_code)
+
+
+def _threads_label(report: dict[str, Any]) -> str:
+    """``T=2``, or ``T=1/2/4 per layer (3/10/7 layers)`` for a mixed assignment."""
+    counts: dict[int, int] = {}
+    for layer in report.get("layers", []):
+        counts[layer["threads"]] = counts.get(layer["threads"], 0) + 1
+    if len(counts) == 1:
+        return f"T={next(iter(counts))}"
+    keys = sorted(counts)
+    return (
+        f"T={'/'.join(map(str, keys))} per layer ({'/'.join(str(counts[k]) for k in keys)} layers)"
+    )
 
 
 def _recalibration_line(recal: dict[str, Any]) -> str:
@@ -571,6 +599,19 @@ def _transform_evaluation(kw: dict[str, Any], progress: bool) -> tuple[Any, Any,
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @_selection_options
+@click.option(
+    "--threads",
+    type=click.Choice(["1", "2", "4"]),
+    default="2",
+    show_default=True,
+    help="NB-SMT threads per MAC (every layer --layer-threads does not set).",
+)
+@click.option(
+    "--layer-threads",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    metavar="FILE.json",
+    help="Per-layer threads, as for transform: shows what each layer would run at.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 def inspect_command(model: Path, **kw: Any) -> None:
@@ -579,14 +620,22 @@ def inspect_command(model: Path, **kw: Any) -> None:
 
     _setup_logging(int(kw.pop("verbose")))
     as_json = bool(kw.pop("as_json"))
-    result = inspect(model, TransformConfig(selection=_selection(kw)))
+    layer_threads = kw.pop("layer_threads")
+    result = inspect(
+        model,
+        TransformConfig(
+            selection=_selection(kw),
+            threads=int(kw.pop("threads")),
+            layer_threads=LayerThreads.load(layer_threads) if layer_threads else LayerThreads(),
+        ),
+    )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
     click.echo(f"{result.path} (opset {result.opset})")
     click.echo(f"rewritten ({len(result.rewritten)}):")
     for name, op_type, origin in result.rewritten:
-        click.echo(f"  {name}  {op_type} -> NB-SMT  (weights: {origin})")
+        click.echo(f"  {name}  {op_type} -> NB-SMT T={result.threads[name]}  (weights: {origin})")
     click.echo(f"not rewritten ({len(result.skipped)}):")
     for s in result.skipped:
         click.echo(f"  {s.node_name}  {s.op_type}: {s.reason}")

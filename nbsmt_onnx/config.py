@@ -7,10 +7,12 @@ the valid choices. Nothing downstream re-validates.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from nbsmt_onnx.errors import ConfigError
@@ -195,6 +197,99 @@ class RecalibrationConfig:
 
 
 @dataclass(frozen=True)
+class ThreadRule:
+    """One entry of a per-layer assignment: a node name or a regular expression, and T."""
+
+    key: str
+    threads: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threads, bool) or self.threads not in schema.THREADS_CHOICES:
+            raise ConfigError(
+                f"layer threads for {self.key!r} must be one of "
+                f"{', '.join(map(str, schema.THREADS_CHOICES))}; got {self.threads!r}"
+            )
+        try:
+            re.compile(self.key)
+        except re.error as err:
+            raise ConfigError(
+                f"layer-threads key {self.key!r} is neither a node name nor a valid regular "
+                f"expression ({err})"
+            ) from err
+
+
+@dataclass(frozen=True)
+class LayerThreads:
+    """A per-layer thread assignment (empty: every layer takes the default).
+
+    Keys are node names or regular expressions that must match a whole node
+    name; the rules are in ``graph.threads`` (docs/transform.md).
+    """
+
+    rules: tuple[ThreadRule, ...] = ()
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> LayerThreads:
+        if not isinstance(mapping, Mapping):
+            raise ConfigError(
+                f"layer threads must map node names or regular expressions to 1, 2 or 4; "
+                f"got {type(mapping).__name__}"
+            )
+        return cls(tuple(ThreadRule(str(k), v) for k, v in mapping.items()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerThreads:
+        """Read ``{"node or regex": threads, ...}`` from a JSON file."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read --layer-threads file {p}: {err.strerror}") from err
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f"--layer-threads file {p} is not JSON ({err.msg} at line {err.lineno}); "
+                'write an object like {"conv1": 1, "block[0-9]+/.*": 4}'
+            ) from err
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"--layer-threads file {p} must hold a JSON object of node name or regular "
+                'expression -> threads, e.g. {"conv1": 1}'
+            )
+        return cls.from_mapping(data)
+
+    def to_dict(self) -> dict[str, int]:
+        return {r.key: r.threads for r in self.rules}
+
+    def resolve(self, names: Sequence[str], default: int) -> dict[str, int]:
+        """Threads of every node in ``names``; raises for a rule that matches none of them."""
+        if default not in schema.THREADS_CHOICES:
+            raise ConfigError(f"threads must be one of {schema.THREADS_CHOICES}; got {default!r}")
+        out = {n: default for n in names}
+        by_name = {r.key: r.threads for r in self.rules if r.key in out}
+        patterns = [(re.compile(r.key), r) for r in self.rules if r.key not in out]
+        used: set[str] = set(by_name)
+        for name in names:
+            if name in by_name:
+                out[name] = by_name[name]
+                continue
+            for pattern, rule in patterns:
+                if pattern.fullmatch(name):
+                    out[name] = rule.threads
+                    used.add(rule.key)
+                    break
+        unused = [r.key for r in self.rules if r.key not in used]
+        if unused:
+            shown = ", ".join(sorted(names)[:8]) + (" ..." if len(names) > 8 else "")
+            raise ConfigError(
+                f"layer-threads key(s) {', '.join(map(repr, unused))} match no NB-SMT layer; "
+                f"the layers are: {shown} (keys are node names or full-match regular expressions)"
+            )
+        return out
+
+
+@dataclass(frozen=True)
 class TransformConfig:
     """Everything ``nbsmt_onnx.transform`` needs besides the model and the data."""
 
@@ -208,6 +303,7 @@ class TransformConfig:
     selection: Selection = field(default_factory=Selection)
     export: str = "sim"
     recalibration: RecalibrationConfig = field(default_factory=RecalibrationConfig)
+    layer_threads: LayerThreads = field(default_factory=LayerThreads)
     collect_stats: bool = True
     progress: bool = False
 
@@ -226,6 +322,7 @@ class TransformConfig:
             ("ranges", RangeConfig),
             ("selection", Selection),
             ("recalibration", RecalibrationConfig),
+            ("layer_threads", LayerThreads),
         ):
             if not isinstance(getattr(self, name), cls):
                 raise ConfigError(f"{name} must be a {cls.__name__}; got {getattr(self, name)!r}")

@@ -519,6 +519,15 @@ def _transform_layers(report: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+def _macs(value: Any) -> str:
+    return "" if value is None else f"{float(value) / 1e6:.3f} M"
+
+
+def _speedup_cell(summary: Mapping[str, Any]) -> str:
+    value = (summary.get("speedup") or {}).get("speedup")
+    return "n/a" if value is None else f"{float(value):.2f}x"
+
+
 def _layers_table(report: Mapping[str, Any]) -> str:
     layers = report.get("layers") or []
     if not layers:
@@ -530,13 +539,19 @@ def _layers_table(report: Mapping[str, Any]) -> str:
             _esc(_fmt(e.get("activation_scale"))),
             "signed" if e.get("activation_signed") else "unsigned",
             _esc(e.get("reduction_length", "")),
+            _esc(e.get("threads", "")),
+            _esc(_macs(e.get("macs_per_sample"))),
             _esc(e.get("weight_origin", "")),
         ]
         for e in layers
     ]
     out = (
-        "<details><summary>Rewritten layers: activation scales</summary>"
-        + _table(["layer", "op", "activation scale", "mode", "K", "weights"], rows, left=2)
+        "<details><summary>Rewritten layers: activation scales, threads, MACs</summary>"
+        + _table(
+            ["layer", "op", "activation scale", "mode", "K", "T", "MACs / sample", "weights"],
+            rows,
+            left=2,
+        )
         + "</details>"
     )
     skipped = report.get("skipped") or []
@@ -653,14 +668,18 @@ def _render_transform(report: Mapping[str, Any]) -> str:
         _warnings(report.get("warnings") or []),
         "<h2>Summary</h2>",
         _table(
-            ["rewritten", "skipped", "MAC utilization", "collision rate", "squeezed operands"],
+            ["rewritten", "skipped", "MAC utilization", "collision rate", "squeezed operands",
+             "speed-up"],
             [[
                 _esc(summary.get("rewritten")), _esc(summary.get("skipped")),
                 _esc(_fmt(nb.get("mac_utilization"))), _esc(_fmt(nb.get("collision_rate"))),
-                _esc(_fmt(nb.get("squeezed_operand_fraction"))),
+                _esc(_fmt(nb.get("squeezed_operand_fraction"))), _speedup_cell(summary),
             ]],
             left=0,
         ),
+        '<p class="meta">Speed-up: MAC-weighted, over an 8-bit array without NB-SMT, '
+        "sum(MACs) / sum(MACs / T) with each layer at its own T (layers in float count with "
+        "T = 1); memory bandwidth is not modelled.</p>",
         *_transform_accuracy(report.get("evaluation")),
         _transform_layers(report),
         _recalibration_section([("transform", report.get("recalibration"))]),

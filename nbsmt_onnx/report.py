@@ -18,7 +18,13 @@ threads the report defines:
   reduction R. 0 means NB-SMT computed exactly what int8 would.
 
 Model totals use the same formulas on the sums over all layers (so they
-are weighted by each layer's amount of work).
+are weighted by each layer's amount of work); with per-layer threads the
+total utilization divides by ``sum(groups_l * T_l)``.
+
+The summary's ``speedup`` is the MAC-weighted speed-up over an 8-bit array
+without NB-SMT, ``sum(MACs) / sum(MACs / T)``, with every layer's MACs per
+sample counted from the shapes of the first calibration batch
+(``graph.threads``; layers left in float count with T = 1).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from onnx import helper
 
 from nbsmt_onnx.graph.naming import NameGenerator
 from nbsmt_onnx.graph.rewrite import RewrittenNode, SkippedNode
+from nbsmt_onnx.graph.threads import MacCount
 from nbsmt_onnx.ops import schema
 
 log = logging.getLogger(__name__)
@@ -95,7 +102,8 @@ def build_report(
     rewritten: Sequence[RewrittenNode],
     skipped: Sequence[SkippedNode],
     stats: Mapping[str, np.ndarray] | None,
-    threads: int,
+    threads: Mapping[str, int],
+    macs: MacCount | None = None,
     recalibration: Mapping[str, Any] | None = None,
     exports: Mapping[str, Any] | None = None,
     warnings: Sequence[str] = (),
@@ -103,6 +111,8 @@ def build_report(
     """Assemble the JSON-serialisable report dict."""
     layers = []
     total = np.zeros(len(schema.STATS_FIELDS), dtype=np.int64)
+    capacity = 0  # thread slots offered: sum over layers of groups x T
+    layer_macs = {m.name: m.macs for m in macs.layers} if macs is not None else {}
     for r in rewritten:
         entry: dict[str, Any] = {
             "node": r.node_name,
@@ -116,12 +126,19 @@ def build_report(
             "reduction_length": r.reduction_length,
             "weight_origin": r.weight_origin,
             "weight_shared": r.weight_shared,
+            "threads": threads[r.node_name],
+            "macs_per_sample": layer_macs.get(r.node_name),
         }
         if stats is not None and r.node_name in stats:
             s = np.asarray(stats[r.node_name], dtype=np.int64)
             total += s
-            entry["nbsmt"] = layer_metrics(s, threads)
+            capacity += int(s[0]) * threads[r.node_name]
+            entry["nbsmt"] = layer_metrics(s, threads[r.node_name])
         layers.append(entry)
+    summary_stats = None
+    if stats is not None:
+        summary_stats = layer_metrics(total, 1)
+        summary_stats["mac_utilization"] = int(total[1]) / capacity if capacity else 0.0
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,
@@ -132,7 +149,8 @@ def build_report(
         "summary": {
             "rewritten": len(rewritten),
             "skipped": len(skipped),
-            "nbsmt": layer_metrics(total, threads) if stats is not None else None,
+            "nbsmt": summary_stats,
+            "speedup": macs.to_dict() if macs is not None else None,
         },
         "layers": layers,
         "skipped": [

@@ -33,6 +33,7 @@ import onnx
 from onnx import helper
 
 from nbsmt_onnx.errors import InternalError
+from nbsmt_onnx.graph.shapes import infer_for_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -86,22 +87,6 @@ def _tensor_bytes(vi: onnx.ValueInfoProto) -> int | None:
     return int(np.prod(dims, dtype=np.int64)) * itemsize
 
 
-def _with_input_shapes(
-    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
-) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.value_info[:]
-    for vi in out.graph.input:
-        if vi.name not in shapes:
-            continue
-        shape = vi.type.tensor_type.shape
-        del shape.dim[:]
-        for d in shapes[vi.name]:
-            shape.dim.add().dim_value = int(d)
-    return out
-
-
 def execution_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Topological order of ``graph``'s nodes: post-order DFS from each leaf, leaves in node order."""
     producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
@@ -129,15 +114,7 @@ def execution_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 def peak_activation_bytes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> int:
     """Largest sum of live intermediate tensors (bytes) for inputs of ``shapes``."""
-    from nbsmt_onnx.ops.onnx_schema import register_schemas
-
-    register_schemas()
-    fixed = _with_input_shapes(model, shapes)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
-    except Exception as err:  # best effort: an estimate must not stop the transform
-        raise InternalError(f"shape inference failed while estimating memory: {err}") from err
-    graph = inferred.graph
+    graph = infer_for_inputs(model, shapes, "estimating memory").graph
     initializers = {t.name for t in graph.initializer}
     sizes: dict[str, int] = {}
     for vi in [*graph.input, *graph.value_info, *graph.output]:
