@@ -302,6 +302,14 @@ _gate_options = _options(
         default=None,
         help="Gate: min top-1 agreement with float32, e.g. 0.95 (exit 3 if missed).",
     ),
+    click.option(
+        "--gate-bound",
+        type=click.Choice(["point", "pessimistic"]),
+        default="point",
+        show_default=True,
+        help="Gate on the point estimates, or on the pessimistic ends of their 95% intervals "
+        "(the drop's paired upper bound, the agreement's Wilson lower bound).",
+    ),
 )
 
 _image_options = _options(
@@ -577,6 +585,7 @@ def _transform_evaluation(kw: dict[str, Any], progress: bool) -> tuple[Any, Any,
         "reference": str(kw.pop("reference")),
         "max_drop": kw.pop("max_drop"),
         "min_agreement": kw.pop("min_agreement"),
+        "gate_bound": str(kw.pop("gate_bound")),
     }
     if eval_data is None:
         given = [
@@ -587,6 +596,7 @@ def _transform_evaluation(kw: dict[str, Any], progress: bool) -> tuple[Any, Any,
                 ("max_drop", options["max_drop"]),
                 ("min_agreement", options["min_agreement"]),
                 ("reference", None if options["reference"] == "float32" else "int8"),
+                ("gate_bound", None if options["gate_bound"] == "point" else "pessimistic"),
             )
             if value is not None
         ]
@@ -786,6 +796,7 @@ def evaluate_command(model: Path, **kw: object) -> None:
         max_drop=kw.pop("max_drop"),  # type: ignore[arg-type]
         min_agreement=kw.pop("min_agreement"),  # type: ignore[arg-type]
         gate_rows=_csv_list(str(gate_rows), "gate") if gate_rows else None,
+        gate_bound=str(kw.pop("gate_bound")),
         layer_samples=kw.pop("layer_samples"),  # type: ignore[arg-type]
         progress=progress,
     )

@@ -27,7 +27,12 @@ evaluate`` is a thin layer over it):
    rate, squeezed operands on the evaluation data) and, for the first
    ``layer_samples`` samples, its NB-SMT layer outputs, compared with the
    same tensors of the int8 model (per-layer output SQNR vs int8);
-5. check the thresholds (``max_drop``, ``min_agreement``): the pipeline gate.
+5. uncertainty: 95 % Wilson intervals of every proportion, seeded paired
+   bootstrap intervals of KL / cosine / SQNR, and each row's paired
+   difference to the reference row (``metrics``: Newcombe's paired interval
+   and McNemar's exact p for proportions, the bootstrap for the rest);
+6. check the thresholds (``max_drop``, ``min_agreement``) on the point
+   estimates or on the pessimistic ends of those intervals: the pipeline gate.
 
 Nothing is written to disk here: :class:`EvaluationResult` renders itself as
 a terminal table, JSON and CSV; ``html_report`` turns ``to_dict()`` into HTML.
@@ -69,12 +74,25 @@ from nbsmt_onnx.calibration.labels import Labels, load_labels
 from nbsmt_onnx.config import ImagePreprocessing, TransformConfig
 from nbsmt_onnx.errors import ConfigError, DataError, InternalError, NbsmtError, OutputError
 from nbsmt_onnx.metrics import (
+    BOOTSTRAP_PERCENTILE,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    LEVEL,
+    MCNEMAR_EXACT,
+    NEWCOMBE_PAIRED,
     OUTPUT_KINDS,
+    WILSON,
     Agreement,
+    Interval,
+    PairedDifference,
     SqnrAccumulator,
     TopKAccuracy,
     as_classification,
     detect_output_kind,
+    paired_proportion_difference,
+    percentile_interval,
+    resample_means,
+    wilson_interval,
 )
 from nbsmt_onnx.ops import schema
 from nbsmt_onnx.report import add_stats_outputs, layer_metrics
@@ -84,13 +102,17 @@ from nbsmt_onnx.runtime.session import SessionOptions, create_session
 log = logging.getLogger(__name__)
 
 RESULT_FORMAT = "nbsmt-onnx/evaluation"
-RESULT_VERSION = 1
+#: 2: intervals, paired differences to the reference row, gate bound.
+RESULT_VERSION = 2
 
 #: Row kinds: the float model, int8 (NB-SMT with T=1 = exact int8 GEMM), NB-SMT
 #: at every swept setting, each optionally recalibrated.
 ROW_KINDS = ("float32", "int8", "int8+recal", "nbsmt", "nbsmt+recal")
 DEFAULT_ROWS = ("float32", "int8", "nbsmt", "nbsmt+recal")
 REFERENCE_CHOICES = ("float32", "int8")
+#: What the gate compares with its thresholds: the point estimate, or the
+#: pessimistic end of its 95 % interval (docs/evaluate.md, "Pipeline gate").
+GATE_BOUNDS = ("point", "pessimistic")
 
 #: Exit codes of ``nbsmt-onnx evaluate`` (docs/evaluate.md).
 EXIT_OK = 0
@@ -99,6 +121,8 @@ EXIT_USER_ERROR = 2  # NbsmtError.exit_code: bad option, data, model, path
 EXIT_THRESHOLD = 3  # evaluation ran, a configuration missed --max-drop / --min-agreement
 
 _METRIC_KEYS = ("top1", "top5", "agreement", "kl", "cosine", "sqnr_db")
+_PROPORTIONS = ("top1", "top5", "agreement")
+_CONTINUOUS = ("kl", "cosine", "sqnr_db")
 
 
 def _tuple(name: str, value: object, choices: Sequence[Any]) -> tuple[Any, ...]:
@@ -137,6 +161,11 @@ class EvaluateConfig:
     top-1 agreement with the float model without, vs the ``reference`` row)
     and ``min_agreement`` (fraction) apply to the rows of kinds ``gate_rows``
     (None = the recalibrated NB-SMT rows if any, else the NB-SMT rows).
+    ``gate_bound``: ``"point"`` compares the point estimates with the
+    thresholds; ``"pessimistic"`` the upper end of the drop's paired 95 %
+    interval and the lower end of the agreement's Wilson interval.
+    ``bootstrap_resamples`` / ``bootstrap_seed``: the seeded paired bootstrap
+    of the KL / cosine / SQNR intervals.
     ``layer_samples``: evaluation samples used for per-layer output SQNR vs int8
     (0 = off; memory grows with the batch's activations, not with this number).
     """
@@ -155,6 +184,9 @@ class EvaluateConfig:
     max_drop: float | None = None
     min_agreement: float | None = None
     gate_rows: tuple[str, ...] | None = None
+    gate_bound: str = "point"
+    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES
+    bootstrap_seed: int = BOOTSTRAP_SEED
     layer_samples: int = 256
     session_threads: int = 0
     progress: bool = False
@@ -214,6 +246,26 @@ class EvaluateConfig:
                     f"gate_rows {missing} are not among the rows {list(self.row_kinds)}"
                 )
             object.__setattr__(self, "gate_rows", gate)
+        if self.gate_bound not in GATE_BOUNDS:
+            raise ConfigError(
+                f"gate_bound must be one of {', '.join(map(repr, GATE_BOUNDS))}; got {self.gate_bound!r}"
+            )
+        if (
+            not isinstance(self.bootstrap_resamples, int)
+            or isinstance(self.bootstrap_resamples, bool)
+            or self.bootstrap_resamples < 100
+        ):
+            raise ConfigError(
+                f"bootstrap_resamples must be an integer >= 100; got {self.bootstrap_resamples!r}"
+            )
+        if (
+            not isinstance(self.bootstrap_seed, int)
+            or isinstance(self.bootstrap_seed, bool)
+            or self.bootstrap_seed < 0
+        ):
+            raise ConfigError(
+                f"bootstrap_seed must be a non-negative integer; got {self.bootstrap_seed!r}"
+            )
         if not isinstance(self.layer_samples, int) or self.layer_samples < 0:
             raise ConfigError(f"layer_samples must be an integer >= 0; got {self.layer_samples!r}")
         if not isinstance(self.session_threads, int) or self.session_threads < 0:
@@ -317,10 +369,16 @@ class GateCheck:
 
     row: str
     check: str  # "max_drop" | "min_agreement"
-    value: float | None  # the row's value (drop in points, or agreement); None = not computable
+    #: the value compared with the threshold (drop in points, or agreement): the point
+    #: estimate, or with ``bound="pessimistic"`` the pessimistic end of its 95 % interval;
+    #: None = not computable
+    value: float | None
     threshold: float
     passed: bool
     reason: str
+    bound: str = "point"
+    #: the point estimate (equal to ``value`` with ``bound="point"``)
+    estimate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -359,6 +417,13 @@ class EvaluationRow:
     layers: tuple[Mapping[str, Any], ...] = ()
     #: the transform report's recalibration section (recalibrated rows)
     recalibration: Mapping[str, Any] | None = None
+    #: 95 % interval of each metric (None = not applicable): Wilson for top1 / top5 /
+    #: agreement, paired bootstrap percentile for kl / cosine / sqnr_db
+    intervals: Mapping[str, Interval | None] = field(default_factory=dict)
+    #: id of the row ``difference`` is measured against (None for that row itself)
+    reference: str | None = None
+    #: per metric, ``this row - reference row`` on the same samples (None = not applicable)
+    difference: Mapping[str, PairedDifference | None] = field(default_factory=dict)
 
     @property
     def wall_s(self) -> float:
@@ -376,6 +441,21 @@ class EvaluationRow:
             "available": self.available,
             "note": self.note,
             "metrics": dict(self.metrics),
+            "intervals": {
+                k: (iv.to_dict() if iv is not None else None)
+                for k, iv in ((k, self.intervals.get(k)) for k in _METRIC_KEYS)
+            },
+            "difference": (
+                None
+                if self.reference is None
+                else {
+                    "reference": self.reference,
+                    "metrics": {
+                        k: (d.to_dict() if d is not None else None)
+                        for k, d in ((k, self.difference.get(k)) for k in _METRIC_KEYS)
+                    },
+                }
+            ),
             "samples": self.samples,
             "prepare_s": round(self.prepare_s, 3),
             "inference_s": round(self.inference_s, 3),
@@ -451,9 +531,20 @@ class EvaluationResult:
                 "duplicates_with_calibration": self.duplicates,
                 "settings": self.config.to_dict(),
                 "rows": [r.to_dict() for r in self.rows],
+                "uncertainty": {
+                    "level": LEVEL,
+                    "proportion_interval": WILSON,
+                    "paired_proportion_interval": NEWCOMBE_PAIRED,
+                    "paired_proportion_p_value": MCNEMAR_EXACT,
+                    "continuous_interval": BOOTSTRAP_PERCENTILE,
+                    "bootstrap_resamples": self.config.bootstrap_resamples,
+                    "bootstrap_seed": self.config.bootstrap_seed,
+                    "reference": self.config.reference,
+                },
                 "gate": {
                     "passed": self.gate.passed,
                     "exit_code": self.exit_code,
+                    "bound": self.config.gate_bound,
                     "checks": [asdict(c) for c in self.gate.checks],
                 },
                 "warnings": list(self.warnings),
@@ -466,23 +557,51 @@ class EvaluationResult:
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_csv(self) -> str:
-        """One line per row: settings, metrics, samples, times, gate verdict."""
+        """One line per row: settings, metrics, samples, times, gate verdict, then uncertainty.
+
+        The uncertainty columns: ``<metric>_lo`` / ``<metric>_hi`` (95 % interval),
+        ``reference`` (row id), ``diff_<metric>`` / ``diff_<metric>_lo`` /
+        ``diff_<metric>_hi`` (row - reference, paired 95 % interval) and, for
+        proportions, ``diff_<metric>_p`` (McNemar's exact p).
+        """
         buf = _stdio.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
+        interval_cols = [f"{k}_{end}" for k in _METRIC_KEYS for end in ("lo", "hi")]
+        diff_cols = [
+            f"diff_{k}{suffix}"
+            for k in _METRIC_KEYS
+            for suffix in (("", "_lo", "_hi", "_p") if k in _PROPORTIONS else ("", "_lo", "_hi"))
+        ]
         writer.writerow(
             [
                 "id", "name", "kind", "threads", "mapping", "reduce", "recalibrated",
                 "available", *_METRIC_KEYS, "samples", "prepare_s", "inference_s", "gate",
+                *interval_cols, "reference", *diff_cols,
             ]
         )  # fmt: skip
         verdicts = _row_verdicts(self.gate)
         for r in self.rows:
+            intervals: list[object] = []
+            for k in _METRIC_KEYS:
+                iv = r.intervals.get(k)
+                intervals += ["", ""] if iv is None else [_blank(iv.lo), _blank(iv.hi)]
+            diffs: list[object] = []
+            for k in _METRIC_KEYS:
+                d = r.difference.get(k)
+                width = 4 if k in _PROPORTIONS else 3
+                if d is None:
+                    diffs += [""] * width
+                    continue
+                diffs += [_blank(d.estimate), _blank(d.interval.lo), _blank(d.interval.hi)]
+                if k in _PROPORTIONS:
+                    diffs.append(_blank(d.p_value))
             writer.writerow(
                 [
                     r.id, r.name, r.kind, _blank(r.threads), _blank(r.mapping), _blank(r.reduce),
                     int(r.recalibrated), int(r.available),
                     *[_blank(r.metrics.get(k)) for k in _METRIC_KEYS],
                     r.samples, f"{r.prepare_s:.3f}", f"{r.inference_s:.3f}", verdicts.get(r.id, ""),
+                    *intervals, _blank(r.reference), *diffs,
                 ]
             )  # fmt: skip
         return buf.getvalue()
@@ -519,14 +638,81 @@ def _fmt(value: Any, kind: str) -> str:
     return f"{value:.4f}"
 
 
+def _num(value: Any) -> float:
+    """A float from a JSON value (the strings "inf" / "-inf" / "nan" included)."""
+    return float(value)
+
+
+def _fmt_interval(value: Any, interval: Mapping[str, Any] | None, kind: str) -> str:
+    """``92.75 [91.53, 93.80]`` (percent), ``0.0117 [0.0101, 0.0135]``; "-" without a value."""
+    if value is None:
+        return "-"
+    if kind == "pct":
+        text = f"{100.0 * _num(value):.2f}"
+        if interval is not None:
+            text += f" [{100.0 * _num(interval['lo']):.2f}, {100.0 * _num(interval['hi']):.2f}]"
+        return text
+    text = _fmt(value, kind)
+    if interval is not None:
+        text += f" [{_fmt(_num(interval['lo']), kind)}, {_fmt(_num(interval['hi']), kind)}]"
+    return text
+
+
+def _fmt_diff(diff: Mapping[str, Any] | None, kind: str) -> str:
+    """A difference and its interval with signs: ``-0.25 [-0.71, +0.20]`` (points for proportions)."""
+    if diff is None:
+        return "-"
+    scale, spec = {"pct": (100.0, "+.2f"), "db": (1.0, "+.1f")}.get(kind, (1.0, "+.4f"))
+
+    def one(v: Any) -> str:
+        x = _num(v)
+        return format(scale * x, spec) if math.isfinite(x) else str(v)
+
+    return f"{one(diff['estimate'])} [{one(diff['lo'])}, {one(diff['hi'])}]"
+
+
+def _fmt_p(diff: Mapping[str, Any] | None) -> str:
+    if diff is None or diff.get("p_value") is None:
+        return "-"
+    p = float(diff["p_value"])
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _render_rows(header: list[str], lines: list[list[str]], left: int = 2) -> list[str]:
+    """Aligned text table; a row of 3 cells whose last starts with "unavailable" spans the rest."""
+    widths = [len(h) for h in header]
+    for cells in lines:
+        if not (len(cells) == 3 and cells[2].startswith("unavailable")):
+            for i, c in enumerate(cells):
+                widths[i] = max(widths[i], len(c))
+
+    def render(cells: list[str]) -> str:
+        if len(cells) == 3 and cells[2].startswith("unavailable"):
+            return f"{cells[0]:<{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]}"
+        parts = [
+            f"{c:<{widths[i]}}" if i < left else f"{c:>{widths[i]}}" for i, c in enumerate(cells)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return [render(header), "  ".join("-" * w for w in widths), *[render(c) for c in lines]]
+
+
 def format_table(result: Mapping[str, Any]) -> str:
-    """Plain-text table of an evaluation result dict (``EvaluationResult.to_dict()``)."""
+    """Plain-text tables of an evaluation result dict (``EvaluationResult.to_dict()``).
+
+    The first table: every metric, proportions in percent with their 95 %
+    Wilson interval. The second: each row minus the reference row on the same
+    samples, with paired 95 % intervals (and McNemar's p of the gate's metric).
+    Then a footer of counts, seeds and the gate verdict.
+    """
     rows = result["rows"]
+    labelled = bool(result.get("labels"))
+    classification = result.get("classification", True)
     columns: list[tuple[str, str, str]] = []  # header, metric key, format
-    if result.get("labels"):
-        columns += [("top-1", "top1", "pct"), ("top-5", "top5", "pct")]
-    if result.get("classification", True):
-        columns += [("agree", "agreement", "pct"), ("KL", "kl", "num")]
+    if labelled:
+        columns += [("top-1 % [95% CI]", "top1", "pct"), ("top-5 % [95% CI]", "top5", "pct")]
+    if classification:
+        columns += [("agree % [95% CI]", "agreement", "pct"), ("KL", "kl", "num")]
     columns += [("cosine", "cosine", "num"), ("SQNR dB", "sqnr_db", "db")]
     header = ["row", "settings", *[c[0] for c in columns], "time s"]
     verdicts: dict[str, str] = {}
@@ -540,31 +726,66 @@ def format_table(result: Mapping[str, Any]) -> str:
     for r in rows:
         settings = "-" if r["threads"] in (None, 1) else f"{r['mapping']}/{r['reduce']}"
         if not r["available"]:
-            cells = [r["name"], settings, f"unavailable: {r['note']}"]
-            lines.append(cells)
+            lines.append([r["name"], settings, f"unavailable: {r['note']}"])
             continue
+        intervals = r.get("intervals") or {}
         cells = [r["name"], settings]
-        cells += [_fmt(r["metrics"].get(key), kind) for _, key, kind in columns]
+        for _, key, kind in columns:
+            value = r["metrics"].get(key)
+            cells.append(
+                _fmt_interval(value, intervals.get(key), kind)
+                if key in _PROPORTIONS
+                else _fmt(value, kind)
+            )
         cells.append(f"{r['wall_s']:.1f}")
         if verdicts:
             cells.append(verdicts.get(r["id"], ""))
         lines.append(cells)
-    widths = [len(h) for h in header]
-    for cells in lines:
-        if len(cells) == len(header) or len(cells) == len(header) - (1 if verdicts else 0):
-            for i, c in enumerate(cells):
-                widths[i] = max(widths[i], len(c))
+    out = _render_rows(header, lines)
 
-    def render(cells: list[str]) -> str:
-        if len(cells) == 3 and cells[2].startswith("unavailable"):
-            return f"{cells[0]:<{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]}"
-        parts = []
-        for i, c in enumerate(cells):
-            parts.append(f"{c:<{widths[i]}}" if i < 2 else f"{c:>{widths[i]}}")
-        return "  ".join(parts).rstrip()
-
-    out = [render(header), "  ".join("-" * w for w in widths)]
-    out += [render(cells) for cells in lines]
+    # Paired differences to the reference row.
+    unc = result.get("uncertainty") or {}
+    diffed = [r for r in rows if r.get("available") and r.get("difference")]
+    if diffed:
+        ref_id = diffed[0]["difference"]["reference"]
+        ref_name = next((r["name"] for r in rows if r["id"] == ref_id), ref_id)
+        gate_key = "top1" if labelled else "agreement"
+        dcols: list[tuple[str, str, str]] = []
+        if labelled:
+            dcols += [
+                ("top-1 diff pts", "top1", "pct"),
+                ("p", "top1", "p"),
+                ("top-5 diff pts", "top5", "pct"),
+            ]
+        if classification:
+            dcols.append(("agree diff pts", "agreement", "pct"))
+            if not labelled:
+                dcols.append(("p", "agreement", "p"))
+            dcols.append(("KL diff", "kl", "num"))
+        dcols.append(("cosine diff", "cosine", "num"))
+        if ref_id != "float32":
+            dcols.append(("SQNR diff dB", "sqnr_db", "db"))
+        dlines = []
+        for r in diffed:
+            metrics = r["difference"]["metrics"]
+            cells = [r["name"]]
+            for _, key, kind in dcols:
+                cells.append(
+                    _fmt_p(metrics.get(key)) if kind == "p" else _fmt_diff(metrics.get(key), kind)
+                )
+            dlines.append(cells)
+        out.append("")
+        out.append(
+            f"difference to {ref_name} (row - {ref_name} on the same samples, paired 95% intervals; "
+            f"p: McNemar exact, {gate_key})"
+        )
+        out += _render_rows(["row", *[c[0] for c in dcols]], dlines, left=1)
+    if unc:
+        out.append(
+            f"intervals: proportions Wilson, paired differences of proportions Newcombe; KL, cosine, "
+            f"SQNR paired bootstrap ({unc.get('bootstrap_resamples')} resamples, seed "
+            f"{unc.get('bootstrap_seed')}, percentile)"
+        )
     ev, cal = result["eval_data"], result["calib_data"]
     out.append("")
     out.append(
@@ -586,8 +807,10 @@ def format_table(result: Mapping[str, Any]) -> str:
         )
     gate = result.get("gate", {})
     if gate.get("checks"):
+        bound = gate.get("bound", "point")
+        on = " on the pessimistic 95% bounds" if bound == "pessimistic" else ""
         if gate["passed"]:
-            out.append(f"gate: passed ({len(gate['checks'])} check(s))")
+            out.append(f"gate: passed ({len(gate['checks'])} check(s){on})")
         else:
             for c in gate["checks"]:
                 if not c["passed"]:
@@ -813,9 +1036,17 @@ def _variant_config(base: TransformConfig, spec: RowSpec) -> TransformConfig:
 
 
 def _gate(rows: Sequence[EvaluationRow], config: EvaluateConfig, labelled: bool) -> GateResult:
+    """Apply ``max_drop`` / ``min_agreement`` to the gated rows.
+
+    ``gate_bound="point"``: the point estimates. ``"pessimistic"``: the drop's
+    upper 95 % bound (``-lo`` of the row's paired difference to the reference
+    row) and the agreement's lower Wilson bound; a row without the interval
+    fails (a gate never passes silently).
+    """
     if config.max_drop is None and config.min_agreement is None:
         return GateResult()
     metric = "top1" if labelled else "agreement"
+    pessimistic = config.gate_bound == "pessimistic"
     by_kind = {r.kind for r in rows}
     ref = next((r for r in rows if r.kind == config.reference), None)
     ref_value = None
@@ -831,33 +1062,52 @@ def _gate(rows: Sequence[EvaluationRow], config: EvaluateConfig, labelled: bool)
         value = r.metrics.get(metric) if r.available else None
         if config.max_drop is not None:
             what = f"top-1 {'accuracy' if labelled else 'agreement'} drop vs {config.reference}"
-            if value is None or ref_value is None:
+            diff = r.difference.get(metric) if r.available else None
+            if value is None or ref_value is None or (pessimistic and diff is None):
+                reason = r.note or ("no paired interval" if pessimistic else "metric unavailable")
                 checks.append(
                     GateCheck(r.id, "max_drop", None, float(config.max_drop), False,
-                              f"{what} cannot be computed ({r.note or 'metric unavailable'})")
+                              f"{what} cannot be computed ({reason})", config.gate_bound)
                 )  # fmt: skip
             else:
                 drop = 100.0 * (ref_value - value)
-                ok = drop <= config.max_drop
+                compared = -100.0 * diff.interval.lo if (pessimistic and diff) else drop
+                ok = compared <= config.max_drop
+                verdict = f"({'<=' if ok else '>'} {config.max_drop:g})"
+                text = (
+                    f"{what} is {drop:.2f} points, its 95% upper bound {compared:.2f} {verdict}"
+                    if pessimistic
+                    else f"{what} is {drop:.2f} points {verdict}"
+                )
                 checks.append(
                     GateCheck(
-                        r.id, "max_drop", drop, float(config.max_drop), ok,
-                        f"{what} is {drop:.2f} points ({'<=' if ok else '>'} {config.max_drop:g})",
+                        r.id, "max_drop", compared, float(config.max_drop), ok, text,
+                        config.gate_bound, drop,
                     )
                 )  # fmt: skip
         if config.min_agreement is not None:
             agree = r.metrics.get("agreement") if r.available else None
-            if agree is None:
+            interval = r.intervals.get("agreement") if r.available else None
+            if agree is None or (pessimistic and interval is None):
                 checks.append(
                     GateCheck(r.id, "min_agreement", None, float(config.min_agreement), False,
-                              f"top-1 agreement cannot be computed ({r.note or 'not a classification output'})")
+                              f"top-1 agreement cannot be computed ({r.note or 'not a classification output'})",
+                              config.gate_bound)
                 )  # fmt: skip
             else:
-                ok = agree >= config.min_agreement
+                compared = interval.lo if (pessimistic and interval) else agree
+                ok = compared >= config.min_agreement
+                verdict = f"({'>=' if ok else '<'} {config.min_agreement:g})"
+                text = (
+                    f"top-1 agreement with float32 is {agree:.4f}, its 95% lower bound "
+                    f"{compared:.4f} {verdict}"
+                    if pessimistic
+                    else f"top-1 agreement with float32 is {agree:.4f} {verdict}"
+                )
                 checks.append(
                     GateCheck(
-                        r.id, "min_agreement", agree, float(config.min_agreement), ok,
-                        f"top-1 agreement with float32 is {agree:.4f} ({'>=' if ok else '<'} {config.min_agreement:g})",
+                        r.id, "min_agreement", compared, float(config.min_agreement), ok, text,
+                        config.gate_bound, agree,
                     )
                 )  # fmt: skip
     return GateResult(tuple(checks))
@@ -1228,7 +1478,8 @@ def evaluate_models(
     if within_eval:
         log.info("%d evaluation sample(s) occur more than once in the evaluation data", within_eval)
 
-    finished = tuple(_finish_row(r, labelled) for r in runners)
+    uncertainty = _uncertainty(runners, config, labelled)
+    finished = tuple(_finish_row(r, labelled, uncertainty.get(r.row_id)) for r in runners)
     gate = _gate(finished, config, labelled)
     return EvaluationResult(
         rows=finished,
@@ -1260,7 +1511,122 @@ def evaluate_models(
     )
 
 
-def _finish_row(r: _Runner, labelled: bool) -> EvaluationRow:
+@dataclass(frozen=True)
+class _RowUncertainty:
+    intervals: dict[str, Interval | None]
+    reference: str | None
+    difference: dict[str, PairedDifference | None]
+
+
+def _uncertainty(
+    runners: Sequence[_Runner], config: EvaluateConfig, labelled: bool
+) -> dict[str, _RowUncertainty]:
+    """Intervals of every available row and its paired difference to the reference row.
+
+    Every available row ran on the same samples in the same order, so the
+    per-sample values of two rows pair up. Proportions: Wilson intervals and
+    Newcombe's paired interval + McNemar's exact p (``metrics``); the float32
+    row agrees with itself on every sample. KL / cosine / SQNR: one seeded
+    bootstrap (the same resamples for every row and metric), percentile
+    intervals of each row's value and of its difference to the reference.
+    """
+    available = [r for r in runners if r.available and r.samples > 0]
+    if not available:
+        return {}
+    n = available[0].samples
+    if any(r.samples != n for r in available):
+        raise InternalError(
+            f"rows saw different numbers of samples: {[r.samples for r in available]}"
+        )
+
+    def proportions(r: _Runner) -> dict[str, np.ndarray | None]:
+        out: dict[str, np.ndarray | None] = dict.fromkeys(_PROPORTIONS)
+        if labelled and r.accuracy is not None:
+            out["top1"], out["top5"] = r.accuracy.hits(1), r.accuracy.hits(5)
+        if r.spec.is_float:
+            out["agreement"] = np.ones(n, dtype=bool)
+        elif r.agreement is not None:
+            out["agreement"] = r.agreement.per_sample("agree")
+        return out
+
+    # One bootstrap for all rows: columns kl, cosine, signal, noise of every NB-SMT row.
+    columns: list[np.ndarray] = []
+    where: dict[tuple[str, str], int] = {}
+    for r in available:
+        if r.agreement is None:
+            continue
+        for key in ("kl", "cosine", "signal", "noise"):
+            v = r.agreement.per_sample(key)
+            if v is not None:
+                where[(r.row_id, key)] = len(columns)
+                columns.append(v)
+    boot = (
+        resample_means(np.stack(columns, axis=1), config.bootstrap_resamples, config.bootstrap_seed)
+        if columns
+        else np.zeros((0, 0))
+    )
+
+    def boot_stat(row_id: str, key: str) -> np.ndarray | None:
+        """The row's metric under every resample (None = not applicable)."""
+        if key == "sqnr_db":
+            s_col, n_col = where.get((row_id, "signal")), where.get((row_id, "noise"))
+            if s_col is None or n_col is None:
+                return None
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return 10.0 * np.log10(boot[:, s_col] / boot[:, n_col])
+        col = where.get((row_id, key))
+        return None if col is None else boot[:, col]
+
+    ref = next((r for r in available if r.spec.kind == config.reference), None)
+    ref_props = proportions(ref) if ref is not None else {}
+    out: dict[str, _RowUncertainty] = {}
+    for r in available:
+        metrics = r.agreement.result() if r.agreement is not None else {}
+        intervals: dict[str, Interval | None] = dict.fromkeys(_METRIC_KEYS)
+        props = proportions(r)
+        for key in _PROPORTIONS:
+            vec = props[key]
+            if vec is not None and not (r.spec.is_float and key == "agreement"):
+                intervals[key] = wilson_interval(int(np.sum(vec)), int(vec.size))
+        for key in _CONTINUOUS:
+            stat = boot_stat(r.row_id, key)
+            if stat is not None and metrics.get(key) is not None:
+                intervals[key] = percentile_interval(stat)
+        difference: dict[str, PairedDifference | None] = dict.fromkeys(_METRIC_KEYS)
+        if ref is None or r is ref:
+            out[r.row_id] = _RowUncertainty(intervals, None, difference)
+            continue
+        for key in _PROPORTIONS:
+            a, b = props[key], ref_props.get(key)
+            if a is not None and b is not None:
+                difference[key] = paired_proportion_difference(a, b)
+        ref_metrics = ref.agreement.result() if ref.agreement is not None else {}
+        for key in _CONTINUOUS:
+            stat, value = boot_stat(r.row_id, key), metrics.get(key)
+            if stat is None or value is None:
+                continue
+            if ref.spec.is_float:
+                if key == "sqnr_db":
+                    continue  # float32 vs itself: infinite SQNR, no finite difference
+                # the float row's KL with itself is 0, its cosine 1 (on every resample)
+                ref_stat: np.ndarray | None = np.full_like(stat, 0.0 if key == "kl" else 1.0)
+                ref_value: float | None = 0.0 if key == "kl" else 1.0
+            else:
+                ref_stat, ref_value = boot_stat(ref.row_id, key), ref_metrics.get(key)
+            if ref_stat is None or ref_value is None:
+                continue
+            estimate = float(value) - float(ref_value)
+            if not math.isfinite(estimate):
+                continue
+            with np.errstate(invalid="ignore"):
+                interval = percentile_interval(stat - ref_stat)
+            if interval is not None:
+                difference[key] = PairedDifference(estimate, interval, samples=n)
+        out[r.row_id] = _RowUncertainty(intervals, ref.row_id, difference)
+    return out
+
+
+def _finish_row(r: _Runner, labelled: bool, uncertainty: _RowUncertainty | None) -> EvaluationRow:
     metrics: dict[str, float | None] = dict.fromkeys(_METRIC_KEYS)
     if r.available:
         if r.accuracy is not None and labelled:
@@ -1292,6 +1658,9 @@ def _finish_row(r: _Runner, labelled: bool) -> EvaluationRow:
         inference_s=r.inference_s,
         layers=tuple(layers),
         recalibration=r.recalibration,
+        intervals=dict(uncertainty.intervals) if uncertainty else {},
+        reference=uncertainty.reference if uncertainty else None,
+        difference=dict(uncertainty.difference) if uncertainty else {},
     )
 
 
@@ -1320,6 +1689,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_THRESHOLD",
     "EXIT_USER_ERROR",
+    "GATE_BOUNDS",
     "REFERENCE_CHOICES",
     "ROW_KINDS",
     "EvaluateConfig",

@@ -41,6 +41,7 @@ table { border-collapse: collapse; margin: 8px 0; font-size: 0.9em; }
 th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; }
 th { background: #f3f5f7; }
 td.l, th.l { text-align: left; }
+.ci { color: #57606a; font-size: 0.85em; white-space: nowrap; }
 tr.unavailable td { color: #8c959f; font-style: italic; }
 .fail { color: #b42318; font-weight: 600; }
 .ok { color: #1a7f37; font-weight: 600; }
@@ -226,14 +227,21 @@ def _shift_plot(
 
 
 def _accuracy_plot(rows: Sequence[Mapping[str, Any]], key: str, label: str) -> str:
-    """A dot per row (not bars: the axis starts near the lowest value so small gaps stay visible)."""
+    """A dot per row with its 95 % interval (not bars: the axis starts near the lowest value)."""
     fig = _figure(11.5, max(2.2, 0.32 * len(rows) + 1.0))
     ax = fig.subplots()
     vals = [_num(r["metrics"].get(key)) for r in rows]
     pct = [100.0 * v if v is not None else math.nan for v in vals]
-    finite = [p for p in pct if math.isfinite(p)]
+    err_lo, err_hi = [], []
+    for r, p in zip(rows, pct, strict=True):
+        iv = (r.get("intervals") or {}).get(key)
+        lo, hi = (_num(iv.get("lo")), _num(iv.get("hi"))) if iv else (None, None)
+        ok = lo is not None and hi is not None and math.isfinite(p)
+        err_lo.append(p - 100.0 * lo if ok and lo is not None else 0.0)
+        err_hi.append(100.0 * hi - p if ok and hi is not None else 0.0)
+    finite = [p - e for p, e in zip(pct, err_lo, strict=True) if math.isfinite(p)]
     low = max(0.0, min(finite) - 5.0) if finite else 0.0
-    ax.plot(pct, range(len(rows)), "o", color="#4c72b0")
+    ax.errorbar(pct, range(len(rows)), xerr=[err_lo, err_hi], fmt="o", color="#4c72b0", capsize=3)
     for i, p in enumerate(pct):
         if math.isfinite(p):
             ax.annotate(
@@ -248,7 +256,7 @@ def _accuracy_plot(rows: Sequence[Mapping[str, Any]], key: str, label: str) -> s
     ax.set_yticklabels([r["name"] for r in rows], fontsize=8)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(low, 100.0 + (100.0 - low) * 0.08)
-    ax.set_xlabel(label + " (%)")
+    ax.set_xlabel(label + " (%), bars: 95% Wilson interval")
     ax.grid(alpha=0.3)
     return _png(fig, label)
 
@@ -307,13 +315,76 @@ def _evaluation_table(result: Mapping[str, Any]) -> str:
             classes.append("unavailable")
             continue
         cells = [_esc(r["name"]), _esc(settings)]
-        cells += [_esc(_fmt(r["metrics"].get(k), f)) for _, k, f in cols]
+        intervals = r.get("intervals") or {}
+        for _, k, f in cols:
+            cell = _esc(_fmt(r["metrics"].get(k), f))
+            iv = intervals.get(k)
+            if iv is not None and r["metrics"].get(k) is not None:
+                cell += f' <span class="ci">{_esc(_fmt_range(iv, f))}</span>'
+            cells.append(cell)
         cells += [_esc(r.get("samples", "")), _esc(f"{float(r.get('wall_s', 0.0)):.1f}")]
         if verdict:
             cells.append(_gate_cell(verdict.get(r["id"])))
         body.append(cells)
         classes.append("")
-    return _table(header, body, left=2, classes=classes)
+    return _table(header, body, left=2, classes=classes) + _difference_table(result, cols)
+
+
+def _fmt_range(iv: Mapping[str, Any], kind: str, signed: bool = False) -> str:
+    """``[lo, hi]`` of an interval dict, in percent for proportions (without the % sign)."""
+    scale, digits = {"pct": (100.0, 2), "db": (1.0, 1)}.get(kind, (1.0, 4))
+    spec = ("+" if signed else "") + f".{digits}f"
+
+    def one(v: Any) -> str:
+        x = _num(v)
+        if x is None:
+            return "-"
+        return format(scale * x, spec) if math.isfinite(x) else _fmt(x)
+
+    return f"[{one(iv.get('lo'))}, {one(iv.get('hi'))}]"
+
+
+def _difference_table(result: Mapping[str, Any], cols: Sequence[tuple[str, str, str]]) -> str:
+    """Each row minus the reference row on the same samples, with paired 95 % intervals."""
+    rows = [r for r in result["rows"] if r.get("available", True) and r.get("difference")]
+    if not rows:
+        return ""
+    ref_id = rows[0]["difference"]["reference"]
+    ref_name = next((r["name"] for r in result["rows"] if r["id"] == ref_id), ref_id)
+    unc = result.get("uncertainty") or {}
+    keys = [(h, k, f) for h, k, f in cols if not (k == "sqnr_db" and ref_id == "float32")]
+    header = ["row"]
+    for h, _k, f in keys:
+        header.append(f"{h} diff" + (" (points)" if f == "pct" else ""))
+        if f == "pct":
+            header.append("McNemar p")
+    body = []
+    for r in rows:
+        metrics = r["difference"]["metrics"]
+        cells = [_esc(r["name"])]
+        for _, k, f in keys:
+            d = metrics.get(k)
+            if d is None:
+                cells.append("-")
+            else:
+                scale = 100.0 if f == "pct" else 1.0
+                digits = {"pct": 2, "db": 1}.get(f, 4)
+                est = _num(d.get("estimate"))
+                text = "-" if est is None else format(scale * est, f"+.{digits}f")
+                cells.append(f'{_esc(text)} <span class="ci">{_esc(_fmt_range(d, f, True))}</span>')
+            if f == "pct":
+                p = _num(d.get("p_value")) if d else None
+                cells.append("-" if p is None else _esc(f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"))
+        body.append(cells)
+    note = (
+        f'<p class="meta">Difference to {_esc(ref_name)}: this row minus {_esc(ref_name)} on the '
+        "same samples, with paired 95% intervals: Newcombe's paired interval and McNemar's exact "
+        "p-value for proportions (points), a seeded paired bootstrap over samples for KL, cosine "
+        f"and SQNR ({_esc(unc.get('bootstrap_resamples'))} resamples, seed "
+        f"{_esc(unc.get('bootstrap_seed'))}, percentile interval). Brackets in the table above: "
+        "95% intervals (Wilson for proportions, the same bootstrap for the rest).</p>"
+    )
+    return note + _table(header, body, left=1)
 
 
 def _gate_cell(passed: bool | None) -> str:

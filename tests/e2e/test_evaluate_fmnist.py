@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 from nbsmt_onnx import TransformConfig, transform
+from nbsmt_onnx.calibration.data import model_inputs, open_calibration_data
 from nbsmt_onnx.cli import main
 from nbsmt_onnx.config import ImagePreprocessing, RecalibrationConfig
 from nbsmt_onnx.errors import ConfigError
@@ -193,6 +194,62 @@ def test_metrics_equal_an_independent_computation(fm_data: Path) -> None:
     # so NB-SMT computes exactly int8 there
     assert by_node[nodes[0].name]["sqnr_vs_int8_db"] == math.inf
 
+    # --- uncertainty, from the independently computed per-sample values
+    z = 1.959963984540054
+
+    def wilson(k: int, n: int) -> tuple[float, float]:  # roots of (k/n - p)^2 = z^2 p(1-p)/n
+        a, b, c = 1 + z * z / n, -(2 * k / n + z * z / n), (k / n) ** 2
+        disc = math.sqrt(max(0.0, b * b - 4 * a * c))
+        return (-b - disc) / (2 * a), (-b + disc) / (2 * a)
+
+    fl_hit = np.argmax(float_out, axis=1) == y
+    nb_hit = np.argmax(t2_out, axis=1) == y
+    i8_hit = np.argmax(int8_values[0], axis=1) == y
+    for row, hits in ((fl, fl_hit), (nb, nb_hit), (i8, i8_hit)):
+        iv = row.intervals["top1"]
+        assert iv is not None
+        lo, hi = wilson(int(hits.sum()), NUM_EVAL)
+        # float64 closed forms of the same roots (ends at 0 / 1 are exact in both)
+        assert iv.lo == pytest.approx(lo, abs=1e-12) and iv.hi == pytest.approx(hi, abs=1e-12)
+    assert fl.intervals["agreement"] is None and fl.difference == dict.fromkeys(fl.difference)
+    d = nb.difference["top1"]
+    assert nb.reference == "float32" and d is not None
+    assert (d.row_only, d.reference_only) == (
+        int(np.sum(nb_hit & ~fl_hit)),
+        int(np.sum(~nb_hit & fl_hit)),
+    )
+    assert d.estimate == pytest.approx(nb_hit.mean() - fl_hit.mean(), abs=1e-15)
+    # KL / SQNR: the documented bootstrap re-done with explicit index draws (the library
+    # uses count matrices): resamples of n indices from default_rng(seed), order statistics
+    # per-sample values are kept in evaluation order: the seeded draw of the data
+    order = np.asarray(
+        open_calibration_data(
+            fm_data / "eval.npz", model_inputs(onnx.load(FMNIST)), num_samples=NUM_EVAL,
+            batch_size=20, seed=config.eval_seed,
+        ).indices
+    )  # fmt: skip
+    assert sorted(order) == list(range(NUM_EVAL))
+    kl_i = np.sum(np.exp(lp) * (lp - lq), axis=1)[order]
+    sig_i, noi_i = np.sum(ref**2, axis=1)[order], np.sum((ref - out) ** 2, axis=1)[order]
+    idx = np.random.default_rng(config.bootstrap_seed).integers(
+        0, NUM_EVAL, size=(config.bootstrap_resamples, NUM_EVAL)
+    )
+    k = int(config.bootstrap_resamples * 0.025)
+    boot_kl = np.sort(kl_i[idx].mean(axis=1))
+    boot_sqnr = np.sort(10 * np.log10(sig_i[idx].sum(axis=1) / noi_i[idx].sum(axis=1)))
+    kl_iv, sqnr_iv = nb.intervals["kl"], nb.intervals["sqnr_db"]
+    assert kl_iv is not None and sqnr_iv is not None
+    # sums of 96 float64 terms in another order: 1e-9 relative
+    assert kl_iv.lo == pytest.approx(boot_kl[k], rel=1e-9)
+    assert kl_iv.hi == pytest.approx(boot_kl[-1 - k], rel=1e-9)
+    assert sqnr_iv.lo == pytest.approx(boot_sqnr[k], rel=1e-9)
+    assert sqnr_iv.hi == pytest.approx(boot_sqnr[-1 - k], rel=1e-9)
+    assert kl_iv.lo < nb.metrics["kl"] < kl_iv.hi
+    # vs float32 the KL difference is the row's KL (float32's KL with itself is 0)
+    kl_d = nb.difference["kl"]
+    assert kl_d is not None and kl_d.interval.lo == pytest.approx(kl_iv.lo, rel=1e-12)
+    assert nb.difference["sqnr_db"] is None  # float32 vs itself has no finite SQNR
+
 
 def test_recalibrated_rows_and_subset(fm_data: Path) -> None:
     config = EvaluateConfig(
@@ -295,9 +352,17 @@ def test_cli_json_csv_report_and_exit_codes(fm_data: Path, tmp_path: Path) -> No
     res = runner.invoke(main, [*base, "--json", "--csv", str(csv_path), "--report", str(html_path)])
     assert res.exit_code == EXIT_OK, res.output
     data = json.loads(res.stdout)  # stdout is the JSON and nothing else
-    assert data["gate"] == {"passed": True, "exit_code": 0, "checks": []}
+    assert data["gate"] == {"passed": True, "exit_code": 0, "bound": "point", "checks": []}
     assert [r["id"] for r in data["rows"]] == ["float32", "int8", "nbsmt-t4-channel-activations"]
     assert csv_path.read_text().count("\n") == 4
+    header = csv_path.read_text().splitlines()[0].split(",")
+    for col in ("top1_lo", "top1_hi", "agreement_lo", "kl_hi", "reference", "diff_top1_p",
+                "diff_kl_lo", "diff_sqnr_db_hi"):  # fmt: skip
+        assert col in header
+    t4 = data["rows"][2]
+    assert t4["intervals"]["agreement"]["method"] == "wilson"
+    assert t4["difference"]["reference"] == "float32"
+    assert t4["difference"]["metrics"]["top1"]["method"] == "newcombe-paired"
     assert html_path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     agreement = data["rows"][2]["metrics"]["agreement"]
     assert agreement < 1.0, "T=4 is expected to flip at least one of 64 predictions"
@@ -314,6 +379,19 @@ def test_cli_json_csv_report_and_exit_codes(fm_data: Path, tmp_path: Path) -> No
     res = runner.invoke(main, [*base, "--max-drop", "100", "--min-agreement", "0"])
     assert res.exit_code == EXIT_OK, res.output
     assert "gate: passed (2 check(s))" in res.stdout
+    assert "top-1 % [95% CI]" in res.stdout and "difference to float32" in res.stdout
+
+    # a threshold between the agreement's Wilson lower bound and its point estimate:
+    # passes on the point estimate, fails on the pessimistic bound
+    lo = t4["intervals"]["agreement"]["lo"]
+    middle = f"{(agreement + lo) / 2:.6f}"
+    res = runner.invoke(main, [*base, "--min-agreement", middle, "--gate", "nbsmt"])
+    assert res.exit_code == EXIT_OK, res.output
+    res = runner.invoke(
+        main, [*base, "--min-agreement", middle, "--gate", "nbsmt", "--gate-bound", "pessimistic"]
+    )
+    assert res.exit_code == EXIT_THRESHOLD, res.output
+    assert "its 95% lower bound" in res.stdout
 
     # outputs are checked before the run: an existing file without --force is a user error
     res = runner.invoke(main, [*base, "--csv", str(csv_path)])

@@ -252,6 +252,9 @@ def test_gate_numbers_are_evaluates_and_pass_exits_0(fm: dict[str, Path], tmp_pa
     for got, want in zip(ev["rows"], reference["rows"], strict=True):
         assert got["id"] == want["id"]
         assert got["metrics"] == want["metrics"]
+        # the same per-sample values, the same seeded bootstrap: identical intervals
+        assert got["intervals"] == want["intervals"]
+        assert got["difference"] == want["difference"]
         assert got["samples"] == want["samples"] == NUM
         assert [(e["node"], e["sqnr_vs_int8_db"]) for e in got["layers"]] == [
             (e["node"], e["sqnr_vs_int8_db"]) for e in want["layers"]
@@ -316,6 +319,47 @@ def test_reference_int8_and_api(fm: dict[str, Path]) -> None:
     assert t1.evaluation is not None
     assert [r.id for r in t1.evaluation.rows] == ["float32", "int8"]
     assert t1.passed and t1.evaluation.gate.checks[0].value == 0.0
+
+
+def test_pessimistic_gate_bound_on_transform(fm: dict[str, Path], tmp_path: Path) -> None:
+    """``--gate-bound pessimistic``: the same semantics as ``evaluate``'s gate.
+
+    A --min-agreement between the agreement's Wilson lower bound and its point
+    estimate passes on the point estimate and fails on the pessimistic bound.
+    """
+    args = _gate_args(fm, tmp_path / "m.onnx", "--no-recalibrate", "--eval-labels", fm["labels"])
+    report_path = tmp_path / "r.json"
+    res = _cli(*args, "--report", report_path, "--force")
+    assert res.exit_code == 0, res.output
+    row = json.loads(report_path.read_text())["evaluation"]["rows"][1]
+    agree, lo = row["metrics"]["agreement"], row["intervals"]["agreement"]["lo"]
+    assert lo < agree, "64 samples cannot pin the agreement down to a point"
+    threshold = f"{(agree + lo) / 2:.6f}"
+    res = _cli(*args, "--min-agreement", threshold, "--force")
+    assert res.exit_code == 0 and "gate: passed (1 check(s))" in res.output, res.output
+    res = _cli(*args, "--min-agreement", threshold, "--gate-bound", "pessimistic", "--force")
+    assert res.exit_code == EXIT_THRESHOLD, res.output
+    assert "95% lower bound" in res.output and "gate: FAILED" in res.output
+    # the bound needs an evaluation set like the thresholds
+    res = _cli("transform", FMNIST, "-o", tmp_path / "x.onnx", "--calib", fm["calib"],
+               "--gate-bound", "pessimistic")  # fmt: skip
+    assert res.exit_code == 2 and "--gate-bound need(s) held-out data" in res.output
+
+    # API, reference int8: the drop's bound is the paired interval vs the int8 row
+    result = transform(
+        FMNIST, fm["calib"], _config(threads=4, recal=False), eval_data=fm["eval"],
+        eval_labels=fm["labels"],
+        eval_config=EvaluateConfig(reference="int8", max_drop=100.0, gate_bound="pessimistic",
+                                   layer_samples=0),
+    )  # fmt: skip
+    assert result.evaluation is not None
+    produced = result.evaluation.row("nbsmt-t4-channel-activations")
+    diff = produced.difference["top1"]
+    assert produced.reference == "int8" and diff is not None
+    (check,) = result.evaluation.gate.checks
+    assert check.bound == "pessimistic" and check.passed
+    assert check.value == pytest.approx(-100.0 * diff.interval.lo, abs=1e-12)
+    assert check.estimate == pytest.approx(-100.0 * diff.estimate, abs=1e-9)
 
 
 def test_gate_user_errors_leave_nothing(fm: dict[str, Path], tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from nbsmt_onnx.evaluate import (
     plan_rows,
     with_nbsmt_settings,
 )
+from nbsmt_onnx.metrics import paired_proportion_difference, wilson_interval
 from nbsmt_onnx.ops import schema
 
 
@@ -73,6 +74,48 @@ ROWS = (
 )
 
 
+def _hits(n: int, correct: int, offset: int = 0) -> np.ndarray:
+    v = np.zeros(n, dtype=bool)
+    v[offset : offset + correct] = True
+    return v
+
+
+def _with_uncertainty(
+    row: EvaluationRow, ref: np.ndarray, hits: np.ndarray, agree: np.ndarray
+) -> EvaluationRow:
+    """``row`` with the real intervals of per-sample top-1 hits / agreement flags (n = len)."""
+    from dataclasses import replace
+
+    n = hits.size
+    return replace(
+        row,
+        metrics={**row.metrics, "top1": hits.mean(), "agreement": agree.mean()},
+        intervals={
+            "top1": wilson_interval(int(hits.sum()), n),
+            "agreement": wilson_interval(int(agree.sum()), n),
+        },
+        reference="float32",
+        difference={
+            "top1": paired_proportion_difference(hits, ref),
+            "agreement": paired_proportion_difference(agree, np.ones(n, dtype=bool)),
+        },
+        samples=n,
+    )
+
+
+# 500 samples: float32 right on 450 (90.0 %); the recalibrated row right on 447 (89.4 %),
+# 10 samples it gets right and float32 wrong, 13 the other way round; it agrees with
+# float32 on 485 (97.0 %).
+N_PAIRED = 500
+FLOAT_HITS = _hits(N_PAIRED, 450)
+ROW_HITS = np.concatenate([_hits(450, 437), _hits(50, 10)])
+ROW_AGREE = _hits(N_PAIRED, 485)
+PAIRED_ROWS = (
+    _row("float32", "float32", top1=0.90),
+    _with_uncertainty(_row("t2r", "nbsmt+recal", top1=0.0), FLOAT_HITS, ROW_HITS, ROW_AGREE),
+)
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -90,6 +133,9 @@ ROWS = (
         ({"eval_samples": 0}, "positive integer"),
         ({"output_kind": "softmax"}, "output_kind must be one of"),
         ({"threads": ()}, "must not be empty"),
+        ({"gate_bound": "upper"}, "gate_bound must be one of"),
+        ({"bootstrap_resamples": 10}, "bootstrap_resamples must be"),
+        ({"bootstrap_seed": -1}, "bootstrap_seed must be"),
     ],
 )
 def test_config_rejects(kwargs: dict, match: str) -> None:
@@ -227,6 +273,43 @@ def test_gate_min_agreement_on_several_kinds() -> None:
     assert [(c.row, c.passed) for c in res.checks] == [("t2", False), ("t2r", True)]
 
 
+def test_gate_pessimistic_bound_fails_where_the_point_estimate_passes() -> None:
+    assert PAIRED_ROWS[1].metrics["top1"] == pytest.approx(0.894, abs=1e-12)
+    # point: 0.6 points of drop <= 1.0, agreement 0.970 >= 0.96
+    point = _gate(PAIRED_ROWS, EvaluateConfig(max_drop=1.0, min_agreement=0.96), labelled=True)
+    assert point.passed
+    assert [c.bound for c in point.checks] == ["point", "point"]
+    assert point.checks[0].value == pytest.approx(0.6, abs=1e-9)
+    # pessimistic: the drop's paired upper bound and the agreement's Wilson lower bound
+    cfg = EvaluateConfig(max_drop=1.0, min_agreement=0.96, gate_bound="pessimistic")
+    pess = _gate(PAIRED_ROWS, cfg, labelled=True)
+    drop, agree = pess.checks
+    diff = paired_proportion_difference(ROW_HITS, FLOAT_HITS)
+    assert drop.value == pytest.approx(-100.0 * diff.interval.lo, abs=1e-12)
+    assert drop.estimate == pytest.approx(0.6, abs=1e-9)
+    assert 1.0 < drop.value < 3.0 and not drop.passed  # 13 vs 10 discordant: ~ +-1.6 points
+    assert agree.value == pytest.approx(wilson_interval(485, 500).lo, abs=1e-15)
+    assert agree.value < 0.96 and agree.estimate == 0.97 and not agree.passed
+    assert "95% upper bound" in drop.reason and "95% lower bound" in agree.reason
+    # a loose enough threshold passes on the pessimistic bound too
+    loose = EvaluateConfig(max_drop=3.0, min_agreement=0.9, gate_bound="pessimistic")
+    assert _gate(PAIRED_ROWS, loose, labelled=True).passed
+
+
+def test_gate_pessimistic_without_labels_uses_the_agreement_interval() -> None:
+    # vs float32 (agreement 1 on every sample) the drop's upper bound is 1 - Wilson lower bound
+    cfg = EvaluateConfig(max_drop=2.0, gate_bound="pessimistic")
+    (check,) = _gate(PAIRED_ROWS, cfg, labelled=False).checks
+    assert check.estimate == pytest.approx(3.0, abs=1e-9)
+    assert check.value == pytest.approx(100 * (1 - wilson_interval(485, 500).lo), abs=1e-9)
+
+
+def test_gate_pessimistic_fails_rows_without_intervals() -> None:
+    # ROWS carry point estimates only: a pessimistic gate cannot pass them silently
+    res = _gate(ROWS, EvaluateConfig(max_drop=50.0, gate_bound="pessimistic"), labelled=True)
+    assert not res.passed and "no paired interval" in res.checks[0].reason
+
+
 def test_gate_fails_on_unavailable_rows() -> None:
     rows = (*ROWS[:3], _row("t2r", "nbsmt+recal", available=False))
     res = _gate(rows, EvaluateConfig(min_agreement=0.5), labelled=True)
@@ -236,9 +319,13 @@ def test_gate_fails_on_unavailable_rows() -> None:
 # --------------------------------------------------------------------------- output formats
 
 
-def _result(gate: GateResult) -> EvaluationResult:
+def _result(
+    gate: GateResult,
+    rows: tuple[EvaluationRow, ...] = ROWS,
+    config: EvaluateConfig | None = None,
+) -> EvaluationResult:
     return EvaluationResult(
-        rows=ROWS,
+        rows=rows,
         model="m.onnx",
         output="logits",
         output_kind="logits",
@@ -248,7 +335,7 @@ def _result(gate: GateResult) -> EvaluationResult:
         calib_data={"source": "calib.npz", "samples": 8, "seed": 1, "batch_size": 4},
         duplicates=2,
         gate=gate,
-        config=EvaluateConfig(),
+        config=config or EvaluateConfig(),
         warnings=("a warning",),
         wall_time_s=12.5,
     )
@@ -263,6 +350,7 @@ def test_json_is_strict_and_complete() -> None:
     assert data["gate"] == {
         "passed": False,
         "exit_code": EXIT_THRESHOLD,
+        "bound": "point",
         "checks": [
             {
                 "row": "t2r",
@@ -271,6 +359,8 @@ def test_json_is_strict_and_complete() -> None:
                 "threshold": 1.0,
                 "passed": False,
                 "reason": gate.checks[0].reason,
+                "bound": "point",
+                "estimate": pytest.approx(1.2),
             }
         ],
     }
@@ -294,8 +384,8 @@ def test_table_shows_rows_counts_and_gate() -> None:
     gate = _gate(ROWS, EvaluateConfig(max_drop=1.0), labelled=True)
     text = _result(gate).format_table()
     lines = text.splitlines()
-    assert lines[0].split()[:4] == ["row", "settings", "top-1", "top-5"]
-    assert any(line.startswith("t2r") and "88.80%" in line and "FAIL" in line for line in lines)
+    assert lines[0].split()[:3] == ["row", "settings", "top-1"] and "top-5 %" in lines[0]
+    assert any(line.startswith("t2r") and "88.80" in line and "FAIL" in line for line in lines)
     assert "8 samples of calib.npz (seed 1)" in text
     assert "2 evaluation sample(s) also occur in the calibration data" in text
     assert "gate: FAILED t2r" in text
@@ -331,3 +421,47 @@ def test_with_nbsmt_settings_sets_every_nbsmt_node() -> None:
     before = {a.name: helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
     assert before["threads"] == 1
     assert isinstance(out, onnx.ModelProto)
+
+
+def test_outputs_show_intervals_and_paired_differences() -> None:
+    from nbsmt_onnx.html_report import render_html
+
+    cfg = EvaluateConfig(max_drop=1.0, gate_bound="pessimistic")
+    result = _result(_gate(PAIRED_ROWS, cfg, labelled=True), PAIRED_ROWS, cfg)
+    w = wilson_interval(447, 500)
+    diff = paired_proportion_difference(ROW_HITS, FLOAT_HITS)
+
+    data = json.loads(result.to_json())
+    row = data["rows"][1]
+    assert row["intervals"]["top1"] == {"lo": w.lo, "hi": w.hi, "method": "wilson", "level": 0.95}
+    assert row["intervals"]["kl"] is None  # not set on this hand-made row
+    d = row["difference"]
+    assert d["reference"] == "float32"
+    assert d["metrics"]["top1"]["lo"] == diff.interval.lo
+    assert d["metrics"]["top1"]["method"] == "newcombe-paired"
+    assert d["metrics"]["top1"]["p_method"] == "mcnemar-exact"
+    assert (d["metrics"]["top1"]["row_only"], d["metrics"]["top1"]["reference_only"]) == (10, 13)
+    assert data["rows"][0]["difference"] is None  # the reference row itself
+    assert data["uncertainty"]["level"] == 0.95
+    assert data["uncertainty"]["bootstrap_resamples"] == 2000
+    assert data["gate"]["bound"] == "pessimistic"
+
+    rows = list(csv.DictReader(io.StringIO(result.to_csv())))
+    assert float(rows[1]["top1_lo"]) == w.lo and float(rows[1]["top1_hi"]) == w.hi
+    assert rows[1]["reference"] == "float32"
+    assert float(rows[1]["diff_top1"]) == pytest.approx(-0.006, abs=1e-12)
+    assert float(rows[1]["diff_top1_lo"]) == diff.interval.lo
+    assert float(rows[1]["diff_top1_p"]) == diff.p_value
+    assert rows[0]["diff_top1"] == "" and rows[1]["diff_kl_lo"] == ""
+
+    text = result.format_table()
+    assert f"89.40 [{100 * w.lo:.2f}, {100 * w.hi:.2f}]" in text
+    lo, hi = 100 * diff.interval.lo, 100 * diff.interval.hi
+    assert f"-0.60 [{lo:+.2f}, {hi:+.2f}]" in text
+    assert "difference to float32" in text and f"{diff.p_value:.3f}" in text
+    assert "on the pessimistic 95% bounds" not in text  # the gate failed: failures are listed
+    assert "95% upper bound" in text
+
+    page = render_html(result.to_dict())
+    assert f"[{100 * w.lo:.2f}, {100 * w.hi:.2f}]" in page
+    assert f"{lo:+.2f}" in page and f"{diff.p_value:.3f}" in page
