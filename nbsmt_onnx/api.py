@@ -72,7 +72,8 @@ from nbsmt_onnx.graph.rewrite import (
 )
 from nbsmt_onnx.graph.threads import assign_threads, layer_macs
 from nbsmt_onnx.ops import schema
-from nbsmt_onnx.report import add_stats_outputs, build_report
+from nbsmt_onnx.report import StatsReducer, add_stats_outputs, build_report
+from nbsmt_onnx.runtime.executor import Job, LocalExecutor
 from nbsmt_onnx.runtime.library import get_library_path
 from nbsmt_onnx.runtime.session import SessionOptions, create_session
 
@@ -295,13 +296,11 @@ def _run_with_stats(
     finite outputs.
     """
     probe, stats_names = add_stats_outputs(sim_model)
-    out_names = [o.name for o in sim_model.graph.output]
-    with io.session_source(probe) as source:
-        session = create_session(source, SessionOptions())
-    totals = {n: np.zeros(len(schema.STATS_FIELDS), dtype=np.int64) for n in stats_names}
-    order = list(stats_names)
-    wanted = out_names + [stats_names[n] for n in order]
-    batches = data.batches()
+    ops = tuple(stats_names)
+    reducer = StatsReducer(
+        tuple(o.name for o in sim_model.graph.output), ops, tuple(stats_names[n] for n in ops)
+    )
+    max_batches = None if config.collect_stats else 1
     with tqdm(
         total=data.num_batches if config.collect_stats else 1,
         desc="NB-SMT stats",
@@ -310,19 +309,10 @@ def _run_with_stats(
         disable=not config.progress or None,
         leave=False,
     ) as bar:
-        for batch in batches:
-            values = session.run(wanted, batch)
-            for name, v in zip(out_names, values[: len(out_names)], strict=True):
-                arr = np.asarray(v)
-                if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-                    raise UnsupportedModelError(
-                        f"the simulation model produced NaN/Inf in output {name!r}; check the calibration ranges"
-                    )
-            for n, v in zip(order, values[len(out_names) :], strict=True):
-                totals[n] += np.asarray(v, dtype=np.int64)
-            bar.update(1)
-            if not config.collect_stats:
-                break
+        totals: dict[str, np.ndarray] = LocalExecutor().run(
+            Job(probe, data, reducer, max_batches=max_batches),
+            lambda done, _: bar.update(done - bar.n),
+        )
     return totals if config.collect_stats else None
 
 

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from nbsmt_onnx.errors import UnsupportedModelError
 from nbsmt_onnx.graph.naming import NameGenerator
 from nbsmt_onnx.graph.rewrite import RewrittenNode, SkippedNode
 from nbsmt_onnx.graph.threads import MacCount
@@ -77,6 +79,44 @@ def add_stats_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
                 )
             )
     return out, mapping
+
+
+@dataclass(frozen=True)
+class StatsReducer:
+    """Executor reducer of the stats pass: sums every op's ``stats``; checks outputs are finite.
+
+    ``outputs`` = the model's own outputs, then one ``stats`` output per op of
+    ``ops`` (same order). The pass is also the verification run of the
+    simulation model, so a NaN/Inf output is an error naming the output.
+    """
+
+    model_outputs: tuple[str, ...]
+    ops: tuple[str, ...]
+    stats_outputs: tuple[str, ...]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.model_outputs + self.stats_outputs
+
+    def reduce(
+        self, outputs: Sequence[np.ndarray], batch: Mapping[str, np.ndarray], first_sample: int
+    ) -> dict[str, np.ndarray]:
+        n = len(self.model_outputs)
+        for name, value in zip(self.model_outputs, outputs[:n], strict=True):
+            arr = np.asarray(value)
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                raise UnsupportedModelError(
+                    f"the simulation model produced NaN/Inf in output {name!r} (samples from "
+                    f"{first_sample}); check the calibration ranges"
+                )
+        return {
+            op: np.asarray(v, dtype=np.int64) for op, v in zip(self.ops, outputs[n:], strict=True)
+        }
+
+    def merge(
+        self, left: dict[str, np.ndarray], right: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        return {op: left[op] + right[op] for op in self.ops}
 
 
 def layer_metrics(stats: np.ndarray, threads: int) -> dict[str, float | int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +30,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nbsmt_onnx import io
-from nbsmt_onnx.calibration.data import CalibrationData
+from nbsmt_onnx.calibration.data import CalibrationData, Feed
 from nbsmt_onnx.config import RangeConfig
 from nbsmt_onnx.errors import DataError, InternalError
 from nbsmt_onnx.graph.naming import NameGenerator
 from nbsmt_onnx.ops import schema
-from nbsmt_onnx.runtime.session import SessionOptions, create_session
+from nbsmt_onnx.runtime.executor import Executor, Job, LocalExecutor
+from nbsmt_onnx.runtime.session import SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +175,6 @@ def _probe_model(
     return probe, outputs
 
 
-def _uses_nbsmt(model: onnx.ModelProto) -> bool:
-    return any(n.domain == schema.DOMAIN for n in model.graph.node)
-
-
 def _progress(data: CalibrationData, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -192,22 +188,69 @@ def _progress(data: CalibrationData, desc: str, enabled: bool) -> Any:
     )
 
 
-def _run(
+@dataclass(frozen=True)
+class MinMaxReducer:
+    """Executor reducer: per-batch min/max scalars of each tensor -> :class:`MinMax`."""
+
+    tensors: tuple[str, ...]
+    outputs: tuple[str, ...]  # (min, max) output of each tensor, in ``tensors`` order
+
+    def reduce(self, outputs: Sequence[np.ndarray], batch: Feed, first_sample: int) -> MinMax:
+        found = MinMax(self.tensors)
+        for k, t in enumerate(self.tensors):
+            found.update(t, float(outputs[2 * k]), float(outputs[2 * k + 1]))
+        return found
+
+    def merge(self, left: MinMax, right: MinMax) -> MinMax:
+        left.merge(right)
+        return left
+
+
+@dataclass(frozen=True)
+class HistogramReducer:
+    """Executor reducer: histograms of each exposed tensor over fixed edges."""
+
+    tensors: tuple[str, ...]
+    outputs: tuple[str, ...]  # the exposed copy of each tensor
+    edges: tuple[tuple[float, float], ...]  # (lo, hi) of each tensor
+    bins: int
+
+    def reduce(
+        self, outputs: Sequence[np.ndarray], batch: Feed, first_sample: int
+    ) -> dict[str, Histogram]:
+        out = {}
+        for t, (lo, hi), value in zip(self.tensors, self.edges, outputs, strict=True):
+            out[t] = Histogram(lo, hi, self.bins)
+            out[t].add(np.asarray(value))
+        return out
+
+    def merge(
+        self, left: dict[str, Histogram], right: dict[str, Histogram]
+    ) -> dict[str, Histogram]:
+        for t, hist in right.items():
+            # a new array: partials that crossed processes may be read-only views
+            left[t].counts = left[t].counts + hist.counts
+        return left
+
+
+def _pass(
     model: onnx.ModelProto,
     data: CalibrationData,
-    outputs: list[str],
+    reducer: Any,
     desc: str,
     progress: bool,
     threads: int,
-) -> Iterator[list[Any]]:
-    with io.session_source(model) as source:
-        session = create_session(
-            source, SessionOptions(intra_op_threads=threads, register_library=_uses_nbsmt(model))
-        )
+    executor: Executor | None,
+) -> Any:
+    uses_library = any(n.domain == schema.DOMAIN for n in model.graph.node)
+    job = Job(
+        model,
+        data,
+        reducer,
+        SessionOptions(intra_op_threads=threads, register_library=uses_library),
+    )
     with _progress(data, desc, progress) as bar:
-        for batch in data.batches():
-            yield session.run(outputs, batch)
-            bar.update(1)
+        return (executor or LocalExecutor()).run(job, lambda done, _: bar.update(done - bar.n))
 
 
 def collect_ranges(
@@ -218,36 +261,40 @@ def collect_ranges(
     *,
     progress: bool = False,
     intra_op_threads: int = 0,
+    executor: Executor | None = None,
 ) -> dict[str, ActivationRange]:
-    """Calibrate the range of every tensor in ``tensors`` on ``data`` with the float ``model``."""
+    """Calibrate the range of every tensor in ``tensors`` on ``data`` with the float ``model``.
+
+    Both passes (min/max, and the histogram for the percentile estimator) run
+    through ``executor`` (in process by default) as per-batch partial results
+    merged in batch order, so the ranges do not depend on how the work is split.
+    """
     config = config or RangeConfig()
     tensors = list(dict.fromkeys(tensors))
     if not tensors:
         return {}
     probe, outs = _probe_model(model, tensors, expose=False)
-    order = [o for t in tensors for o in outs[t]]
-    minmax = MinMax(tensors)
-    batches = 0
-    for values in _run(probe, data, order, "ranges", progress, intra_op_threads):
-        by_name = dict(zip(order, values, strict=True))
-        for t in tensors:
-            lo_name, hi_name = outs[t]
-            minmax.update(t, float(by_name[lo_name]), float(by_name[hi_name]))
-        batches += 1
-    if batches == 0:
-        raise DataError("calibration data yielded no batches")
+    order = tuple(o for t in tensors for o in outs[t])
+    minmax = _pass(
+        probe, data, MinMaxReducer(tuple(tensors), order), "ranges", progress,
+        intra_op_threads, executor,
+    )  # fmt: skip
     exact = minmax.ranges()
-    log.info("ranges: %d tensor(s) over %d batch(es)", len(tensors), batches)
+    log.info("ranges: %d tensor(s) over %s batch(es)", len(tensors), data.num_batches or "all")
     if config.estimator == "max":
         return exact
     if config.estimator != "percentile":
         raise InternalError(f"unknown estimator {config.estimator!r}")
-    hists = {t: Histogram(exact[t].min, exact[t].max, config.bins) for t in tensors}
     probe, outs = _probe_model(model, tensors, expose=True)
-    order = [outs[t][0] for t in tensors]
-    for values in _run(probe, data, order, "ranges (histogram)", progress, intra_op_threads):
-        for t, v in zip(tensors, values, strict=True):
-            hists[t].add(np.asarray(v))
+    reducer = HistogramReducer(
+        tuple(tensors),
+        tuple(outs[t][0] for t in tensors),
+        tuple((exact[t].min, exact[t].max) for t in tensors),
+        config.bins,
+    )
+    hists = _pass(
+        probe, data, reducer, "ranges (histogram)", progress, intra_op_threads, executor
+    )
     out = {}
     for t in tensors:
         lo, hi = hists[t].percentile_range(config.percentile)

@@ -59,8 +59,10 @@ FORWARDED_ENV = ("NBSMT_ONNX_LIBRARY", "NBSMT_KERNEL_ISA")
 class Reducer(Protocol[P]):
     """What a pass computes. Must be picklable (a module-level class) to run on Ray."""
 
-    #: Model outputs to fetch, in the order ``reduce`` receives them.
-    outputs: Sequence[str]
+    @property
+    def outputs(self) -> Sequence[str]:
+        """Model outputs to fetch, in the order ``reduce`` receives them."""
+        ...
 
     def reduce(self, outputs: Sequence[np.ndarray], batch: Feed, first_sample: int) -> P:
         """The partial result of one batch; ``first_sample`` is its position in the pass."""
@@ -105,6 +107,8 @@ class Job(Generic[P]):
     data: CalibrationData | DataSpec
     reducer: Reducer[P]
     session: SessionOptions = field(default_factory=SessionOptions)
+    #: Only the first ``max_batches`` batches (None: all), e.g. a one-batch check run.
+    max_batches: int | None = None
 
 
 ProgressFn = Callable[[int, int | None], None]
@@ -178,7 +182,7 @@ class LocalExecutor(Executor):
             with io.session_source(job.model) as source:
                 session = create_session(source, _session_options(job))
             partials = []
-            for part in _batch_partials(session, data, job.reducer, 0, None):
+            for part in _batch_partials(session, data, job.reducer, 0, job.max_batches):
                 partials.append(part)
                 if progress is not None:
                     progress(len(partials), data.num_batches)
@@ -308,11 +312,14 @@ class RayExecutor(Executor):
             options = _session_options(job, self.threads_per_worker)
             if isinstance(job.data, DataSpec):
                 opened = job.data.open(job.model)
-                shards = plan_shards(opened.num_batches or 0, self.workers)
+                count = opened.num_batches or 0
+                shards = plan_shards(
+                    count if job.max_batches is None else min(count, job.max_batches), self.workers
+                )
                 payloads: list[Any] = [job.data] * len(shards)
                 firsts = [a * opened.batch_size for a, _ in shards]
             else:  # in-memory data: the driver reads it and ships each shard's batches
-                batches = list(job.data.batches())
+                batches = list(job.data.batches(0, job.max_batches))
                 sizes = np.cumsum([0] + [_feed_samples(b) for b in batches])
                 shards = plan_shards(len(batches), self.workers)
                 payloads = [ray.put(batches[a:b]) for a, b in shards]

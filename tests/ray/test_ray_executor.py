@@ -13,6 +13,8 @@ from onnx import TensorProto, helper
 
 import nbsmt_onnx as nb
 from nbsmt_onnx.calibration.data import model_inputs, open_calibration_data
+from nbsmt_onnx.calibration.ranges import collect_ranges
+from nbsmt_onnx.config import RangeConfig
 from nbsmt_onnx.runtime.executor import DataSpec, Job, LocalExecutor, RayExecutor
 
 pytestmark = pytest.mark.ray
@@ -103,3 +105,18 @@ def test_independent_passes_run_concurrently(ray_executor: RayExecutor) -> None:
     assert len({pid for pid, _, _ in spans}) == 2  # both workers took part
     overlapping = any(p != q and s1 < e2 and s2 < e1 for p, s1, e1 in spans for q, s2, e2 in spans)
     assert overlapping, f"no two batches ran at the same time: {spans}"
+
+
+@pytest.mark.parametrize("estimator", ["max", "percentile"])
+def test_activation_ranges_on_ray_equal_local(
+    ray_executor: RayExecutor, tmp_path: Path, estimator: str
+) -> None:
+    model = es.float_model()
+    data = open_calibration_data(
+        _npz(tmp_path), model_inputs(model), num_samples=61, batch_size=4, seed=9
+    )
+    config = RangeConfig(estimator=estimator)
+    tensors = ["x", "c1", "r1"]
+    on_ray = collect_ranges(model, tensors, data, config, executor=ray_executor)
+    local = collect_ranges(model, tensors, data, config)
+    assert on_ray == local  # exactly: min/max and histogram counts are exact
