@@ -285,7 +285,7 @@ def _run_with_stats(
     probe, stats_names = add_stats_outputs(sim_model)
     out_names = [o.name for o in sim_model.graph.output]
     with io.session_source(probe) as source:
-        session = create_session(source, SessionOptions())
+        session = create_session(source, SessionOptions(), what="simulation model")
     totals = {n: np.zeros(len(schema.STATS_FIELDS), dtype=np.int64) for n in stats_names}
     order = list(stats_names)
     wanted = out_names + [stats_names[n] for n in order]
@@ -335,9 +335,13 @@ def compare_qdq(
     """
     t1 = _set_threads(sim_model, 1)
     with io.session_source(t1) as source:
-        sim_out = create_session(source, SessionOptions()).run(None, batch)
+        sim_out = create_session(source, SessionOptions(), what="threads=1 simulation model").run(
+            None, batch
+        )
     with io.session_source(qdq_model) as source:
-        qdq_out = create_session(source, SessionOptions(register_library=False)).run(None, batch)
+        qdq_out = create_session(
+            source, SessionOptions(register_library=False), what="QDQ model"
+        ).run(None, batch)
     names = [o.name for o in sim_model.graph.output]
     result = {}
     for name, a, b in zip(names, sim_out, qdq_out, strict=True):

@@ -194,6 +194,11 @@ class IndexedSource:
 
 def _split_rank(arr_shape: tuple[int, ...], spec: InputSpec, where: str) -> int | None:
     """How many samples an array holds: shape[0] for rank == model rank, None (=1, no axis) for rank - 1."""
+    if not spec.shape:
+        raise DataError(
+            f"{where}: input {spec.name!r} is a scalar (no batch axis); pass complete feeds "
+            "through the Python API"
+        )
     if len(arr_shape) == len(spec.shape):
         return int(arr_shape[0])
     if len(arr_shape) == len(spec.shape) - 1:

@@ -202,7 +202,9 @@ def _run(
 ) -> Iterator[list[Any]]:
     with io.session_source(model) as source:
         session = create_session(
-            source, SessionOptions(intra_op_threads=threads, register_library=_uses_nbsmt(model))
+            source,
+            SessionOptions(intra_op_threads=threads, register_library=_uses_nbsmt(model)),
+            what="simulation model" if _uses_nbsmt(model) else "float model",
         )
     with _progress(data, desc, progress) as bar:
         for batch in data.batches():
