@@ -326,12 +326,18 @@ def _set_threads(model: onnx.ModelProto, threads: int) -> onnx.ModelProto:
 
 
 def compare_qdq(
-    sim_model: onnx.ModelProto, qdq_model: onnx.ModelProto, batch: dict[str, np.ndarray]
+    sim_model: onnx.ModelProto,
+    qdq_model: onnx.ModelProto,
+    batch: dict[str, np.ndarray],
+    *,
+    optimize: bool = False,
 ) -> dict[str, Any]:
     """Run the QDQ model (stock ORT, no library) and the ``threads=1`` simulation on one batch.
 
     Returns the largest absolute difference per output and relative to the
-    output's peak magnitude (float32 rounding, see ``graph.qdq``).
+    output's peak magnitude (float32 rounding, see ``graph.qdq``). With
+    ``optimize`` the QDQ model runs with ONNX Runtime's default graph
+    optimisations — how it is deployed: ORT then fuses it into integer kernels.
     """
     t1 = _set_threads(sim_model, 1)
     with io.session_source(t1) as source:
@@ -340,7 +346,7 @@ def compare_qdq(
         )
     with io.session_source(qdq_model) as source:
         qdq_out = create_session(
-            source, SessionOptions(register_library=False), what="QDQ model"
+            source, SessionOptions(register_library=False, optimize=optimize), what="QDQ model"
         ).run(None, batch)
     names = [o.name for o in sim_model.graph.output]
     result = {}
@@ -579,11 +585,15 @@ def transform(
     qdq_model = None
     exports: dict[str, Any] = {"sim": config.exports_sim, "qdq": config.exports_qdq}
     if config.exports_qdq:
-        qdq_model = to_qdq(sim_model)
+        qdq_model = to_qdq(sim_model, config.qdq_types)
         io.check_model(qdq_model, what="QDQ model")
         _metadata(qdq_model, "qdq", settings)
+        exports["qdq_types"] = config.qdq_types
         exports["qdq_vs_threads1_simulation"] = compare_qdq(
             sim_model, qdq_model, data.first_batch()
+        )
+        exports["qdq_vs_threads1_simulation_ort_defaults"] = compare_qdq(
+            sim_model, qdq_model, data.first_batch(), optimize=True
         )
 
     evaluation = None

@@ -18,6 +18,7 @@ import click
 from nbsmt_onnx import __version__
 from nbsmt_onnx.config import (
     CORRECTION_CHOICES,
+    QDQ_TYPES_CHOICES,
     RANGE_ESTIMATORS,
     STRATEGY_CHOICES,
     ImagePreprocessing,
@@ -405,6 +406,14 @@ _run_options = _options(
     help="Models to write: NB-SMT simulation, standard QDQ, or both.",
 )
 @click.option(
+    "--qdq-types",
+    type=click.Choice(list(QDQ_TYPES_CHOICES)),
+    default=_TC.qdq_types,
+    show_default=True,
+    help="Integer types of the QDQ model's activations x weights (same integers and scales): "
+    "u8u8 stays exact in ONNX Runtime's fused kernels on CPUs without VNNI (docs/transform.md).",
+)
+@click.option(
     "--recalibrate/--no-recalibrate",
     default=_RC.enabled,
     show_default=True,
@@ -458,6 +467,7 @@ def transform_command(model: Path, **kw: Any) -> None:
         ),
         selection=_selection(kw),
         export=str(kw.pop("export")),
+        qdq_types=str(kw.pop("qdq_types")),
         recalibration=_recalibration_config(kw, enabled=bool(kw.pop("recalibrate"))),
         progress=sys.stderr.isatty() if progress is None else bool(progress),
     )

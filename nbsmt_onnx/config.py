@@ -18,6 +18,8 @@ from nbsmt_onnx.ops import schema
 
 RANGE_ESTIMATORS = ("max", "percentile")
 EXPORT_CHOICES = ("sim", "qdq", "both")
+#: QDQ integer typings (activations x weights; see nbsmt_onnx/graph/qdq.py), default first.
+QDQ_TYPES_CHOICES = ("u8u8", "u8s8", "s8s8")
 STRATEGY_CHOICES = ("train-mode", "sequential", "relative")
 CORRECTION_CHOICES = ("none", "mean", "mean+var")
 LAYOUT_CHOICES = ("NCHW", "NHWC")
@@ -210,9 +212,13 @@ class TransformConfig:
     recalibration: RecalibrationConfig = field(default_factory=RecalibrationConfig)
     collect_stats: bool = True
     progress: bool = False
+    # How the QDQ export types its integers (graph.qdq.REPRESENTATIONS; same integers and
+    # scales in all): "u8u8" is exact in ONNX Runtime's fused integer kernels on every x86 ISA.
+    qdq_types: str = "u8u8"
 
     def __post_init__(self) -> None:
         _choice("threads", self.threads, schema.THREADS_CHOICES)
+        _choice("qdq_types", self.qdq_types, QDQ_TYPES_CHOICES)
         _choice("mapping", self.mapping, schema.MAPPING_CHOICES)
         _choice("reduce", self.reduce, schema.REDUCE_CHOICES)
         _choice("export", self.export, EXPORT_CHOICES)
