@@ -48,7 +48,7 @@ from nbsmt_onnx import io
 from nbsmt_onnx.calibration.data import CalibrationData, model_inputs, open_calibration_data
 from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
 from nbsmt_onnx.calibration.recalibrate import recalibrate
-from nbsmt_onnx.config import ImagePreprocessing, TransformConfig
+from nbsmt_onnx.config import DataLayout, ImagePreprocessing, TransformConfig
 from nbsmt_onnx.errors import ConfigError, NbsmtError, OutputError, UnsupportedModelError
 from nbsmt_onnx.graph.qdq import MIN_QDQ_OPSET, to_qdq
 from nbsmt_onnx.graph.rewrite import (
@@ -496,8 +496,13 @@ def transform(
     eval_data: Any = None,
     eval_labels: Any = None,
     eval_config: EvaluateConfig | None = None,
+    layout: DataLayout | None = None,
 ) -> TransformResult:
     """Rewrite ``model`` into an NB-SMT simulation model (and a QDQ model) — see the module doc.
+
+    ``layout`` (a ``DataLayout``): inputs whose samples lie along another axis
+    than 0, and inputs that are constant for every sample (from the data or an
+    ``.npy`` file); scalar inputs are always constant (docs/transform.md, "Calibration data").
 
     ``calib_data``: a path (.npz, .npy, folder of arrays or images), ``"random"``
     (smoke tests only), a dict of arrays, or an iterable of feed dicts.
@@ -535,7 +540,9 @@ def transform(
         float_model = _upgrade_for_qdq(float_model)
     ensure_node_names(float_model)
 
-    specs = model_inputs(float_model)
+    if layout is not None and not isinstance(layout, DataLayout):
+        raise ConfigError(f"layout must be a DataLayout; got {type(layout).__name__}")
+    specs = model_inputs(float_model, layout)
     data = open_calibration_data(
         calib_data,
         specs,
@@ -543,6 +550,7 @@ def transform(
         batch_size=config.batch_size,
         seed=config.seed,
         images=images,
+        layout=layout,
     )
     if data.is_random:
         msg = (
