@@ -57,6 +57,7 @@ from nbsmt_onnx.graph.rewrite import (
     SkippedNode,
     ensure_node_names,
     plan_rewrite,
+    prepare_model,
     rewrite_model,
 )
 from nbsmt_onnx.ops import schema
@@ -219,31 +220,46 @@ def write_report(report: dict[str, Any], path: str | Path, *, force: bool = Fals
 
 
 def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
+    """Load (or copy) the model, check it, and bring it into the form the steps assume."""
     if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        io.check_model(copy, what="input model")
-        return copy, None
-    path = Path(model)
-    return io.load_model(path), path
+        loaded = onnx.ModelProto()
+        loaded.CopyFrom(model)
+        io.check_model(loaded, what="input model")
+        path = None
+    else:
+        path = Path(model)
+        loaded = io.load_model(path)
+    prepared, notes = prepare_model(loaded)
+    for note in notes:
+        log.info("%s", note)
+    return prepared, path
 
 
-def _upgrade_for_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+#: Opset the statistics probes of recalibration need (ReduceSum-style ops with axes inputs).
+MIN_PROBE_OPSET = 11
+
+
+def _upgrade_opset(model: onnx.ModelProto, minimum: int, why: str, fix: str) -> onnx.ModelProto:
+    """Convert ``model`` to opset ``minimum`` with ``onnx.version_converter`` when it is older."""
     opset = io.default_opset(model)
-    if opset >= MIN_QDQ_OPSET:
+    if opset >= minimum:
         return model
     from onnx import version_converter
 
-    log.info("converting the model from opset %d to %d for the QDQ export", opset, MIN_QDQ_OPSET)
+    log.info("converting the model from opset %d to %d for %s", opset, minimum, why)
     try:
-        converted = version_converter.convert_version(model, MIN_QDQ_OPSET)
+        converted = version_converter.convert_version(model, minimum)
         onnx.checker.check_model(converted)
     except Exception as err:
         raise UnsupportedModelError(
-            f"QDQ export needs opset >= {MIN_QDQ_OPSET} and converting this opset-{opset} model failed "
-            f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); use --export sim"
+            f"{why} needs opset >= {minimum} and converting this opset-{opset} model failed "
+            f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); {fix}"
         ) from err
     return converted
+
+
+def _upgrade_for_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    return _upgrade_opset(model, MIN_QDQ_OPSET, "QDQ export", "use --export sim")
 
 
 def _register_schemas() -> None:
@@ -538,6 +554,11 @@ def transform(
     float_model, source_path = _load(model)
     if config.exports_qdq:
         float_model = _upgrade_for_qdq(float_model)
+    if config.recalibration.enabled:
+        float_model = _upgrade_opset(
+            float_model, MIN_PROBE_OPSET, "recalibration (statistics probes)",
+            "convert the model to a newer opset yourself or pass --no-recalibrate",
+        )  # fmt: skip
     ensure_node_names(float_model)
 
     if layout is not None and not isinstance(layout, DataLayout):
