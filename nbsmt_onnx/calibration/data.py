@@ -552,7 +552,14 @@ def load_image(path: Path, pre: ImagePreprocessing, channels: int, dtype: np.dty
     image_mod = _require_pillow()
     try:
         with image_mod.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
+            # 16-bit grayscale (PNG): Pillow's convert("L") would clip every value above 255
+            # to white. Decode as float and divide by 257 so 0..65535 maps onto 0..255, the
+            # range --pixel-scale and the mean/std are written for.
+            wide = im.mode.startswith("I")
+            if wide:
+                im = im.convert("I").convert("F") if im.mode != "I" else im.convert("F")
+            else:
+                im = im.convert("L" if channels == 1 else "RGB")
             if pre.resize is not None:
                 im = im.resize(_size(pre.resize, *im.size), resample=image_mod.Resampling.BILINEAR)
             if pre.crop is not None:
@@ -571,8 +578,15 @@ def load_image(path: Path, pre: ImagePreprocessing, channels: int, dtype: np.dty
         raise
     except Exception as err:  # Pillow raises several types for corrupt files
         raise DataError(f"cannot decode image {path}: {err}") from err
+    if wide:
+        log.debug("%s: 16-bit image, values divided by 257 (0..65535 -> 0..255)", path)
+        pixels = pixels.astype(np.float64) / 257.0
+        if dtype.kind != "f":
+            pixels = np.rint(pixels)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
+    if pixels.shape[-1] == 1 and channels == 3:
+        pixels = np.repeat(pixels, 3, axis=-1)
     if dtype.kind == "f":
         arr = pixels.astype(np.float32) / np.float32(pre.scale)
         mean = np.asarray(

@@ -122,3 +122,23 @@ def test_folder_of_files_with_a_constant_and_a_batch_axis(tmp_path: Path) -> Non
     order = list(data.indices or ())
     np.testing.assert_array_equal(batch["state"], arrays["state"][:, order, :])
     np.testing.assert_array_equal(batch["c"], arrays["c"])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16bit_png_is_scaled_not_clipped(tmp_path: Path, channels: int) -> None:
+    from PIL import Image
+
+    from nbsmt_onnx.calibration.data import load_image
+    from nbsmt_onnx.config import ImagePreprocessing
+
+    values = np.array([[0, 257, 30000], [40000, 65535, 1000]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")  # the case being tested: a 16-bit grayscale PNG
+    got = load_image(tmp_path / "deep.png", ImagePreprocessing(), channels, F32)
+    # 0..65535 -> 0..255 (divide by 257), then the default --pixel-scale 255: 0..1.
+    want = (values.astype(np.float64) / 257.0 / 255.0).astype(np.float32)
+    assert got.shape == (channels, 2, 3)
+    for c in range(channels):
+        np.testing.assert_allclose(got[c], want, rtol=0, atol=1e-6)  # float32 rounding of 0..1
+    assert 0.4 < float(got[0, 0, 2]) < 0.5  # 30000 is not clipped to white (1.0)
