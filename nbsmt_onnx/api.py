@@ -47,13 +47,12 @@ from tqdm import tqdm
 from nbsmt_onnx import io
 from nbsmt_onnx.calibration.data import (
     CalibrationData,
-    feed_samples,
     model_inputs,
     open_calibration_data,
 )
 from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
 from nbsmt_onnx.calibration.recalibrate import recalibrate
-from nbsmt_onnx.config import ImagePreprocessing, TransformConfig
+from nbsmt_onnx.config import DataLayout, ImagePreprocessing, TransformConfig
 from nbsmt_onnx.errors import (
     ConfigError,
     InternalError,
@@ -68,6 +67,7 @@ from nbsmt_onnx.graph.rewrite import (
     SkippedNode,
     ensure_node_names,
     plan_rewrite,
+    prepare_model,
     rewrite_model,
 )
 from nbsmt_onnx.graph.threads import assign_threads, layer_macs
@@ -232,31 +232,46 @@ def write_report(report: dict[str, Any], path: str | Path, *, force: bool = Fals
 
 
 def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
+    """Load (or copy) the model, check it, and bring it into the form the steps assume."""
     if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        io.check_model(copy, what="input model")
-        return copy, None
-    path = Path(model)
-    return io.load_model(path), path
+        loaded = onnx.ModelProto()
+        loaded.CopyFrom(model)
+        io.check_model(loaded, what="input model")
+        path = None
+    else:
+        path = Path(model)
+        loaded = io.load_model(path)
+    prepared, notes = prepare_model(loaded)
+    for note in notes:
+        log.info("%s", note)
+    return prepared, path
 
 
-def _upgrade_for_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+#: Opset the statistics probes of recalibration need (ReduceSum-style ops with axes inputs).
+MIN_PROBE_OPSET = 11
+
+
+def _upgrade_opset(model: onnx.ModelProto, minimum: int, why: str, fix: str) -> onnx.ModelProto:
+    """Convert ``model`` to opset ``minimum`` with ``onnx.version_converter`` when it is older."""
     opset = io.default_opset(model)
-    if opset >= MIN_QDQ_OPSET:
+    if opset >= minimum:
         return model
     from onnx import version_converter
 
-    log.info("converting the model from opset %d to %d for the QDQ export", opset, MIN_QDQ_OPSET)
+    log.info("converting the model from opset %d to %d for %s", opset, minimum, why)
     try:
-        converted = version_converter.convert_version(model, MIN_QDQ_OPSET)
+        converted = version_converter.convert_version(model, minimum)
         onnx.checker.check_model(converted)
     except Exception as err:
         raise UnsupportedModelError(
-            f"QDQ export needs opset >= {MIN_QDQ_OPSET} and converting this opset-{opset} model failed "
-            f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); use --export sim"
+            f"{why} needs opset >= {minimum} and converting this opset-{opset} model failed "
+            f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); {fix}"
         ) from err
     return converted
+
+
+def _upgrade_for_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    return _upgrade_opset(model, MIN_QDQ_OPSET, "QDQ export", "use --export sim")
 
 
 def _register_schemas() -> None:
@@ -310,7 +325,7 @@ def _run_with_stats(
         leave=False,
     ) as bar:
         totals: dict[str, np.ndarray] = LocalExecutor().run(
-            Job(probe, data, reducer, max_batches=max_batches),
+            Job(probe, data, reducer, max_batches=max_batches, what="simulation model"),
             lambda done, _: bar.update(done - bar.n),
         )
     return totals if config.collect_stats else None
@@ -328,18 +343,28 @@ def _set_threads(model: onnx.ModelProto, threads: int) -> onnx.ModelProto:
 
 
 def compare_qdq(
-    sim_model: onnx.ModelProto, qdq_model: onnx.ModelProto, batch: dict[str, np.ndarray]
+    sim_model: onnx.ModelProto,
+    qdq_model: onnx.ModelProto,
+    batch: dict[str, np.ndarray],
+    *,
+    optimize: bool = False,
 ) -> dict[str, Any]:
     """Run the QDQ model (stock ORT, no library) and the ``threads=1`` simulation on one batch.
 
     Returns the largest absolute difference per output and relative to the
-    output's peak magnitude (float32 rounding, see ``graph.qdq``).
+    output's peak magnitude (float32 rounding, see ``graph.qdq``). With
+    ``optimize`` the QDQ model runs with ONNX Runtime's default graph
+    optimisations — how it is deployed: ORT then fuses it into integer kernels.
     """
     t1 = _set_threads(sim_model, 1)
     with io.session_source(t1) as source:
-        sim_out = create_session(source, SessionOptions()).run(None, batch)
+        sim_out = create_session(source, SessionOptions(), what="threads=1 simulation model").run(
+            None, batch
+        )
     with io.session_source(qdq_model) as source:
-        qdq_out = create_session(source, SessionOptions(register_library=False)).run(None, batch)
+        qdq_out = create_session(
+            source, SessionOptions(register_library=False, optimize=optimize), what="QDQ model"
+        ).run(None, batch)
     names = [o.name for o in sim_model.graph.output]
     result = {}
     for name, a, b in zip(names, sim_out, qdq_out, strict=True):
@@ -488,8 +513,13 @@ def transform(
     eval_data: Any = None,
     eval_labels: Any = None,
     eval_config: EvaluateConfig | None = None,
+    layout: DataLayout | None = None,
 ) -> TransformResult:
     """Rewrite ``model`` into an NB-SMT simulation model (and a QDQ model) — see the module doc.
+
+    ``layout`` (a ``DataLayout``): inputs whose samples lie along another axis
+    than 0, and inputs that are constant for every sample (from the data or an
+    ``.npy`` file); scalar inputs are always constant (docs/transform.md, "Calibration data").
 
     ``calib_data``: a path (.npz, .npy, folder of arrays or images), ``"random"``
     (smoke tests only), a dict of arrays, or an iterable of feed dicts.
@@ -525,9 +555,16 @@ def transform(
     float_model, source_path = _load(model)
     if config.exports_qdq:
         float_model = _upgrade_for_qdq(float_model)
+    if config.recalibration.enabled:
+        float_model = _upgrade_opset(
+            float_model, MIN_PROBE_OPSET, "recalibration (statistics probes)",
+            "convert the model to a newer opset yourself or pass --no-recalibrate",
+        )  # fmt: skip
     ensure_node_names(float_model)
 
-    specs = model_inputs(float_model)
+    if layout is not None and not isinstance(layout, DataLayout):
+        raise ConfigError(f"layout must be a DataLayout; got {type(layout).__name__}")
+    specs = model_inputs(float_model, layout)
     data = open_calibration_data(
         calib_data,
         specs,
@@ -535,6 +572,7 @@ def transform(
         batch_size=config.batch_size,
         seed=config.seed,
         images=images,
+        layout=layout,
     )
     if data.is_random:
         msg = (
@@ -579,7 +617,7 @@ def transform(
     first = data.first_batch()
     try:
         macs = layer_macs(
-            sim_model, {k: v.shape for k, v in first.items()}, feed_samples(first) or 1
+            sim_model, {k: v.shape for k, v in first.items()}, data.samples_in(first)
         )
     except InternalError as err:  # a reporting figure must not stop the transform
         macs = None
@@ -596,11 +634,15 @@ def transform(
     qdq_model = None
     exports: dict[str, Any] = {"sim": config.exports_sim, "qdq": config.exports_qdq}
     if config.exports_qdq:
-        qdq_model = to_qdq(sim_model)
+        qdq_model = to_qdq(sim_model, config.qdq_types)
         io.check_model(qdq_model, what="QDQ model")
         _metadata(qdq_model, "qdq", settings)
+        exports["qdq_types"] = config.qdq_types
         exports["qdq_vs_threads1_simulation"] = compare_qdq(
             sim_model, qdq_model, data.first_batch()
+        )
+        exports["qdq_vs_threads1_simulation_ort_defaults"] = compare_qdq(
+            sim_model, qdq_model, data.first_batch(), optimize=True
         )
 
     evaluation = None

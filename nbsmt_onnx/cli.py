@@ -18,8 +18,10 @@ import click
 from nbsmt_onnx import __version__
 from nbsmt_onnx.config import (
     CORRECTION_CHOICES,
+    QDQ_TYPES_CHOICES,
     RANGE_ESTIMATORS,
     STRATEGY_CHOICES,
+    DataLayout,
     ImagePreprocessing,
     LayerThreads,
     RangeConfig,
@@ -35,6 +37,25 @@ NO_CALIB_MESSAGE = (
     "keyed by input name, a folder of .npy/.npz files or a folder of images), or --calib random "
     "for a smoke test only"
 )
+
+
+def _data_layout(batch_axes: tuple[str, ...], constants: tuple[str, ...]) -> DataLayout:
+    """``--batch-axis NAME=AXIS`` and ``--constant NAME[=FILE]`` as a ``DataLayout``."""
+    axes: dict[str, int] = {}
+    for item in batch_axes:
+        name, sep, axis = item.rpartition("=")
+        if not sep or not name or not axis.strip().isdigit():
+            raise ConfigError(
+                f"--batch-axis takes NAME=AXIS with AXIS >= 0, e.g. state=1; got {item!r}"
+            )
+        axes[name] = int(axis)
+    consts: dict[str, str | None] = {}
+    for item in constants:
+        name, sep, path = item.partition("=")
+        if not name or (sep and not path):
+            raise ConfigError(f"--constant takes NAME or NAME=FILE.npy; got {item!r}")
+        consts[name] = path if sep else None
+    return DataLayout(batch_axes=tuple(axes.items()), constants=tuple(consts.items()))
 
 
 class _Group(click.Group):
@@ -383,6 +404,22 @@ _run_options = _options(
     help="Calibration data: .npz/.npy, a folder of arrays or images, or 'random' (smoke tests only).",
 )
 @click.option(
+    "--batch-axis",
+    "batch_axes",
+    multiple=True,
+    metavar="NAME=AXIS",
+    help="Input NAME holds its samples along AXIS, e.g. state=1 for [layers, N, hidden] "
+    "(repeatable; default 0).",
+)
+@click.option(
+    "--constant",
+    "constants",
+    multiple=True,
+    metavar="NAME[=FILE]",
+    help="Input NAME is the same for every sample: its array in the data (or FILE, an .npy) "
+    "has the input's exact shape and is fed with every batch (repeatable; scalars always are).",
+)
+@click.option(
     "--threads",
     type=click.Choice(["1", "2", "4"]),
     default="2",
@@ -418,6 +455,14 @@ _run_options = _options(
     default="sim",
     show_default=True,
     help="Models to write: NB-SMT simulation, standard QDQ, or both.",
+)
+@click.option(
+    "--qdq-types",
+    type=click.Choice(list(QDQ_TYPES_CHOICES)),
+    default=_TC.qdq_types,
+    show_default=True,
+    help="Integer types of the QDQ model's activations x weights (same integers and scales): "
+    "u8u8 stays exact in ONNX Runtime's fused kernels on CPUs without VNNI (docs/transform.md).",
 )
 @click.option(
     "--recalibrate/--no-recalibrate",
@@ -475,6 +520,7 @@ def transform_command(model: Path, **kw: Any) -> None:
         ),
         selection=_selection(kw),
         export=str(kw.pop("export")),
+        qdq_types=str(kw.pop("qdq_types")),
         recalibration=_recalibration_config(kw, enabled=bool(kw.pop("recalibrate"))),
         progress=sys.stderr.isatty() if progress is None else bool(progress),
     )
@@ -505,6 +551,7 @@ def transform_command(model: Path, **kw: Any) -> None:
         model,
         calib,
         config,
+        layout=_data_layout(kw.pop("batch_axes"), kw.pop("constants")),
         images=images,
         eval_data=eval_data,
         eval_labels=eval_labels,

@@ -20,6 +20,8 @@ from nbsmt_onnx.ops import schema
 
 RANGE_ESTIMATORS = ("max", "percentile")
 EXPORT_CHOICES = ("sim", "qdq", "both")
+#: QDQ integer typings (activations x weights; see nbsmt_onnx/graph/qdq.py), default first.
+QDQ_TYPES_CHOICES = ("u8u8", "u8s8", "s8s8")
 STRATEGY_CHOICES = ("train-mode", "sequential", "relative")
 CORRECTION_CHOICES = ("none", "mean", "mean+var")
 LAYOUT_CHOICES = ("NCHW", "NHWC")
@@ -306,9 +308,13 @@ class TransformConfig:
     layer_threads: LayerThreads = field(default_factory=LayerThreads)
     collect_stats: bool = True
     progress: bool = False
+    # How the QDQ export types its integers (graph.qdq.REPRESENTATIONS; same integers and
+    # scales in all): "u8u8" is exact in ONNX Runtime's fused integer kernels on every x86 ISA.
+    qdq_types: str = "u8u8"
 
     def __post_init__(self) -> None:
         _choice("threads", self.threads, schema.THREADS_CHOICES)
+        _choice("qdq_types", self.qdq_types, QDQ_TYPES_CHOICES)
         _choice("mapping", self.mapping, schema.MAPPING_CHOICES)
         _choice("reduce", self.reduce, schema.REDUCE_CHOICES)
         _choice("export", self.export, EXPORT_CHOICES)
@@ -393,3 +399,56 @@ class ImagePreprocessing:
             object.__setattr__(self, name, value)
         if any(s == 0 for s in self.std):
             raise ConfigError(f"std must not contain zero; got {self.std!r}")
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """How each model input is laid out in the calibration data (default: samples along axis 0).
+
+    ``batch_axes``: input name -> the axis that holds the samples (e.g. 1 for a
+    recurrent state ``[layers, N, hidden]``); batches are stacked along it.
+    ``constants``: input name -> ``None`` (the array in the data, with the
+    input's exact shape, is fed unchanged with every batch) or the path of an
+    ``.npy`` file holding that array. Scalar inputs are always constant, and
+    an array whose shape is the input's exact (static) shape is taken as
+    constant when the inputs would otherwise disagree on the sample count.
+    Mappings are accepted and stored as sorted tuples (the object stays hashable).
+    """
+
+    batch_axes: tuple[tuple[str, int], ...] = ()
+    constants: tuple[tuple[str, str | None], ...] = ()
+
+    def __post_init__(self) -> None:
+        axes = dict(
+            self.batch_axes.items() if isinstance(self.batch_axes, dict) else self.batch_axes
+        )
+        consts = dict(
+            self.constants.items() if isinstance(self.constants, dict) else self.constants
+        )
+        for name, axis in axes.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(
+                    f"batch axis: input names must be non-empty strings; got {name!r}"
+                )
+            if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+                raise ConfigError(
+                    f"batch axis of input {name!r} must be a non-negative integer; got {axis!r}"
+                )
+        for name, path in consts.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"constant: input names must be non-empty strings; got {name!r}")
+            if path is not None and not isinstance(path, str):
+                path = str(path)
+                consts[name] = path
+        both = sorted(set(axes) & set(consts))
+        if both:
+            raise ConfigError(
+                f"input(s) {', '.join(both)} are declared both constant and with a batch axis; "
+                "choose one"
+            )
+        object.__setattr__(self, "batch_axes", tuple(sorted(axes.items())))
+        object.__setattr__(self, "constants", tuple(sorted(consts.items())))
+
+    @property
+    def is_default(self) -> bool:
+        return not self.batch_axes and not self.constants

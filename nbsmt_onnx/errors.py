@@ -31,6 +31,10 @@ class DataError(NbsmtError):
     """Calibration or evaluation data is missing, malformed or does not fit the model."""
 
 
+class InferenceError(DataError):
+    """ONNX Runtime failed to run a model on the given data (shapes, dtypes, a failing node)."""
+
+
 class ConfigError(NbsmtError):
     """An option value is invalid or options contradict each other."""
 

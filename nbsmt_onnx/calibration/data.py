@@ -31,15 +31,15 @@ import logging
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from nbsmt_onnx.config import ImagePreprocessing
-from nbsmt_onnx.errors import ConfigError, DataError
+from nbsmt_onnx.config import DataLayout, ImagePreprocessing
+from nbsmt_onnx.errors import ConfigError, DataError, InternalError
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +52,74 @@ Feed = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input: name, NumPy dtype and shape (None for a dynamic dimension)."""
+    """One model input: name, NumPy dtype, shape (None for a dynamic dimension), batch axis.
+
+    ``batch_axis``: the axis that holds the samples (0 unless a
+    :class:`~nbsmt_onnx.config.DataLayout` says otherwise); ``None`` for an
+    input that is constant across samples (fed with its exact shape).
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
+    batch_axis: int | None = 0
 
     def describe(self) -> str:
         dims = [
-            "N" if i == 0 and d is None else ("?" if d is None else str(d))
+            "N" if i == self.batch_axis and d is None else ("?" if d is None else str(d))
             for i, d in enumerate(self.shape)
         ]
         return "(" + ", ".join(dims) + ")"
 
     @property
     def fixed_batch(self) -> int | None:
-        return self.shape[0] if self.shape else None
+        if self.batch_axis is None or self.batch_axis >= len(self.shape):
+            return None
+        return self.shape[self.batch_axis]
+
+    @property
+    def sample_shape(self) -> tuple[int | None, ...]:
+        """The shape of one sample: the input's shape without the batch axis."""
+        if self.batch_axis is None:
+            return self.shape
+        return self.shape[: self.batch_axis] + self.shape[self.batch_axis + 1 :]
 
 
-def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
-    """The inputs a caller must feed (graph inputs that are not initializers)."""
+def model_inputs(model: onnx.ModelProto, layout: DataLayout | None = None) -> tuple[InputSpec, ...]:
+    """The inputs a caller must feed (graph inputs that are not initializers), with their layout.
+
+    Scalar inputs are constant (they have no batch axis); ``layout`` sets other
+    inputs' batch axis or declares them constant.
+    """
+    specs = _declared_inputs(model)
+    layout = layout or DataLayout()
+    names = {s.name for s in specs}
+    unknown = sorted(({n for n, _ in layout.batch_axes} | {n for n, _ in layout.constants}) - names)
+    if unknown:
+        raise ConfigError(
+            f"data layout names unknown input(s) {', '.join(unknown)}; the model's inputs are "
+            + ", ".join(f"{s.name} {s.describe()}" for s in specs)
+        )
+    axes = dict(layout.batch_axes)
+    constants = {n for n, _ in layout.constants}
+    out = []
+    for spec in specs:
+        if spec.name in constants or not spec.shape:
+            out.append(replace(spec, batch_axis=None))
+        elif spec.name in axes:
+            axis = axes[spec.name]
+            if axis >= len(spec.shape):
+                raise ConfigError(
+                    f"batch axis {axis} of input {spec.name!r} is out of range: it has "
+                    f"{len(spec.shape)} axes {spec.describe()}"
+                )
+            out.append(replace(spec, batch_axis=axis))
+        else:
+            out.append(spec)
+    return tuple(out)
+
+
+def _declared_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for vi in model.graph.input:
@@ -142,16 +190,16 @@ class _Validator:
                     f"{self.where}: input {spec.name!r} sample {index} has dtype {arr.dtype}; "
                     f"the model expects {spec.dtype}"
                 )
-        expected = spec.shape if batched else spec.shape[1:]
+        expected = spec.shape if batched or spec.batch_axis is None else spec.sample_shape
         ok = arr.ndim == len(expected) and all(
             e is None or e == a for e, a in zip(expected, arr.shape, strict=True)
         )
         if not ok:
             hint = " (resize images with --resize/--center-crop)" if self.images else ""
-            what = "feed" if batched else "sample"
+            what = "feed" if batched else "sample" if spec.batch_axis is not None else "constant"
             raise DataError(
                 f"{self.where}: input {spec.name!r} {what} {index} has shape {_fmt_shape(arr.shape)}; "
-                f"the model expects {spec.describe() if batched else _fmt_shape_spec(spec.shape[1:])}{hint}"
+                f"the model expects {spec.describe() if batched else _fmt_shape_spec(expected)}{hint}"
             )
         if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
             bad = "NaN" if np.any(np.isnan(arr)) else "Inf"
@@ -161,8 +209,19 @@ class _Validator:
         return arr
 
     def sample(self, sample: Mapping[str, Any], index: int) -> Feed:
-        self._names(sample.keys(), index, "sample")
-        return {s.name: self._array(s, sample[s.name], index, batched=False) for s in self.specs}
+        """Check one sample of the batched inputs (constants are checked by :meth:`constant`)."""
+        batched = [s for s in self.specs if s.batch_axis is not None]
+        keys = set(sample.keys())
+        missing = sorted({s.name for s in batched} - keys)
+        if missing:
+            self._names(
+                keys | {s.name for s in self.specs if s.batch_axis is None}, index, "sample"
+            )
+        return {s.name: self._array(s, sample[s.name], index, batched=False) for s in batched}
+
+    def constant(self, spec: InputSpec, value: Any) -> np.ndarray:
+        """Check an input that is fed unchanged with every batch."""
+        return self._array(spec, value, 0, batched=False)
 
     def feed(self, feed: Mapping[str, Any], index: int) -> Feed:
         self._names(feed.keys(), index, "feed")
@@ -184,6 +243,8 @@ class IndexedSource:
     """
 
     description = ""
+    #: Inputs fed unchanged with every batch (their arrays, with the input's exact shape).
+    constants: dict[str, np.ndarray]
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -194,14 +255,64 @@ class IndexedSource:
 
 def _split_rank(arr_shape: tuple[int, ...], spec: InputSpec, where: str) -> int | None:
     """How many samples an array holds: shape[0] for rank == model rank, None (=1, no axis) for rank - 1."""
+    axis = spec.batch_axis
+    if axis is None:
+        raise InternalError(f"input {spec.name!r} is constant; it holds no samples")
     if len(arr_shape) == len(spec.shape):
-        return int(arr_shape[0])
+        return int(arr_shape[axis])
     if len(arr_shape) == len(spec.shape) - 1:
         return None
+    where_axis = "" if axis == 0 else f" along axis {axis}"
     raise DataError(
         f"{where}: array for input {spec.name!r} has shape {_fmt_shape(arr_shape)}; the model expects "
-        f"{spec.describe()} (a stack of samples) or {_fmt_shape_spec(spec.shape[1:])} (one sample)"
+        f"{spec.describe()} (a stack of samples{where_axis}) or "
+        f"{_fmt_shape_spec(spec.sample_shape)} (one sample); an input with the same value for "
+        "every sample is declared with --constant NAME, one batched along another axis with "
+        "--batch-axis NAME=AXIS"
     )
+
+
+def _static(spec: InputSpec) -> bool:
+    return all(d is not None for d in spec.shape)
+
+
+def _constant_inputs(
+    shapes: Mapping[str, tuple[int, ...]], specs: tuple[InputSpec, ...], where: str
+) -> set[str]:
+    """Inputs fed as constants: declared ones (``batch_axis`` None) and detected ones.
+
+    An input is detected as constant when its array has the input's exact,
+    fully static shape and the batched inputs would otherwise disagree on the
+    number of samples or on the model's batch dimension (e.g. a ``[2, 1, 128]``
+    state next to ``x [N, 16000]``).
+    """
+    constant = {s.name for s in specs if s.batch_axis is None or not s.shape}
+    batched = [s for s in specs if s.name not in constant]
+
+    def disagree(group: list[InputSpec]) -> bool:
+        counts = set()
+        for s in group:
+            if len(shapes[s.name]) not in (len(s.shape), len(s.shape) - 1):
+                return True
+            n = _split_rank(shapes[s.name], s, where)
+            counts.add(1 if n is None else n)
+        return len(counts) > 1 or len({s.fixed_batch for s in group}) > 1
+
+    if len(batched) > 1 and disagree(batched):
+        exact = [s for s in batched if _static(s) and tuple(shapes[s.name]) == s.shape]
+        rest = [s for s in batched if s not in exact]
+        if exact and rest and not disagree(rest):
+            for s in exact:
+                log.info(
+                    "%s: input %r has the model's exact shape %s: fed unchanged with every batch "
+                    "(declare --batch-axis %s=AXIS if it holds samples)",
+                    where,
+                    s.name,
+                    _fmt_shape_spec(s.shape),
+                    s.name,
+                )
+            constant |= {s.name for s in exact}
+    return constant
 
 
 def _match_keys(keys: list[str], specs: tuple[InputSpec, ...], where: str) -> dict[str, str]:
@@ -222,25 +333,28 @@ def _match_keys(keys: list[str], specs: tuple[InputSpec, ...], where: str) -> di
 
 
 class _ArrayGroup:
-    """A set of arrays (one per input) that share a sample axis."""
+    """A set of arrays (one per batched input) that share a sample axis (each its own)."""
 
     def __init__(self, arrays: Mapping[str, Any], specs: tuple[InputSpec, ...], where: str) -> None:
+        self.axes = {s.name: int(s.batch_axis or 0) for s in specs}
         counts = {s.name: _split_rank(tuple(np.shape(arrays[s.name])), s, where) for s in specs}
         values = set(counts.values())
         if len(values) != 1:
             raise DataError(
                 f"{where}: inputs hold different numbers of samples: "
                 + ", ".join(f"{k}={1 if v is None else v}" for k, v in counts.items())
+                + "; declare inputs that are the same for every sample with --constant NAME "
+                "and ones batched along another axis than 0 with --batch-axis NAME=AXIS"
             )
         (count,) = values
         self.stacked = count is not None
         self.count = 1 if count is None else count
-        self.arrays = arrays
+        self.arrays = {s.name: arrays[s.name] for s in specs}
 
     def get(self, index: int) -> dict[str, np.ndarray]:
         if not self.stacked:
             return {k: np.asarray(v) for k, v in self.arrays.items()}
-        return {k: np.asarray(v[index]) for k, v in self.arrays.items()}
+        return {k: np.take(np.asarray(v), index, axis=self.axes[k]) for k, v in self.arrays.items()}
 
 
 class ArraySource(IndexedSource):
@@ -249,7 +363,13 @@ class ArraySource(IndexedSource):
     def __init__(self, arrays: Mapping[str, Any], specs: tuple[InputSpec, ...], where: str) -> None:
         keys = _match_keys(list(arrays.keys()), specs, where)
         self.description = where
-        self._group = _ArrayGroup({n: arrays[k] for n, k in keys.items()}, specs, where)
+        named = {n: arrays[k] for n, k in keys.items()}
+        constant = _constant_inputs({n: tuple(np.shape(v)) for n, v in named.items()}, specs, where)
+        self.constants = {n: np.asarray(named[n]) for n in sorted(constant)}
+        batched = tuple(s for s in specs if s.name not in constant)
+        if not batched:
+            raise DataError(f"{where}: every model input is constant; nothing holds samples")
+        self._group = _ArrayGroup(named, batched, where)
 
     def __len__(self) -> int:
         return self._group.count
@@ -310,6 +430,8 @@ class ArrayFolderSource(IndexedSource):
         self._files = files
         self._index: list[tuple[int, int | None]] = []  # (file, sample within file or None)
         self._keys: list[dict[str, str]] = []
+        self._axes = {s.name: int(s.batch_axis or 0) for s in specs}
+        constant: set[str] | None = None
         for fi, f in enumerate(files):
             shapes = _file_shapes(f)
             where = str(f)
@@ -323,7 +445,14 @@ class ArrayFolderSource(IndexedSource):
             else:
                 keys = _match_keys(list(shapes), specs, where)
             self._keys.append(keys)
-            counts = {_split_rank(shapes[keys[s.name]], s, where) for s in specs}
+            if constant is None:  # from the first file; later files' copies are not read
+                constant = _constant_inputs({n: shapes[k] for n, k in keys.items()}, specs, where)
+                batched = [s for s in specs if s.name not in constant]
+                if not batched:
+                    raise DataError(
+                        f"{where}: every model input is constant; nothing holds samples"
+                    )
+            counts = {_split_rank(shapes[keys[s.name]], s, where) for s in batched}
             if len(counts) != 1:
                 raise DataError(f"{where}: inputs hold different numbers of samples")
             (count,) = counts
@@ -332,6 +461,9 @@ class ArrayFolderSource(IndexedSource):
             else:
                 self._index.extend((fi, j) for j in range(count))
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._constant = constant or set()
+        first = self._arrays(0) if self._constant else {}
+        self.constants = {n: np.asarray(first[n]) for n in sorted(self._constant)}
 
     def __len__(self) -> int:
         return len(self._index)
@@ -351,7 +483,11 @@ class ArrayFolderSource(IndexedSource):
     def get(self, index: int) -> dict[str, np.ndarray]:
         fi, j = self._index[index]
         arrays = self._arrays(fi)
-        return {k: np.asarray(v if j is None else v[j]) for k, v in arrays.items()}
+        return {
+            k: np.asarray(v if j is None else np.take(v, j, axis=self._axes[k]))
+            for k, v in arrays.items()
+            if k not in self._constant
+        }
 
 
 class ImageFolderSource(IndexedSource):
@@ -361,6 +497,7 @@ class ImageFolderSource(IndexedSource):
         self, folder: Path, files: list[Path], spec: InputSpec, pre: ImagePreprocessing
     ) -> None:
         self.description = f"{folder} ({len(files)} images)"
+        self.constants = {}
         if len(spec.shape) != 4:
             raise DataError(
                 f"{folder}: images need a model with one 4-D input; input {spec.name!r} is {spec.describe()}"
@@ -415,7 +552,14 @@ def load_image(path: Path, pre: ImagePreprocessing, channels: int, dtype: np.dty
     image_mod = _require_pillow()
     try:
         with image_mod.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
+            # 16-bit grayscale (PNG): Pillow's convert("L") would clip every value above 255
+            # to white. Decode as float and divide by 257 so 0..65535 maps onto 0..255, the
+            # range --pixel-scale and the mean/std are written for.
+            wide = im.mode.startswith("I")
+            if wide:
+                im = im.convert("I").convert("F") if im.mode != "I" else im.convert("F")
+            else:
+                im = im.convert("L" if channels == 1 else "RGB")
             if pre.resize is not None:
                 im = im.resize(_size(pre.resize, *im.size), resample=image_mod.Resampling.BILINEAR)
             if pre.crop is not None:
@@ -434,8 +578,15 @@ def load_image(path: Path, pre: ImagePreprocessing, channels: int, dtype: np.dty
         raise
     except Exception as err:  # Pillow raises several types for corrupt files
         raise DataError(f"cannot decode image {path}: {err}") from err
+    if wide:
+        log.debug("%s: 16-bit image, values divided by 257 (0..65535 -> 0..255)", path)
+        pixels = pixels.astype(np.float64) / 257.0
+        if dtype.kind != "f":
+            pixels = np.rint(pixels)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
+    if pixels.shape[-1] == 1 and channels == 3:
+        pixels = np.repeat(pixels, 3, axis=-1)
     if dtype.kind == "f":
         arr = pixels.astype(np.float32) / np.float32(pre.scale)
         mean = np.asarray(
@@ -472,6 +623,7 @@ class RandomSource(IndexedSource):
         self._specs = specs
         self._count = count
         self._seed = seed
+        self.constants = {}
 
     def __len__(self) -> int:
         return self._count
@@ -509,6 +661,8 @@ class CalibrationData:
     ) -> None:
         if (source is None) == (feeds is None):
             raise ConfigError("CalibrationData needs exactly one of source= or feeds=")
+        constants = dict(getattr(source, "constants", None) or {}) if source is not None else {}
+        specs = tuple(replace(s, batch_axis=None) if s.name in constants else s for s in specs)
         self.specs = specs
         self.description = description
         self.is_random = is_random
@@ -516,12 +670,19 @@ class CalibrationData:
         self._feeds = feeds
         self.requested_samples = num_samples
         self.seed = seed
+        self._constants: Feed = {}
         if source is not None:
+            check = _Validator(specs, f"calibration data {description}")
             for s in specs:
-                if not s.shape:
+                if s.batch_axis is None and s.name not in constants:
                     raise DataError(
-                        f"input {s.name!r} is a scalar (no batch axis); pass complete feeds through the Python API"
+                        f"calibration data {description}: input {s.name!r} is constant "
+                        f"(same value for every sample) but the data has no array for it; store "
+                        f"one of shape {_fmt_shape_spec(s.shape)} under its name or pass "
+                        f"--constant {s.name}=FILE.npy"
                     )
+                if s.batch_axis is None:
+                    self._constants[s.name] = check.constant(s, constants[s.name])
             total = len(source)
             if total == 0:
                 raise DataError(f"calibration data {description} holds no samples")
@@ -535,11 +696,14 @@ class CalibrationData:
                         num_samples,
                     )
                 order = np.random.default_rng(seed).permutation(total)
-            fixed = {s.fixed_batch for s in specs}
+            batched = [s for s in specs if s.batch_axis is not None]
+            fixed = {s.fixed_batch for s in batched}
             if len(fixed) != 1:
                 raise DataError(
                     "model inputs disagree on the batch dimension: "
-                    + ", ".join(f"{s.name} {s.describe()}" for s in specs)
+                    + ", ".join(f"{s.name} {s.describe()}" for s in batched)
+                    + "; declare inputs that are the same for every sample with --constant NAME "
+                    "and ones batched along another axis with --batch-axis NAME=AXIS"
                 )
             (model_batch,) = fixed
             if model_batch is not None:
@@ -573,6 +737,16 @@ class CalibrationData:
             self.num_batches = None
 
     @property
+    def default_layout(self) -> bool:
+        """True when every input holds its samples along axis 0 (no constants, no other axes)."""
+        return all(s.batch_axis == 0 for s in self.specs)
+
+    @property
+    def constants(self) -> Feed:
+        """The inputs fed unchanged with every batch (validated arrays)."""
+        return dict(self._constants)
+
+    @property
     def source(self) -> IndexedSource | None:
         """The indexed source the samples are drawn from (``len(source)`` is its size).
 
@@ -603,11 +777,17 @@ class CalibrationData:
             images=isinstance(self._source, ImageFolderSource),
         )
         if self._source is not None:
+            batched = [s for s in self.specs if s.batch_axis is not None]
             end = len(self._order) if stop is None else min(len(self._order), stop * self.batch_size)
             for offset in range(start * self.batch_size, end, self.batch_size):
                 chunk = self._order[offset : min(offset + self.batch_size, end)]
                 samples = [validator.sample(self._source.get(i), i) for i in chunk]
-                yield {s.name: np.stack([smp[s.name] for smp in samples]) for s in self.specs}
+                stacked = {
+                    s.name: np.stack([smp[s.name] for smp in samples], axis=s.batch_axis or 0)
+                    for s in batched
+                }
+                stacked.update(self._constants)
+                yield {s.name: stacked[s.name] for s in self.specs}
             return
         assert self._feeds is not None
         seen = 0
@@ -619,12 +799,15 @@ class CalibrationData:
                     f"calibration feed {i} is a {type(feed).__name__}; expected a dict of input name -> array"
                 )
             checked = validator.feed(feed, i)
-            first = next(iter(checked.values()))
-            seen += int(first.shape[0]) if first.ndim else 1
+            seen += _feed_count(checked, self.specs)
             if i >= start:
                 yield checked
         if seen == 0:
             raise DataError("calibration data yielded no feeds")
+
+    def samples_in(self, feed: Feed) -> int:
+        """How many samples one of this data's feeds holds (its batch axis; 1 if none)."""
+        return _feed_count(feed, self.specs)
 
     def first_batch(self) -> Feed:
         """The first batch (validates the data early; used to fail fast)."""
@@ -648,8 +831,50 @@ def open_calibration_data(
     batch_size: int,
     seed: int,
     images: ImagePreprocessing | None = None,
+    layout: DataLayout | None = None,
 ) -> CalibrationData:
-    """Build :class:`CalibrationData` from a path, ``"random"``, a mapping of arrays or feed dicts."""
+    """Build :class:`CalibrationData` from a path, ``"random"``, a mapping of arrays or feed dicts.
+
+    ``specs`` come from :func:`model_inputs` (with the layout's batch axes and
+    constants); ``layout`` supplies the constant inputs given as ``.npy`` files.
+    """
+    files = {n: Path(p) for n, p in (layout.constants if layout else ()) if p is not None}
+    if not files:
+        return _open(data, specs, num_samples, batch_size, seed, images)
+    if isinstance(data, CalibrationData) or not isinstance(data, (str, Path, Mapping)):
+        raise ConfigError(
+            "constant inputs from files apply to array/image data; complete feeds and "
+            "CalibrationData objects already hold every input"
+        )
+    loaded = {}
+    for name, path in files.items():
+        if path.suffix.lower() != ".npy" or not path.is_file():
+            raise DataError(f"constant input {name!r}: {path} is not an .npy file")
+        loaded[name] = _load_npy(path, mmap=False)
+    opened = _open(
+        data, tuple(s for s in specs if s.name not in files), num_samples, batch_size, seed, images
+    )
+    assert opened.source is not None  # array and image data are indexed sources
+    opened.source.constants = {**opened.source.constants, **loaded}
+    return CalibrationData(
+        specs,
+        source=opened.source,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed,
+        description=opened.description,
+        is_random=opened.is_random,
+    )
+
+
+def _open(
+    data: Any,
+    specs: tuple[InputSpec, ...],
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    images: ImagePreprocessing | None,
+) -> CalibrationData:
     common: dict[str, Any] = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed}
     if isinstance(data, CalibrationData):
         return data
@@ -677,7 +902,7 @@ def open_calibration_data(
                     **common,
                 )
             if imgs:
-                if len(specs) != 1:
+                if len(specs) != 1 or specs[0].batch_axis is None:
                     raise DataError(
                         f"{path}: image folders need a single-input model; the model has {len(specs)} inputs"
                     )
@@ -723,6 +948,14 @@ def open_calibration_data(
         f"calibration data of type {type(data).__name__} is not supported: pass a path, 'random', "
         "a dict of arrays or an iterable of feed dicts"
     )
+
+
+def _feed_count(feed: Feed, specs: tuple[InputSpec, ...]) -> int:
+    """Samples in a feed: the size of the first batched input's batch axis (1 if none)."""
+    for s in specs:
+        if s.batch_axis is not None and s.name in feed and np.ndim(feed[s.name]) > s.batch_axis:
+            return int(np.shape(feed[s.name])[s.batch_axis])
+    return 1
 
 
 def _take_feeds(it: Iterable[Any], num_samples: int) -> list[Any]:

@@ -248,6 +248,7 @@ def _pass(
         data,
         reducer,
         SessionOptions(intra_op_threads=threads, register_library=uses_library),
+        what="simulation model" if uses_library else "float model",
     )
     with _progress(data, desc, progress) as bar:
         return (executor or LocalExecutor()).run(job, lambda done, _: bar.update(done - bar.n))

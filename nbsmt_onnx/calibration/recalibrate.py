@@ -809,6 +809,8 @@ def plan_batches(
 
     if not isinstance(data, CalibrationData):
         return as_given("not a CalibrationData")
+    if not data.default_layout:
+        return as_given("inputs that are constant or hold samples along another axis than 0")
     if any(spec.fixed_batch is not None for spec in data.specs):
         return as_given("the model has a fixed batch size")
     first = data.first_batch()

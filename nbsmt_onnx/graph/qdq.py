@@ -10,13 +10,33 @@ toolchains run it without the nbsmt library:
   ``NbSmtMatMul(A, Bq, a_scale, b_scale, bias)`` ->
       ``MatMul(DQ(Q(A', a_scale, 0), a_scale, 0), DQ(Bq, b_scale, 0, axis=1)) [+ bias]``
 
-Unsigned activations use a uint8 zero point (Q saturates to [0, 255]);
-signed ones an int8 zero point, and because QuantizeLinear saturates to
-[-128, 127] while SPEC §2 clips to [-127, 127], ``X' = Clip(X, -127 s, 127 s)``
-comes first (``(-127 s) / s`` rounds to -127 in float32 division). The
-weights stay int8 initializers behind a per-channel DequantizeLinear (opset
->= 13). Whatever was recalibrated/folded into ``w_scale`` and ``B`` is carried
-over as is.
+Signed activations are clipped first, ``X' = Clip(X, -127 s, 127 s)``, because
+QuantizeLinear saturates to [-128, 127] while the quantizer clips to
+[-127, 127] (``(-127 s) / s`` rounds to -127 in float32 division). Weights sit
+behind a per-channel DequantizeLinear (opset >= 13). Whatever was
+recalibrated/folded into ``w_scale`` and ``B`` is carried over as is.
+
+How the integers are *typed* (``representation``; the integers and scales are
+the same in every one):
+
+- ``u8u8`` (default): activations uint8 — unsigned ones with zero point 0,
+  signed ones with zero point 128 (``q + 128``); weights uint8 with zero point
+  128 (``Wq + 128``, stored as such).
+- ``u8s8``: unsigned activations uint8 (zero point 0), signed ones int8, weights
+  int8 (zero point 0) — the textbook form.
+- ``s8s8``: activations int8 (unsigned ones with zero point -128), weights int8.
+
+Why ``u8u8``: with its default graph optimisations ONNX Runtime fuses
+DQ -> MatMul/Conv(-> Q) into integer kernels (QGemm, MatMulIntegerToFloat,
+QLinearConv). For uint8 x int8 (and int8 x int8, which MLAS maps onto it) the
+x86 kernels without VNNI multiply with ``vpmaddubsw``, which saturates the sum
+of two products to int16 (255 * 127 * 2 > 32767): on an AVX2 CPU an MLP's
+QDQ model differed from the T=1 simulation by 5.8 % of the output peak and
+changed the argmax of 1.3 % of the samples. uint8 x uint8 runs in kernels that
+widen to 16 bits first (``vpmaddwd``) and are exact; what is left is the fused
+kernels' own requantization rounding (a one-step flip where a value lands on a
+rounding boundary). ``bench/qdq_deploy_check.py`` measures all three;
+docs/transform.md has the numbers.
 
 Equivalence with the simulation at ``threads=1``: the quantized operands are
 identical; the simulation sums integer products exactly and scales once
@@ -35,6 +55,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from nbsmt_onnx.config import QDQ_TYPES_CHOICES
 from nbsmt_onnx.errors import UnsupportedModelError
 from nbsmt_onnx.graph.naming import NameGenerator
 from nbsmt_onnx.ops import schema
@@ -61,8 +82,24 @@ def _initializer(graph: onnx.GraphProto, name: str) -> np.ndarray:
     )
 
 
-def to_qdq(sim_model: onnx.ModelProto) -> onnx.ModelProto:
+#: How the integers are typed in the QDQ model (the integers and scales are the same in all):
+#: ``u8s8``: unsigned activations uint8 (zero point 0), signed ones int8, weights int8;
+#: ``u8u8``: activations uint8 (signed ones with zero point 128), weights uint8 (zero point 128);
+#: ``s8s8``: activations int8 (unsigned ones with zero point -128), weights int8.
+REPRESENTATIONS = QDQ_TYPES_CHOICES
+
+
+DEFAULT_REPRESENTATION = QDQ_TYPES_CHOICES[0]
+
+
+def to_qdq(
+    sim_model: onnx.ModelProto, representation: str = DEFAULT_REPRESENTATION
+) -> onnx.ModelProto:
     """Return the QDQ equivalent of a simulation model (which is not modified)."""
+    if representation not in REPRESENTATIONS:
+        raise UnsupportedModelError(
+            f"QDQ representation {representation!r} is not one of {', '.join(REPRESENTATIONS)}"
+        )
     opset = _default_opset(sim_model)
     if opset < MIN_QDQ_OPSET:
         raise UnsupportedModelError(
@@ -89,7 +126,13 @@ def to_qdq(sim_model: onnx.ModelProto) -> onnx.ModelProto:
         key = (x, scale, signed)
         if key in act_cache:
             return act_cache[key]
-        zp = add_init(x, "zero_point", np.array(0, dtype=np.int8 if signed else np.uint8))
+        if representation == "u8u8":
+            zp_value = np.array(128 if signed else 0, dtype=np.uint8)
+        elif representation == "s8s8":
+            zp_value = np.array(0 if signed else -128, dtype=np.int8)
+        else:
+            zp_value = np.array(0, dtype=np.int8 if signed else np.uint8)
+        zp = add_init(x, "zero_point", zp_value)
         src = x
         if signed:
             s = np.float32(_initializer(g, scale))
@@ -119,12 +162,18 @@ def to_qdq(sim_model: onnx.ModelProto) -> onnx.ModelProto:
         if key in weight_cache:
             return weight_cache[key]
         channels = _initializer(g, scale).reshape(-1).shape[0]
-        zp = add_init(wq, "zero_point", np.zeros(channels, dtype=np.int8))
+        source = wq
+        if representation == "u8u8":
+            shifted = _initializer(g, wq).astype(np.int16) + 128
+            source = add_init(wq, "uint8", shifted.astype(np.uint8))
+            zp = add_init(wq, "zero_point", np.full(channels, 128, dtype=np.uint8))
+        else:
+            zp = add_init(wq, "zero_point", np.zeros(channels, dtype=np.int8))
         dq = names.new(wq, "dequantized")
         nodes.append(
             helper.make_node(
                 "DequantizeLinear",
-                [wq, scale, zp],
+                [source, scale, zp],
                 [dq],
                 name=names.new(prefix, "dequantize_weight"),
                 axis=axis,
@@ -179,6 +228,11 @@ def to_qdq(sim_model: onnx.ModelProto) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
+    if representation == "u8u8":  # the int8 weights were replaced by their uint8 copies
+        still_used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        kept_inits = [t for t in g.initializer if t.name in still_used or t.name not in used]
+        del g.initializer[:]
+        g.initializer.extend(kept_inits)
     kept = [o for o in out.opset_import if o.domain != schema.DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(kept)

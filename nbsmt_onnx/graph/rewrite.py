@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import helper, numpy_helper
 
 from nbsmt_onnx.config import Selection, TransformConfig
@@ -162,6 +163,54 @@ def ensure_node_names(model: onnx.ModelProto) -> int:
             count += 1
         seen.add(node.name)
     return count
+
+
+def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Bring the model into the form every later step assumes; return it and notes for the log.
+
+    - Model-local functions are inlined (``onnx.inliner``), so a Conv/MatMul/Gemm
+      inside one is planned like any other node. When inlining fails the calls
+      stay, and :func:`plan_rewrite` lists their Conv/MatMul/Gemm as skipped.
+    - Initializers also listed as graph inputs (``keep_initializers_as_inputs``,
+      and every IR 3 model) are overridable defaults in ONNX, but every exporter
+      that writes them means weights: they are removed from the inputs, so the
+      rewrite, BN recalibration, folding and ONNX Runtime all treat them as
+      constants. A model of IR version < 4 (where initializers must be inputs)
+      is then declared IR 4, the first version without that rule.
+    """
+    notes: list[str] = []
+    if model.functions:
+        calls = sum(
+            1
+            for n in model.graph.node
+            if (n.domain, n.op_type) in {(f.domain, f.name) for f in model.functions}
+        )
+        try:
+            inlined = onnx.inliner.inline_local_functions(model)
+            onnx.checker.check_model(inlined)
+        except Exception as err:  # the inliner raises several types; keep the calls then
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            notes.append(
+                f"model-local functions not inlined ({reason}); their Conv/MatMul/Gemm stay in float"
+            )
+        else:
+            notes.append(
+                f"inlined {len(model.functions)} model-local function(s) at {calls} call(s)"
+            )
+            model = inlined
+    inits = {t.name for t in model.graph.initializer}
+    overridable = [i for i in model.graph.input if i.name in inits]
+    if overridable:
+        kept = [i for i in model.graph.input if i.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        notes.append(
+            f"{len(overridable)} initializer(s) also listed as graph inputs are treated as constants"
+        )
+        if model.ir_version < 4:
+            notes.append(f"IR version {model.ir_version} -> 4 (initializers no longer inputs)")
+            model.ir_version = 4
+    return model, notes
 
 
 # --------------------------------------------------------------------------- plan (pattern + check)
@@ -323,6 +372,33 @@ def _subgraph_skips(graph: onnx.GraphProto, owner: str) -> list[SkippedNode]:
     return out
 
 
+def _function_skips(
+    functions: dict[tuple[str, str], onnx.FunctionProto], call: onnx.NodeProto, seen: set[str]
+) -> list[SkippedNode]:
+    """Conv/MatMul/Gemm inside the model-local function that ``call`` calls (and its callees)."""
+    func = functions[(call.domain, call.op_type)]
+    if func.name in seen:
+        return []
+    out: list[SkippedNode] = []
+    for node in func.node:
+        name = f"{call.name}/{node.name or node.op_type}"
+        if node.op_type in CANDIDATE_OP_TYPES and node.domain in _DEFAULT_DOMAINS:
+            out.append(
+                SkippedNode(
+                    name,
+                    node.op_type,
+                    f"inside model-local function {func.name!r} called by {call.name!r} "
+                    "(the function could not be inlined)",
+                )
+            )
+        elif (node.domain, node.op_type) in functions:
+            out.extend(_function_skips(functions, node, seen | {func.name}))
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                out.extend(_subgraph_skips(sub, call.name))
+    return out
+
+
 def _ends(model: onnx.ModelProto, candidates: list[Candidate]) -> tuple[set[str], set[str]]:
     """Names of the first and last candidates: no candidate upstream / downstream of them.
 
@@ -361,6 +437,7 @@ def plan_rewrite(model: onnx.ModelProto, selection: Selection | None = None) -> 
     types = _elem_types(model)
     checked: list[Candidate] = []
     skipped: list[SkippedNode] = []
+    functions = {(f.domain, f.name): f for f in model.functions}
     for node in model.graph.node:
         if node.domain not in _DEFAULT_DOMAINS:
             pass
@@ -383,6 +460,8 @@ def plan_rewrite(model: onnx.ModelProto, selection: Selection | None = None) -> 
             skipped.append(
                 SkippedNode(node.name, node.op_type, f"{node.op_type} has no NB-SMT equivalent")
             )
+        if (node.domain, node.op_type) in functions:
+            skipped.extend(_function_skips(functions, node, set()))
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 skipped.extend(_subgraph_skips(sub, node.name))

@@ -109,6 +109,8 @@ class Job(Generic[P]):
     session: SessionOptions = field(default_factory=SessionOptions)
     #: Only the first ``max_batches`` batches (None: all), e.g. a one-batch check run.
     max_batches: int | None = None
+    #: How errors name the model ("float model", "simulation model", ...).
+    what: str | None = None
 
 
 ProgressFn = Callable[[int, int | None], None]
@@ -143,12 +145,7 @@ def _batch_partials(
     for feed in data.batches(start, stop):
         outputs = session.run(names, feed)
         yield reducer.reduce(outputs, feed, first)
-        first += _feed_samples(feed)
-
-
-def _feed_samples(feed: Feed) -> int:
-    value = next(iter(feed.values()))
-    return int(value.shape[0]) if value.ndim else 1
+        first += data.samples_in(feed)
 
 
 class Executor:
@@ -180,7 +177,7 @@ class LocalExecutor(Executor):
         for job in jobs:
             data = job.data.open(job.model) if isinstance(job.data, DataSpec) else job.data
             with io.session_source(job.model) as source:
-                session = create_session(source, _session_options(job))
+                session = create_session(source, _session_options(job), what=job.what)
             partials = []
             for part in _batch_partials(session, data, job.reducer, 0, job.max_batches):
                 partials.append(part)
@@ -210,10 +207,12 @@ class _ShardWorker:
         self._sessions: dict[str, Any] = {}
         self._keep = keep
 
-    def _session(self, key: str, model_bytes: bytes, options: SessionOptions) -> Any:
+    def _session(
+        self, key: str, model_bytes: bytes, options: SessionOptions, what: str | None
+    ) -> Any:
         session = self._sessions.pop(key, None)
         if session is None:
-            session = create_session(model_bytes, options)
+            session = create_session(model_bytes, options, what=what)
         self._sessions[key] = session  # most recently used last
         while len(self._sessions) > self._keep:
             self._sessions.pop(next(iter(self._sessions)))
@@ -224,21 +223,25 @@ class _ShardWorker:
         key: str,
         model_bytes: bytes,
         options: SessionOptions,
-        data: DataSpec | list[Feed],
+        what: str | None,
+        data: DataSpec | tuple[list[Feed], list[int]],
         reducer: Reducer[Any],
         batches: tuple[int, int],
         first_sample: int,
     ) -> list[Any]:
-        """Partials of batches ``batches[0]`` .. ``batches[1] - 1`` of the pass, in order."""
-        session = self._session(key, model_bytes, options)
+        """Partials of batches ``batches[0]`` .. ``batches[1] - 1`` of the pass, in order.
+
+        ``data``: a spec the worker opens, or the shard's feeds with their sample counts.
+        """
+        session = self._session(key, model_bytes, options, what)
         if isinstance(data, DataSpec):
             opened = data.open(onnx.load_from_string(model_bytes))
             return list(_batch_partials(session, opened, reducer, *batches))
         names = list(reducer.outputs)
         out, first = [], first_sample
-        for feed in data:
+        for feed, size in zip(*data, strict=True):
             out.append(reducer.reduce(session.run(names, feed), feed, first))
-            first += _feed_samples(feed)
+            first += size
         return out
 
 
@@ -320,17 +323,18 @@ class RayExecutor(Executor):
                 firsts = [a * opened.batch_size for a, _ in shards]
             else:  # in-memory data: the driver reads it and ships each shard's batches
                 batches = list(job.data.batches(0, job.max_batches))
-                sizes = np.cumsum([0] + [_feed_samples(b) for b in batches])
+                counts = [job.data.samples_in(b) for b in batches]
+                starts = np.cumsum([0, *counts])
                 shards = plan_shards(len(batches), self.workers)
-                payloads = [ray.put(batches[a:b]) for a, b in shards]
-                firsts = [int(sizes[a]) for a, _ in shards]
+                payloads = [ray.put((batches[a:b], counts[a:b])) for a, b in shards]
+                firsts = [int(starts[a]) for a, _ in shards]
             slots.append([None] * len(shards))
             for s, (bounds, payload, first) in enumerate(
                 zip(shards, payloads, firsts, strict=True)
             ):
                 actor = self._actors[(total + s) % self.workers]
                 ref = actor.run_shard.remote(
-                    key, model_ref, options, payload, job.reducer, bounds, first
+                    key, model_ref, options, job.what, payload, job.reducer, bounds, first
                 )
                 pending[ref] = _Shard(j, s)
             total += len(shards)
