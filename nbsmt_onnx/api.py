@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from nbsmt_onnx import io
 from nbsmt_onnx.calibration.data import (
@@ -72,6 +70,7 @@ from nbsmt_onnx.graph.rewrite import (
 )
 from nbsmt_onnx.graph.threads import assign_threads, layer_macs
 from nbsmt_onnx.ops import schema
+from nbsmt_onnx.progress import Progress
 from nbsmt_onnx.report import StatsReducer, add_stats_outputs, build_report
 from nbsmt_onnx.runtime.executor import Job, LocalExecutor
 from nbsmt_onnx.runtime.library import get_library_path
@@ -316,17 +315,11 @@ def _run_with_stats(
         tuple(o.name for o in sim_model.graph.output), ops, tuple(stats_names[n] for n in ops)
     )
     max_batches = None if config.collect_stats else 1
-    with tqdm(
-        total=data.num_batches if config.collect_stats else 1,
-        desc="NB-SMT stats",
-        unit="batch",
-        file=sys.stderr,
-        disable=not config.progress or None,
-        leave=False,
-    ) as bar:
+    total = data.num_batches if config.collect_stats else 1
+    with Progress("NB-SMT statistics", total, enabled=config.progress) as bar:
         totals: dict[str, np.ndarray] = LocalExecutor().run(
             Job(probe, data, reducer, max_batches=max_batches, what="simulation model"),
-            lambda done, _: bar.update(done - bar.n),
+            bar.update,
         )
     return totals if config.collect_stats else None
 

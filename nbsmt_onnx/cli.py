@@ -67,12 +67,20 @@ class _Group(click.Group):
             sys.exit(err.exit_code)
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int, quiet: bool = False) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(
         level=level, format="nbsmt-onnx: %(levelname)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("nbsmt_onnx").setLevel(level)
+    # Progress lines (when stderr is not a terminal) are shown unless -q, without a level.
+    progress = logging.getLogger("nbsmt_onnx.progress")
+    progress.setLevel(logging.WARNING if quiet else min(level, logging.INFO))
+    if not progress.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("nbsmt-onnx: %(message)s"))
+        progress.addHandler(handler)
+        progress.propagate = False
 
 
 @click.group(cls=_Group)
@@ -377,10 +385,14 @@ _run_options = _options(
     click.option("--force", is_flag=True, help="Overwrite existing output files."),
     click.option(
         "--progress/--no-progress",
-        default=None,
-        help="Progress bars on stderr [default: when stderr is a terminal].",
+        default=True,
+        show_default=True,
+        help="Progress on stderr: bars with ETA on a terminal, a log line every 10 s otherwise.",
     ),
     click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug)."),
+    click.option(
+        "-q", "--quiet", is_flag=True, help="No progress and no info lines; warnings and errors only."
+    ),
 )
 
 
@@ -501,7 +513,8 @@ def transform_command(model: Path, **kw: Any) -> None:
     from nbsmt_onnx.api import output_paths, transform
     from nbsmt_onnx.io import check_destination
 
-    _setup_logging(int(kw.pop("verbose")))
+    quiet = bool(kw.pop("quiet"))
+    _setup_logging(int(kw.pop("verbose")), quiet)
     calib = kw.pop("calib")
     if not calib:
         raise ConfigError(NO_CALIB_MESSAGE)
@@ -522,7 +535,7 @@ def transform_command(model: Path, **kw: Any) -> None:
         export=str(kw.pop("export")),
         qdq_types=str(kw.pop("qdq_types")),
         recalibration=_recalibration_config(kw, enabled=bool(kw.pop("recalibrate"))),
-        progress=sys.stderr.isatty() if progress is None else bool(progress),
+        progress=bool(progress) and not quiet,
     )
     images = ImagePreprocessing(
         resize=_size(kw.pop("resize"), "resize"),
@@ -805,7 +818,8 @@ def evaluate_command(model: Path, **kw: object) -> None:
     from nbsmt_onnx.html_report import write_html
     from nbsmt_onnx.io import check_destination
 
-    _setup_logging(int(kw.pop("verbose")))  # type: ignore[call-overload]
+    quiet = bool(kw.pop("quiet"))
+    _setup_logging(int(kw.pop("verbose")), quiet)  # type: ignore[call-overload]
     calib = kw.pop("calib")
     if not calib:
         raise ConfigError(
@@ -813,8 +827,7 @@ def evaluate_command(model: Path, **kw: object) -> None:
             "and NB-SMT rows quantize every activation with a scale measured on it, and "
             "recalibration re-estimates BatchNorm statistics on it"
         )
-    progress = kw.pop("progress")
-    progress = sys.stderr.isatty() if progress is None else bool(progress)
+    progress = bool(kw.pop("progress")) and not quiet
     gate_rows, rows = kw.pop("gate_rows"), kw.pop("rows")
     transform_config = TransformConfig(
         num_samples=kw.pop("num_samples"),  # type: ignore[arg-type]

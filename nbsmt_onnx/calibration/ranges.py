@@ -21,7 +21,6 @@ estimator: a tensor that is ever negative is quantized signed.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from nbsmt_onnx.config import RangeConfig
 from nbsmt_onnx.errors import DataError, InternalError
 from nbsmt_onnx.graph.naming import NameGenerator
 from nbsmt_onnx.ops import schema
+from nbsmt_onnx.progress import Progress
 from nbsmt_onnx.runtime.executor import Executor, Job, LocalExecutor
 from nbsmt_onnx.runtime.session import SessionOptions
 
@@ -175,19 +175,6 @@ def _probe_model(
     return probe, outputs
 
 
-def _progress(data: CalibrationData, desc: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(
-        total=data.num_batches,
-        desc=desc,
-        unit="batch",
-        file=sys.stderr,
-        disable=not enabled or None,
-        leave=False,
-    )
-
-
 @dataclass(frozen=True)
 class MinMaxReducer:
     """Executor reducer: per-batch min/max scalars of each tensor -> :class:`MinMax`."""
@@ -250,8 +237,8 @@ def _pass(
         SessionOptions(intra_op_threads=threads, register_library=uses_library),
         what="simulation model" if uses_library else "float model",
     )
-    with _progress(data, desc, progress) as bar:
-        return (executor or LocalExecutor()).run(job, lambda done, _: bar.update(done - bar.n))
+    with Progress(desc, data.num_batches, enabled=progress) as bar:
+        return (executor or LocalExecutor()).run(job, bar.update)
 
 
 def collect_ranges(
@@ -277,7 +264,7 @@ def collect_ranges(
     probe, outs = _probe_model(model, tensors, expose=False)
     order = tuple(o for t in tensors for o in outs[t])
     minmax = _pass(
-        probe, data, MinMaxReducer(tuple(tensors), order), "ranges", progress,
+        probe, data, MinMaxReducer(tuple(tensors), order), "activation ranges", progress,
         intra_op_threads, executor,
     )  # fmt: skip
     exact = minmax.ranges()
@@ -294,7 +281,7 @@ def collect_ranges(
         config.bins,
     )
     hists = _pass(
-        probe, data, reducer, "ranges (histogram)", progress, intra_op_threads, executor
+        probe, data, reducer, "activation ranges (histogram)", progress, intra_op_threads, executor
     )
     out = {}
     for t in tensors:
