@@ -45,6 +45,7 @@ import onnx
 from nbsmt_onnx import io
 from nbsmt_onnx.calibration.data import (
     CalibrationData,
+    InputSpec,
     model_inputs,
     open_calibration_data,
 )
@@ -496,6 +497,49 @@ def _evaluate_produced(
     return evaluate_models(evaluation_set, rows, int8_model=int8_model, calib=data)
 
 
+@dataclass(frozen=True)
+class PreparedModel:
+    """The float model as every later step sees it, and the rewrite plan."""
+
+    model: onnx.ModelProto
+    source: Path | None
+    plan: RewritePlan
+    inputs: tuple[InputSpec, ...]
+    threads: dict[str, int]  # every rewritten node -> the threads it will run at
+
+
+def prepare_for_transform(
+    model: str | Path | onnx.ModelProto,
+    config: TransformConfig,
+    layout: DataLayout | None = None,
+) -> PreparedModel:
+    """Steps 1 and 3 — every check ``transform`` makes of the model before it sees data.
+
+    Load and check the model, convert what the configured steps need (opset
+    for QDQ export and for the recalibration probes), name the nodes, read the
+    inputs, plan the rewrite and resolve the per-layer threads. ``inspect``
+    runs exactly this, so a model it accepts does not fail ``transform`` for a
+    reason of the model's.
+    """
+    float_model, source_path = _load(model)
+    if config.exports_qdq:
+        float_model = _upgrade_for_qdq(float_model)
+    if config.recalibration.enabled:
+        float_model = _upgrade_opset(
+            float_model, MIN_PROBE_OPSET, "recalibration (statistics probes)",
+            "convert the model to a newer opset yourself or pass --no-recalibrate",
+        )  # fmt: skip
+    ensure_node_names(float_model)
+    if layout is not None and not isinstance(layout, DataLayout):
+        raise ConfigError(f"layout must be a DataLayout; got {type(layout).__name__}")
+    inputs = model_inputs(float_model, layout)
+    plan = plan_rewrite(float_model, config.selection)
+    if not plan.candidates:
+        raise _no_candidates_error(plan)
+    threads = config.layer_threads.resolve([c.node_name for c in plan.candidates], config.threads)
+    return PreparedModel(float_model, source_path, plan, inputs, threads)
+
+
 def transform(
     model: str | Path | onnx.ModelProto,
     calib_data: Any,
@@ -545,19 +589,10 @@ def transform(
     get_library_path()  # fail before any long pass if the library is missing
     _register_schemas()
 
-    float_model, source_path = _load(model)
-    if config.exports_qdq:
-        float_model = _upgrade_for_qdq(float_model)
-    if config.recalibration.enabled:
-        float_model = _upgrade_opset(
-            float_model, MIN_PROBE_OPSET, "recalibration (statistics probes)",
-            "convert the model to a newer opset yourself or pass --no-recalibrate",
-        )  # fmt: skip
-    ensure_node_names(float_model)
+    prepared = prepare_for_transform(model, config, layout)
+    float_model, source_path, plan = prepared.model, prepared.source, prepared.plan
 
-    if layout is not None and not isinstance(layout, DataLayout):
-        raise ConfigError(f"layout must be a DataLayout; got {type(layout).__name__}")
-    specs = model_inputs(float_model, layout)
+    specs = prepared.inputs
     data = open_calibration_data(
         calib_data,
         specs,
@@ -574,12 +609,6 @@ def transform(
         log.warning(msg)
         warnings.append(msg)
     data.first_batch()
-
-    plan = plan_rewrite(float_model, config.selection)
-    if not plan.candidates:
-        raise _no_candidates_error(plan)
-    # Check the per-layer threads against the layers now, not after the long passes.
-    config.layer_threads.resolve([c.node_name for c in plan.candidates], config.threads)
 
     recalibrates = config.recalibration.enabled and not data.is_random
     produced = _produced_row(config, recalibrates) if eval_data is not None else None
@@ -712,11 +741,35 @@ class InspectResult:
     skipped: tuple[SkippedNode, ...]
     batchnorms: tuple[BatchNormEntry, ...]
     threads: Mapping[str, int] = field(default_factory=dict)  # node -> T it would run at
+    inputs: tuple[InputSpec, ...] = ()
+    outputs: tuple[tuple[str, str, str], ...] = ()  # (name, dtype, shape)
+
+    def data_layout(self) -> list[str]:
+        """How calibration data for this model is written (one line per input)."""
+        lines = []
+        for s in self.inputs:
+            if s.batch_axis is None:
+                lines.append(f"{s.name}: {s.dtype} {s.describe()}, the same for every sample")
+            else:
+                lines.append(
+                    f"{s.name}: {s.dtype} {s.describe()}, samples along axis {s.batch_axis}"
+                )
+        return lines
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.path,
             "opset": self.opset,
+            "inputs": [
+                {
+                    "name": s.name,
+                    "dtype": str(s.dtype),
+                    "shape": s.describe(),
+                    "batch_axis": s.batch_axis,
+                }
+                for s in self.inputs
+            ],
+            "outputs": [{"name": n, "dtype": d, "shape": sh} for n, d, sh in self.outputs],
             "rewritten": [
                 {"node": n, "op_type": o, "weight_origin": w, "threads": self.threads.get(n)}
                 for n, o, w in self.rewritten
@@ -730,25 +783,49 @@ class InspectResult:
 
 
 def inspect(
-    model: str | Path | onnx.ModelProto, config: TransformConfig | None = None
+    model: str | Path | onnx.ModelProto,
+    config: TransformConfig | None = None,
+    layout: DataLayout | None = None,
 ) -> InspectResult:
-    """List what ``transform`` would rewrite, what not and why, and the BatchNorm layers."""
+    """The preflight of ``transform``: its model checks (the same code), the inputs and
+    outputs, what would be rewritten and at which threads, what not and why, the BN layers.
+
+    Raises what ``transform`` would raise for the model (with the same ``config``).
+    """
     config = config or TransformConfig()
-    float_model, source_path = _load(model)
-    ensure_node_names(float_model)
-    plan = plan_rewrite(float_model, config.selection)
+    prepared = prepare_for_transform(model, config, layout)
+    float_model, plan = prepared.model, prepared.plan
     bns: Sequence[BatchNormEntry] = ()
     if any(n.op_type == "BatchNormalization" for n in float_model.graph.node):
         bns = _inspect_batchnorms(float_model, plan, config)
-    names = [c.node_name for c in plan.candidates]
     return InspectResult(
-        path=str(source_path) if source_path else "<ModelProto>",
+        path=str(prepared.source) if prepared.source else "<ModelProto>",
         opset=io.default_opset(float_model),
         rewritten=tuple((c.node_name, c.op_type, c.weight_origin) for c in plan.candidates),
         skipped=plan.skipped,
         batchnorms=tuple(bns),
-        threads=config.layer_threads.resolve(names, config.threads) if names else {},
+        threads=prepared.threads,
+        inputs=prepared.inputs,
+        outputs=tuple(_describe_value(v) for v in float_model.graph.output),
     )
+
+
+def _describe_value(vi: onnx.ValueInfoProto) -> tuple[str, str, str]:
+    """(name, dtype, shape) of a graph input/output as text ("?" for unknown dims)."""
+    if not vi.type.HasField("tensor_type"):
+        return vi.name, "non-tensor", "?"
+    tt = vi.type.tensor_type
+    dtype = (
+        str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
+        if tt.elem_type
+        else "?"
+    )
+    if not tt.HasField("shape"):
+        return vi.name, dtype, "?"
+    dims = [
+        str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim
+    ]
+    return vi.name, dtype, "(" + ", ".join(dims) + ")"
 
 
 def _inspect_batchnorms(

@@ -381,6 +381,60 @@ _image_options = _options(
     ),
 )
 
+_layout_options = _options(
+    click.option(
+        "--batch-axis",
+        "batch_axes",
+        multiple=True,
+        metavar="NAME=AXIS",
+        help="Input NAME holds its samples along AXIS, e.g. state=1 for [layers, N, hidden] "
+        "(repeatable; default 0).",
+    ),
+    click.option(
+        "--constant",
+        "constants",
+        multiple=True,
+        metavar="NAME[=FILE]",
+        help="Input NAME is the same for every sample: its array in the data (or FILE, an .npy) "
+        "has the input's exact shape and is fed with every batch (repeatable; scalars always are).",
+    ),
+)
+
+_threads_options = _options(
+    click.option(
+        "--threads",
+        type=click.Choice(["1", "2", "4"]),
+        default="2",
+        show_default=True,
+        help="NB-SMT threads per MAC (every layer --layer-threads does not set).",
+    ),
+    click.option(
+        "--layer-threads",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        metavar="FILE.json",
+        help='Per-layer threads: a JSON object of node name or full-match regular expression -> 1, 2 or 4, e.g. {"conv1": 1, "block.*": 4}.',
+    ),
+)
+
+_export_options = _options(
+    click.option(
+        "--export",
+        type=click.Choice(["sim", "qdq", "both"]),
+        default="sim",
+        show_default=True,
+        help="Models to write: NB-SMT simulation, standard QDQ, or both.",
+    ),
+)
+
+_recalibrate_option = _options(
+    click.option(
+        "--recalibrate/--no-recalibrate",
+        default=_RC.enabled,
+        show_default=True,
+        help="Recalibrate BatchNorm statistics under NB-SMT (docs/recalibration.md).",
+    ),
+)
+
 _run_options = _options(
     click.option("--force", is_flag=True, help="Overwrite existing output files."),
     click.option(
@@ -415,35 +469,8 @@ _run_options = _options(
     metavar="DATA",
     help="Calibration data: .npz/.npy, a folder of arrays or images, or 'random' (smoke tests only).",
 )
-@click.option(
-    "--batch-axis",
-    "batch_axes",
-    multiple=True,
-    metavar="NAME=AXIS",
-    help="Input NAME holds its samples along AXIS, e.g. state=1 for [layers, N, hidden] "
-    "(repeatable; default 0).",
-)
-@click.option(
-    "--constant",
-    "constants",
-    multiple=True,
-    metavar="NAME[=FILE]",
-    help="Input NAME is the same for every sample: its array in the data (or FILE, an .npy) "
-    "has the input's exact shape and is fed with every batch (repeatable; scalars always are).",
-)
-@click.option(
-    "--threads",
-    type=click.Choice(["1", "2", "4"]),
-    default="2",
-    show_default=True,
-    help="NB-SMT threads per MAC (every layer --layer-threads does not set).",
-)
-@click.option(
-    "--layer-threads",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    metavar="FILE.json",
-    help='Per-layer threads: a JSON object of node name or full-match regular expression -> 1, 2 or 4, e.g. {"conv1": 1, "block.*": 4}.',
-)
+@_layout_options
+@_threads_options
 @click.option(
     "--mapping",
     type=click.Choice(["channel", "interleave"]),
@@ -461,13 +488,7 @@ _run_options = _options(
 )
 @_calibration_options
 @_selection_options
-@click.option(
-    "--export",
-    type=click.Choice(["sim", "qdq", "both"]),
-    default="sim",
-    show_default=True,
-    help="Models to write: NB-SMT simulation, standard QDQ, or both.",
-)
+@_export_options
 @click.option(
     "--qdq-types",
     type=click.Choice(list(QDQ_TYPES_CHOICES)),
@@ -476,12 +497,7 @@ _run_options = _options(
     help="Integer types of the QDQ model's activations x weights (same integers and scales): "
     "u8u8 stays exact in ONNX Runtime's fused kernels on CPUs without VNNI (docs/transform.md).",
 )
-@click.option(
-    "--recalibrate/--no-recalibrate",
-    default=_RC.enabled,
-    show_default=True,
-    help="Recalibrate BatchNorm statistics under NB-SMT (issue 3).",
-)
+@_recalibrate_option
 @_recalibration_options
 @click.option(
     "--report",
@@ -669,40 +685,40 @@ def _transform_evaluation(kw: dict[str, Any], progress: bool) -> tuple[Any, Any,
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @_selection_options
-@click.option(
-    "--threads",
-    type=click.Choice(["1", "2", "4"]),
-    default="2",
-    show_default=True,
-    help="NB-SMT threads per MAC (every layer --layer-threads does not set).",
-)
-@click.option(
-    "--layer-threads",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    metavar="FILE.json",
-    help="Per-layer threads, as for transform: shows what each layer would run at.",
-)
+@_threads_options
+@_export_options
+@_recalibrate_option
+@_layout_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 def inspect_command(model: Path, **kw: Any) -> None:
-    """List what transform would rewrite in MODEL, what not and why, and its BatchNorm layers."""
+    """Preflight MODEL: the checks transform runs (same options, same code), the inputs and
+    outputs with the data layout calibration needs, what would be rewritten at which threads,
+    what not and why, and the BatchNorm layers. Exit 2 when transform would refuse the model.
+    """
     from nbsmt_onnx.api import inspect
 
     _setup_logging(int(kw.pop("verbose")))
     as_json = bool(kw.pop("as_json"))
     layer_threads = kw.pop("layer_threads")
-    result = inspect(
-        model,
-        TransformConfig(
-            selection=_selection(kw),
-            threads=int(kw.pop("threads")),
-            layer_threads=LayerThreads.load(layer_threads) if layer_threads else LayerThreads(),
-        ),
+    config = TransformConfig(
+        selection=_selection(kw),
+        threads=int(kw.pop("threads")),
+        layer_threads=LayerThreads.load(layer_threads) if layer_threads else LayerThreads(),
+        export=str(kw.pop("export")),
+        recalibration=RecalibrationConfig(enabled=bool(kw.pop("recalibrate"))),
     )
+    result = inspect(model, config, _data_layout(kw.pop("batch_axes"), kw.pop("constants")))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    click.echo(f"{result.path} (opset {result.opset})")
+    click.echo(f"{result.path} (opset {result.opset}): transform's model checks passed")
+    click.echo("inputs (calibration data: an .npz with one array per input, keyed by name):")
+    for line in result.data_layout():
+        click.echo(f"  {line}")
+    click.echo("outputs:")
+    for name, dtype, shape in result.outputs:
+        click.echo(f"  {name}: {dtype} {shape}")
     click.echo(f"rewritten ({len(result.rewritten)}):")
     for name, op_type, origin in result.rewritten:
         click.echo(f"  {name}  {op_type} -> NB-SMT T={result.threads[name]}  (weights: {origin})")
