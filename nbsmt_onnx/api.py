@@ -211,21 +211,7 @@ class TransformResult:
 
 def write_report(report: dict[str, Any], path: str | Path, *, force: bool = False) -> Path:
     """Write the JSON report atomically (same rules as model files)."""
-    import os
-    import tempfile
-
-    dest = Path(path)
-    io.check_destination(dest, force=force, protect=())
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, dest)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {dest}: {err.strerror or err}") from err
-    return dest
+    return io.write_text(path, json.dumps(report, indent=2, sort_keys=False) + "\n", force=force)
 
 
 # --------------------------------------------------------------------------- steps

@@ -46,10 +46,8 @@ import io as _stdio
 import json
 import logging
 import math
-import os
 import sys
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -72,7 +70,7 @@ from nbsmt_onnx.calibration.data import (
 )
 from nbsmt_onnx.calibration.labels import Labels, load_labels
 from nbsmt_onnx.config import ImagePreprocessing, TransformConfig
-from nbsmt_onnx.errors import ConfigError, DataError, InternalError, NbsmtError, OutputError
+from nbsmt_onnx.errors import ConfigError, DataError, InternalError, NbsmtError
 from nbsmt_onnx.metrics import (
     BOOTSTRAP_PERCENTILE,
     BOOTSTRAP_RESAMPLES,
@@ -1665,22 +1663,8 @@ def _finish_row(r: _Runner, labelled: bool, uncertainty: _RowUncertainty | None)
 
 
 def write_text(path: str | Path, text: str, *, force: bool = False) -> Path:
-    """Write ``text`` atomically (temp file + rename); refuse to overwrite without ``force``.
-
-    The temporary file is created with ``open(..., "x")`` so it gets the
-    usual permissions (umask), unlike ``tempfile.mkstemp``'s 0600.
-    """
-    dest = Path(path)
-    io.check_destination(dest, force=force, protect=())
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, dest)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {dest}: {err.strerror or err}") from err
-    return dest
+    """Write ``text`` atomically (``io.write_text``: the one text writer)."""
+    return io.write_text(path, text, force=force)
 
 
 __all__ = [

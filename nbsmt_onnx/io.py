@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,3 +231,23 @@ def session_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
         path = Path(tmp) / "model.onnx"
         save_model(model, path, external_data=True)
         yield str(path)
+
+
+def write_text(path: str | Path, text: str, *, force: bool = False) -> Path:
+    """Write ``text`` atomically (temp file + rename); refuse to overwrite without ``force``.
+
+    The one writer of text outputs (JSON reports, CSV, HTML). The temporary
+    file is created with ``open(..., "x")`` so the result gets the usual
+    permissions (umask), unlike ``tempfile.mkstemp``'s 0600.
+    """
+    dest = Path(path)
+    check_destination(dest, force=force, protect=())
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, dest)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {dest}: {err.strerror or err}") from err
+    return dest

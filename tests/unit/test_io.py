@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -173,3 +174,21 @@ def test_check_model_skips_protos_too_large_to_serialize(monkeypatch: pytest.Mon
     monkeypatch.undo()
     with pytest.raises(ModelError, match="fails onnx"):
         io.check_model(model)
+
+
+def test_text_outputs_get_normal_permissions_and_no_temp_files(tmp_path: Path) -> None:
+    from nbsmt_onnx.api import write_report
+
+    umask = os.umask(0o022)
+    try:
+        report = write_report({"a": 1}, tmp_path / "report.json")
+        text = io.write_text(tmp_path / "table.csv", "x\n")
+    finally:
+        os.umask(umask)
+    for path in (report, text):
+        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert json.loads(report.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "table.csv"]
+    with pytest.raises(OutputError, match="exists"):
+        io.write_text(tmp_path / "table.csv", "y\n")
+    assert (tmp_path / "table.csv").read_text() == "x\n"
