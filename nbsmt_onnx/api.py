@@ -53,6 +53,7 @@ from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
 from nbsmt_onnx.calibration.recalibrate import recalibrate
 from nbsmt_onnx.config import DataLayout, ImagePreprocessing, TransformConfig
 from nbsmt_onnx.errors import (
+    EXIT_OK,
     ConfigError,
     InternalError,
     NbsmtError,
@@ -156,7 +157,7 @@ class TransformResult:
     @property
     def exit_code(self) -> int:
         """0, or 3 when the gate was missed (the same code as ``nbsmt-onnx evaluate``)."""
-        return 0 if self.evaluation is None else self.evaluation.exit_code
+        return EXIT_OK if self.evaluation is None else self.evaluation.exit_code
 
     def output_paths(
         self, output: str | Path | None = None, qdq_output: str | Path | None = None

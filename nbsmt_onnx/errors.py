@@ -8,11 +8,17 @@ and the fix; the CLI prints it without a traceback and exits non-zero.
 
 from __future__ import annotations
 
+#: Exit codes of the command-line tool (and of ``TransformResult`` / ``EvaluationResult``).
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # a bug: Python traceback
+EXIT_USER_ERROR = 2  # NbsmtError.exit_code: bad option, data, model, path
+EXIT_THRESHOLD = 3  # the run completed, a configuration missed --max-drop / --min-agreement
+
 
 class NbsmtError(Exception):
     """A problem the user can fix. ``str(err)`` is a one-line message."""
 
-    exit_code = 2
+    exit_code = EXIT_USER_ERROR
 
 
 class LibraryNotFoundError(NbsmtError):

@@ -70,7 +70,16 @@ from nbsmt_onnx.calibration.data import (
 )
 from nbsmt_onnx.calibration.labels import Labels, load_labels
 from nbsmt_onnx.config import ImagePreprocessing, TransformConfig
-from nbsmt_onnx.errors import ConfigError, DataError, InternalError, NbsmtError
+from nbsmt_onnx.errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_THRESHOLD,
+    EXIT_USER_ERROR,
+    ConfigError,
+    DataError,
+    InternalError,
+    NbsmtError,
+)
 from nbsmt_onnx.metrics import (
     BOOTSTRAP_PERCENTILE,
     BOOTSTRAP_RESAMPLES,
@@ -113,10 +122,6 @@ REFERENCE_CHOICES = ("float32", "int8")
 GATE_BOUNDS = ("point", "pessimistic")
 
 #: Exit codes of ``nbsmt-onnx evaluate`` (docs/evaluate.md).
-EXIT_OK = 0
-EXIT_INTERNAL = 1  # a bug: Python traceback
-EXIT_USER_ERROR = 2  # NbsmtError.exit_code: bad option, data, model, path
-EXIT_THRESHOLD = 3  # evaluation ran, a configuration missed --max-drop / --min-agreement
 
 _METRIC_KEYS = ("top1", "top5", "agreement", "kl", "cosine", "sqnr_db")
 _PROPORTIONS = ("top1", "top5", "agreement")
