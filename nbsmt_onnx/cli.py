@@ -286,6 +286,19 @@ _recalibration_options = _options(
 )
 
 
+def _images(kw: dict[str, Any]) -> ImagePreprocessing:
+    """Pop the ``_image_options`` of ``kw`` into an ImagePreprocessing."""
+    return ImagePreprocessing(
+        resize=_size(kw.pop("resize"), "resize"),
+        crop=_size(kw.pop("center_crop"), "center-crop"),
+        mean=_floats(str(kw.pop("mean")), "mean"),
+        std=_floats(str(kw.pop("std")), "std"),
+        scale=kw.pop("pixel_scale"),
+        layout=str(kw.pop("layout")),
+        channel_order=str(kw.pop("channel_order")),
+    )
+
+
 def _recalibration_config(kw: dict[str, Any], enabled: bool = True) -> RecalibrationConfig:
     """Pop the ``_recalibration_options`` of ``kw`` into a RecalibrationConfig."""
     return RecalibrationConfig(
@@ -553,15 +566,7 @@ def transform_command(model: Path, **kw: Any) -> None:
         recalibration=_recalibration_config(kw, enabled=bool(kw.pop("recalibrate"))),
         progress=bool(progress) and not quiet,
     )
-    images = ImagePreprocessing(
-        resize=_size(kw.pop("resize"), "resize"),
-        crop=_size(kw.pop("center_crop"), "center-crop"),
-        mean=_floats(str(kw.pop("mean")), "mean"),
-        std=_floats(str(kw.pop("std")), "std"),
-        scale=kw.pop("pixel_scale"),
-        layout=str(kw.pop("layout")),
-        channel_order=str(kw.pop("channel_order")),
-    )
+    images = _images(kw)
     eval_config, eval_data, eval_labels = _transform_evaluation(kw, config.progress)
     force = bool(kw.pop("force"))
     report_path = kw.pop("report_path")
@@ -738,6 +743,185 @@ def _csv_list(value: str, name: str, cast: type = str) -> tuple[Any, ...]:
         raise ConfigError(f"--{name} takes a comma-separated list; got {value!r}") from None
 
 
+class _IntList(click.ParamType):
+    """A comma-separated list of integers from ``choices`` (``1,2,4``)."""
+
+    name = "LIST"
+
+    def __init__(self, choices: tuple[int, ...]) -> None:
+        self.choices = choices
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            out = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        bad = [v for v in out if v not in self.choices]
+        if bad or not out:
+            self.fail(
+                f"{value!r}: each value must be one of {', '.join(map(str, self.choices))}",
+                param,
+                ctx,
+            )
+        return out
+
+
+_executor_options = _options(
+    click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Where model passes run: in this process, or on Ray workers (the 'ray' extra).",
+    ),
+    click.option(
+        "--workers", type=click.IntRange(min=1), default=2, show_default=True,
+        help="Ray workers (--executor ray).",
+    ),
+    click.option(
+        "--ray-address",
+        metavar="ADDR",
+        help="A running Ray cluster [default: start a private one for the run, stop it after].",
+    ),
+)  # fmt: skip
+
+
+@main.command("search")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", "calib", required=True, metavar="DATA", help="Calibration data.")
+@click.option(
+    "--data", "data", required=True, metavar="DATA",
+    help="Search data: held out from --calib; candidates are scored on it.",
+)
+@click.option("--labels", metavar="LABELS", help="Labels of --data (for --metric top1).")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+    help="The model with the chosen per-layer threads [default: MODEL stem + .search.onnx].",
+)
+@click.option(
+    "--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the plan (every layer's threads, MACs, sensitivity; assignments tried) as JSON.",
+)
+@click.option(
+    "--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+    help="Accuracy budget: points of --metric below --reference.",
+)
+@click.option(
+    "--reference", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
+    help="What the drop is measured against (int8 = every layer at the lowest choice).",
+)
+@click.option(
+    "--metric", type=click.Choice(["top1", "agreement"]), default=None,
+    help="top1 (needs --labels) or argmax agreement with float32 [default: top1 with labels].",
+)
+@click.option(
+    "--choices", type=_IntList((1, 2, 4)), default="1,2,4", show_default=True,
+    help="Thread counts a layer may get (comma-separated).",
+)
+@click.option(
+    "--bound", type=click.Choice(["point", "pessimistic"]), default="point", show_default=True,
+    help="Budget check on the drop's point estimate or on the upper end of its 95 % interval.",
+)
+@click.option(
+    "--sensitivity-recal/--no-sensitivity-recal", default=True, show_default=True,
+    help="Recalibrate every sensitivity candidate as transform would (slower, as deployed).",
+)
+@click.option("--mapping", type=click.Choice(["channel", "interleave"]), default="channel",
+              show_default=True, help="How the reduction axis is split among threads.")
+@click.option("--reduce", "reduce_", type=click.Choice(["activations", "weights"]),
+              default="activations", show_default=True,
+              help="Operand reduced on a 2-thread collision.")
+@click.option("--output-name", "output_name", metavar="NAME",
+              help="The classification output to score [default: the first output].")
+@_calibration_options
+@_recalibration_options
+@_evaluation_options
+@_layout_options
+@_image_options
+@_executor_options
+@_run_options
+def search_command(model: Path, **kw: Any) -> None:
+    """Find per-layer threads with the largest speed-up within an accuracy budget.
+
+    Every layer's sensitivity is measured (alone at each higher thread count),
+    layers are moved up greedily by loss per cycle saved, and the result is
+    verified by a real evaluation, backing off when it misses the budget.
+    Writes the model (recalibrated under the chosen assignment) and, with
+    --plan, the plan. Exit codes: 0 ok, 2 user error, 3 no assignment above the
+    lowest choice met the budget (the best one is still written).
+
+    \b
+    Example:
+      nbsmt-onnx search model.onnx --calib calib.npz --data val.npz --labels val.npy \\
+          --max-drop 1 -o model.search.onnx --plan plan.json
+    """
+    from nbsmt_onnx.api import output_paths
+    from nbsmt_onnx.io import check_destination, write_text
+    from nbsmt_onnx.runtime.executor import create_executor
+    from nbsmt_onnx.search import SearchConfig, search
+
+    quiet = bool(kw.pop("quiet"))
+    _setup_logging(int(kw.pop("verbose")), quiet)
+    progress = bool(kw.pop("progress")) and not quiet
+    labels = kw.pop("labels")
+    metric = kw.pop("metric") or ("top1" if labels else "agreement")
+    transform_config = TransformConfig(
+        mapping=str(kw.pop("mapping")),
+        reduce=str(kw.pop("reduce_")),
+        num_samples=kw.pop("num_samples"),
+        batch_size=kw.pop("batch_size"),
+        seed=kw.pop("seed"),
+        ranges=RangeConfig(
+            estimator=str(kw.pop("range_estimator")), percentile=kw.pop("percentile")
+        ),
+        recalibration=_recalibration_config(kw),
+    )
+    config = SearchConfig(
+        max_drop=float(kw.pop("max_drop")),
+        metric=metric,
+        reference=str(kw.pop("reference")),
+        choices=kw.pop("choices"),
+        bound=str(kw.pop("bound")),
+        sensitivity_recalibration=bool(kw.pop("sensitivity_recal")),
+        transform=transform_config,
+        eval_samples=kw.pop("eval_samples"),
+        eval_batch_size=kw.pop("eval_batch_size"),
+        output=kw.pop("output_name"),
+        progress=progress,
+    )
+    images = _images(kw)
+    layout = _data_layout(kw.pop("batch_axes"), kw.pop("constants"))
+    force = bool(kw.pop("force"))
+    out = output_paths(model, "sim", kw.pop("output") or model.with_name(
+        (model.name[:-5] if model.name.endswith(".onnx") else model.name) + ".search.onnx"
+    ))["sim"]  # fmt: skip
+    plan_path = kw.pop("plan_path")
+    for p in [out, *([plan_path] if plan_path else [])]:
+        check_destination(Path(p), force=force, protect=(model,))
+    with create_executor(
+        str(kw.pop("executor")), int(kw.pop("workers")), kw.pop("ray_address")
+    ) as executor:
+        result = search(
+            model, kw.pop("calib"), kw.pop("data"), config, labels=labels, images=images,
+            layout=layout, executor=executor,
+        )  # fmt: skip
+    written = result.transform.save(out, force=force)
+    if plan_path:
+        written.append(write_text(plan_path, json.dumps(result.plan(), indent=2) + "\n", force=force))
+    click.echo(result.format_table())
+    best = result.best
+    click.echo(
+        f"{'chosen' if result.met_budget else 'NO assignment met the budget; best'}: {best.label}, "
+        f"speed-up {best.speedup:.2f}x, drop {best.score.drop:.2f} points "
+        f"({result.model_evaluations} model evaluations, {result.wall_s:.0f} s)"
+    )
+    for path in written:
+        click.echo(f"wrote {path}")
+    sys.exit(result.exit_code)
+
+
 @main.command("evaluate")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -876,15 +1060,7 @@ def evaluate_command(model: Path, **kw: object) -> None:
         layer_samples=kw.pop("layer_samples"),  # type: ignore[arg-type]
         progress=progress,
     )
-    images = ImagePreprocessing(
-        resize=_size(kw.pop("resize"), "resize"),  # type: ignore[arg-type]
-        crop=_size(kw.pop("center_crop"), "center-crop"),  # type: ignore[arg-type]
-        mean=_floats(str(kw.pop("mean")), "mean"),
-        std=_floats(str(kw.pop("std")), "std"),
-        scale=kw.pop("pixel_scale"),  # type: ignore[arg-type]
-        layout=str(kw.pop("layout")),
-        channel_order=str(kw.pop("channel_order")),
-    )
+    images = _images(kw)
     force = bool(kw.pop("force"))
     csv_path, report_path = kw.pop("csv_path"), kw.pop("report_path")
     outputs = [p for p in (csv_path, report_path) if p is not None]

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import executor_support as es
 import numpy as np
+import onnx
 import pytest
+import transform_models as tm
 from onnx import TensorProto, helper
 
 import nbsmt_onnx as nb
@@ -16,6 +18,7 @@ from nbsmt_onnx.calibration.data import model_inputs, open_calibration_data
 from nbsmt_onnx.calibration.ranges import collect_ranges
 from nbsmt_onnx.config import RangeConfig
 from nbsmt_onnx.runtime.executor import DataSpec, Job, LocalExecutor, RayExecutor
+from nbsmt_onnx.search import SearchConfig, search
 
 pytestmark = pytest.mark.ray
 
@@ -120,3 +123,20 @@ def test_activation_ranges_on_ray_equal_local(
     on_ray = collect_ranges(model, tensors, data, config, executor=ray_executor)
     local = collect_ranges(model, tensors, data, config)
     assert on_ray == local  # exactly: min/max and histogram counts are exact
+
+
+def test_search_on_ray_equals_local(
+    ray_executor: RayExecutor, tmp_path: Path, nbsmt_library: str
+) -> None:
+    """Candidate evaluations spread over the workers give the same search, to the bit."""
+    model = tmp_path / "m.onnx"
+    onnx.save(tm.conv_relu_gemm(0), model)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "e.npz", x=rng.standard_normal((120, 3, 8, 8)).astype(np.float32))
+    config = SearchConfig(max_drop=2.0, transform=nb.TransformConfig(num_samples=32))
+    args = (model, tmp_path / "c.npz", tmp_path / "e.npz", config)
+    on_ray = search(*args, executor=ray_executor).plan()
+    local = search(*args).plan()
+    on_ray.pop("wall_time_s"), local.pop("wall_time_s")
+    assert on_ray == local
