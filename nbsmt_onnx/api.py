@@ -73,7 +73,13 @@ from nbsmt_onnx.graph.rewrite import (
 from nbsmt_onnx.graph.threads import assign_threads, layer_macs
 from nbsmt_onnx.ops import schema
 from nbsmt_onnx.progress import Progress
-from nbsmt_onnx.report import StatsReducer, add_stats_outputs, build_report
+from nbsmt_onnx.report import (
+    StatsReducer,
+    add_stats_outputs,
+    build_report,
+    report_kind,
+    write_report,
+)
 from nbsmt_onnx.runtime.executor import Job, LocalExecutor
 from nbsmt_onnx.runtime.library import get_library_path
 from nbsmt_onnx.runtime.session import SessionOptions, create_session
@@ -83,8 +89,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Report suffixes written as HTML (``html_report.write_html``); anything else is JSON.
-HTML_SUFFIXES = (".html", ".htm")
 
 METADATA_VERSION_KEY = "nbsmt_onnx.version"
 METADATA_SETTINGS_KEY = "nbsmt_onnx.settings"
@@ -176,11 +180,13 @@ class TransformResult:
         """Write the configured exports (and the report, if a path is given); all or nothing.
 
         The report is HTML (``html_report.write_html``: one self-contained page
-        with plots) when ``report_path`` ends in ``.html`` / ``.htm``, JSON
-        otherwise. Every destination is checked before anything is written; if
+        with plots) when ``report_path`` ends in ``.html`` / ``.htm``, JSON for
+        ``.json``; other suffixes are refused. Every destination is checked before anything is written; if
         a later write fails, the files written by this call are removed again.
         """
         paths = self.output_paths(output, qdq_output)
+        if report_path is not None:
+            report_kind(report_path)
         protect = (self.source_path,) if self.source_path is not None else ()
         all_paths = [*paths.values(), *([Path(report_path)] if report_path is not None else [])]
         if len({p.resolve() for p in all_paths}) != len(all_paths):
@@ -197,22 +203,12 @@ class TransformResult:
                     )
                 written += io.save_model(model, path, force=force, protect=protect)
             if report_path is not None:
-                if Path(report_path).suffix.lower() in HTML_SUFFIXES:
-                    from nbsmt_onnx.html_report import write_html
-
-                    written.append(write_html(self.report, report_path, force=force))
-                else:
-                    written.append(write_report(self.report, report_path, force=force))
+                written.append(write_report(self.report, report_path, force=force))
         except NbsmtError:
             for p in written:
                 p.unlink(missing_ok=True)
             raise
         return written
-
-
-def write_report(report: dict[str, Any], path: str | Path, *, force: bool = False) -> Path:
-    """Write the JSON report atomically (same rules as model files)."""
-    return io.write_text(path, json.dumps(report, indent=2, sort_keys=False) + "\n", force=force)
 
 
 # --------------------------------------------------------------------------- steps

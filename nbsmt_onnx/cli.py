@@ -516,7 +516,7 @@ _run_options = _options(
     "--report",
     "report_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the report here: HTML when PATH ends in .html/.htm, JSON otherwise.",
+    help="Write the report here: HTML for .html/.htm (one page with plots), JSON for .json.",
 )
 @click.option(
     "--eval-data",
@@ -541,6 +541,7 @@ def transform_command(model: Path, **kw: Any) -> None:
     """
     from nbsmt_onnx.api import output_paths, transform
     from nbsmt_onnx.io import check_destination
+    from nbsmt_onnx.report import report_kind
 
     quiet = bool(kw.pop("quiet"))
     _setup_logging(int(kw.pop("verbose")), quiet)
@@ -571,7 +572,10 @@ def transform_command(model: Path, **kw: Any) -> None:
     force = bool(kw.pop("force"))
     report_path = kw.pop("report_path")
     paths = output_paths(model, config.export, kw.pop("output"), kw.pop("qdq_output"))
-    # Refuse before the long passes: an existing output, the input itself, an unwritable directory.
+    # Refuse before the long passes: an unknown report format, an existing output, the input
+    # itself, an unwritable directory.
+    if report_path:
+        report_kind(report_path)
     for p in [*paths.values(), *([report_path] if report_path else [])]:
         check_destination(Path(p), force=force, protect=(model,))
     if calib == "random":
@@ -1006,7 +1010,7 @@ def search_command(model: Path, **kw: Any) -> None:
     "--report",
     "report_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the HTML report here.",
+    help="Write the report here: HTML for .html/.htm (one page with plots), JSON for .json.",
 )
 @_run_options
 def evaluate_command(model: Path, **kw: object) -> None:
@@ -1015,8 +1019,8 @@ def evaluate_command(model: Path, **kw: object) -> None:
     Exit codes: 0 ok, 2 user error, 3 a threshold (--max-drop/--min-agreement) was missed.
     """
     from nbsmt_onnx.evaluate import EvaluateConfig, evaluate, write_text
-    from nbsmt_onnx.html_report import write_html
     from nbsmt_onnx.io import check_destination
+    from nbsmt_onnx.report import report_kind, write_report
 
     quiet = bool(kw.pop("quiet"))
     _setup_logging(int(kw.pop("verbose")), quiet)  # type: ignore[call-overload]
@@ -1066,6 +1070,8 @@ def evaluate_command(model: Path, **kw: object) -> None:
     outputs = [p for p in (csv_path, report_path) if p is not None]
     if len({Path(p).resolve() for p in outputs}) != len(outputs):  # type: ignore[arg-type]
         raise ConfigError("--csv and --report name the same file; give distinct paths")
+    if report_path is not None:
+        report_kind(report_path)  # type: ignore[arg-type]
     for p in outputs:  # refuse before the long passes
         check_destination(Path(p), force=force, protect=(model,))  # type: ignore[arg-type]
 
@@ -1073,7 +1079,7 @@ def evaluate_command(model: Path, **kw: object) -> None:
     if csv_path is not None:
         write_text(csv_path, result.to_csv(), force=force)  # type: ignore[arg-type]
     if report_path is not None:
-        write_html(result.to_dict(), report_path, force=force)  # type: ignore[arg-type]
+        write_report(result.to_dict(), report_path, force=force)  # type: ignore[arg-type]
     if bool(kw.pop("as_json")):
         click.echo(result.to_json())
     else:

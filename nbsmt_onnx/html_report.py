@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nbsmt_onnx.errors import ConfigError
+from nbsmt_onnx.io import write_text
 
 EVALUATION_FORMAT = "nbsmt-onnx/evaluation"
 TRANSFORM_FORMAT = "nbsmt-onnx/transform-report"
@@ -774,8 +775,6 @@ def render_html(report: Mapping[str, Any]) -> str:
 
 def write_html(report: Mapping[str, Any], path: str | Path, *, force: bool = False) -> Path:
     """Render ``report`` and write it atomically to ``path`` (refuses to overwrite without ``force``)."""
-    from nbsmt_onnx.evaluate import write_text
-
     return write_text(path, render_html(report), force=force)
 
 

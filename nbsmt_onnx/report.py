@@ -29,19 +29,23 @@ sample counted from the shapes of the first calibration batch
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from nbsmt_onnx.errors import UnsupportedModelError
+from nbsmt_onnx import io
+from nbsmt_onnx.errors import ConfigError, UnsupportedModelError
 from nbsmt_onnx.graph.naming import NameGenerator
 from nbsmt_onnx.graph.rewrite import RewrittenNode, SkippedNode
 from nbsmt_onnx.graph.threads import MacCount
+from nbsmt_onnx.html_report import write_html
 from nbsmt_onnx.ops import schema
 
 log = logging.getLogger(__name__)
@@ -203,3 +207,25 @@ def build_report(
     if exports is not None:
         report["exports"] = dict(exports)
     return report
+
+
+#: Report formats by file suffix (any case); every command that writes a report uses these.
+REPORT_SUFFIXES = {".html": "html", ".htm": "html", ".json": "json"}
+
+
+def report_kind(path: str | Path) -> str:
+    """``"html"`` or ``"json"`` from the suffix of ``path``; anything else is refused."""
+    kind = REPORT_SUFFIXES.get(Path(path).suffix.lower())
+    if kind is None:
+        raise ConfigError(
+            f"--report {path}: unknown report format {Path(path).suffix or '(no suffix)'!r}; "
+            "end the path in .html (one page with plots) or .json"
+        )
+    return kind
+
+
+def write_report(report: Mapping[str, Any], path: str | Path, *, force: bool = False) -> Path:
+    """Write a report atomically: HTML (``html_report``) or JSON, chosen by :func:`report_kind`."""
+    if report_kind(path) == "html":
+        return write_html(report, path, force=force)
+    return io.write_text(path, json.dumps(report, indent=2, sort_keys=False) + "\n", force=force)

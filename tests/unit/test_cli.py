@@ -97,3 +97,20 @@ def test_inspect_malformed_model(tmp_path: Path) -> None:
         and result.output.startswith("error: ")
         and "not a valid ONNX model" in result.output
     )
+
+
+@pytest.mark.parametrize("command", ["transform", "evaluate"])
+def test_report_format_follows_the_extension_and_unknown_ones_are_refused(
+    tmp_path: Path, command: str
+) -> None:
+    model = tmp_path / "m.onnx"
+    onnx.save(tm.conv_relu_gemm(0), model)
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 3, 8, 8), np.float32))
+    args = [command, str(model), "--calib", str(tmp_path / "c.npz")]
+    if command == "evaluate":
+        args += ["--data", str(tmp_path / "c.npz")]
+    result = CliRunner().invoke(main, [*args, "--report", str(tmp_path / "report.txt")])
+    assert result.exit_code == 2
+    assert "unknown report format '.txt'" in result.output
+    assert "end the path in .html" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.onnx"]
