@@ -427,6 +427,10 @@ class EvaluationRow:
     reference: str | None = None
     #: per metric, ``this row - reference row`` on the same samples (None = not applicable)
     difference: Mapping[str, PairedDifference | None] = field(default_factory=dict)
+    #: recalibrated rows: id of the same settings' row without recalibration, if in the table
+    unrecalibrated: str | None = None
+    #: per metric, ``this row - unrecalibrated row`` on the same samples: what recalibration did
+    recalibration_effect: Mapping[str, PairedDifference | None] = field(default_factory=dict)
 
     @property
     def wall_s(self) -> float:
@@ -456,6 +460,17 @@ class EvaluationRow:
                     "metrics": {
                         k: (d.to_dict() if d is not None else None)
                         for k, d in ((k, self.difference.get(k)) for k in _METRIC_KEYS)
+                    },
+                }
+            ),
+            "recalibration_effect": (
+                None
+                if self.unrecalibrated is None
+                else {
+                    "reference": self.unrecalibrated,
+                    "metrics": {
+                        k: (d.to_dict() if d is not None else None)
+                        for k, d in ((k, self.recalibration_effect.get(k)) for k in _METRIC_KEYS)
                     },
                 }
             ),
@@ -565,13 +580,14 @@ class EvaluationResult:
         The uncertainty columns: ``<metric>_lo`` / ``<metric>_hi`` (95 % interval),
         ``reference`` (row id), ``diff_<metric>`` / ``diff_<metric>_lo`` /
         ``diff_<metric>_hi`` (row - reference, paired 95 % interval) and, for
-        proportions, ``diff_<metric>_p`` (McNemar's exact p).
+        proportions, ``diff_<metric>_p`` (McNemar's exact p); then the same for the
+        recalibration effect: ``unrecalibrated`` (row id) and ``recal_<metric>...``.
         """
         buf = _stdio.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         interval_cols = [f"{k}_{end}" for k in _METRIC_KEYS for end in ("lo", "hi")]
         diff_cols = [
-            f"diff_{k}{suffix}"
+            f"{{}}_{k}{suffix}"
             for k in _METRIC_KEYS
             for suffix in (("", "_lo", "_hi", "_p") if k in _PROPORTIONS else ("", "_lo", "_hi"))
         ]
@@ -579,7 +595,8 @@ class EvaluationResult:
             [
                 "id", "name", "kind", "threads", "mapping", "reduce", "recalibrated",
                 "available", *_METRIC_KEYS, "samples", "prepare_s", "inference_s", "gate",
-                *interval_cols, "reference", *diff_cols,
+                *interval_cols, "reference", *[c.format("diff") for c in diff_cols],
+                "unrecalibrated", *[c.format("recal") for c in diff_cols],
             ]
         )  # fmt: skip
         verdicts = _row_verdicts(self.gate)
@@ -588,23 +605,15 @@ class EvaluationResult:
             for k in _METRIC_KEYS:
                 iv = r.intervals.get(k)
                 intervals += ["", ""] if iv is None else [_blank(iv.lo), _blank(iv.hi)]
-            diffs: list[object] = []
-            for k in _METRIC_KEYS:
-                d = r.difference.get(k)
-                width = 4 if k in _PROPORTIONS else 3
-                if d is None:
-                    diffs += [""] * width
-                    continue
-                diffs += [_blank(d.estimate), _blank(d.interval.lo), _blank(d.interval.hi)]
-                if k in _PROPORTIONS:
-                    diffs.append(_blank(d.p_value))
+            diffs = _diff_cells(r.difference)
+            effects = _diff_cells(r.recalibration_effect)
             writer.writerow(
                 [
                     r.id, r.name, r.kind, _blank(r.threads), _blank(r.mapping), _blank(r.reduce),
                     int(r.recalibrated), int(r.available),
                     *[_blank(r.metrics.get(k)) for k in _METRIC_KEYS],
                     r.samples, f"{r.prepare_s:.3f}", f"{r.inference_s:.3f}", verdicts.get(r.id, ""),
-                    *intervals, _blank(r.reference), *diffs,
+                    *intervals, _blank(r.reference), *diffs, _blank(r.unrecalibrated), *effects,
                 ]
             )  # fmt: skip
         return buf.getvalue()
@@ -612,6 +621,21 @@ class EvaluationResult:
     def format_table(self) -> str:
         """The terminal table (plain text) with a footer of counts, seeds and the gate verdict."""
         return format_table(self.to_dict())
+
+
+def _diff_cells(differences: Mapping[str, PairedDifference | None]) -> list[object]:
+    """CSV cells of paired differences: estimate, lo, hi (and p for proportions) per metric."""
+    cells: list[object] = []
+    for k in _METRIC_KEYS:
+        d = differences.get(k)
+        width = 4 if k in _PROPORTIONS else 3
+        if d is None:
+            cells += [""] * width
+            continue
+        cells += [_blank(d.estimate), _blank(d.interval.lo), _blank(d.interval.hi)]
+        if k in _PROPORTIONS:
+            cells.append(_blank(d.p_value))
+    return cells
 
 
 def _blank(value: object) -> object:
@@ -700,6 +724,53 @@ def _render_rows(header: list[str], lines: list[list[str]], left: int = 2) -> li
     return [render(header), "  ".join("-" * w for w in widths), *[render(c) for c in lines]]
 
 
+def _difference_lines(
+    rows: Sequence[Mapping[str, Any]], field_name: str, labelled: bool, classification: bool
+) -> list[str]:
+    """The text table of one kind of paired difference (``difference`` / ``recalibration_effect``)."""
+    diffed = [r for r in rows if r.get("available") and r.get(field_name)]
+    if not diffed:
+        return []
+    gate_key = "top1" if labelled else "agreement"
+    against_float = field_name == "difference" and diffed[0][field_name]["reference"] == "float32"
+    dcols: list[tuple[str, str, str]] = []
+    if labelled:
+        dcols += [
+            ("top-1 diff pts", "top1", "pct"),
+            ("p", "top1", "p"),
+            ("top-5 diff pts", "top5", "pct"),
+        ]
+    if classification:
+        dcols.append(("agree diff pts", "agreement", "pct"))
+        if not labelled:
+            dcols.append(("p", "agreement", "p"))
+        dcols.append(("KL diff", "kl", "num"))
+    dcols.append(("cosine diff", "cosine", "num"))
+    if not against_float:
+        dcols.append(("SQNR diff dB", "sqnr_db", "db"))
+    lines = []
+    for r in diffed:
+        metrics = r[field_name]["metrics"]
+        cells = [r["name"]]
+        for _, key, kind in dcols:
+            d = metrics.get(key)
+            cells.append(_fmt_p(d) if kind == "p" else _fmt_diff(d, kind))
+        lines.append(cells)
+    if field_name == "difference":
+        ref_id = diffed[0][field_name]["reference"]
+        ref_name = next((r["name"] for r in rows if r["id"] == ref_id), ref_id)
+        title = (
+            f"difference to {ref_name} (row - {ref_name} on the same samples, paired 95% "
+            f"intervals; p: McNemar exact, {gate_key})"
+        )
+    else:
+        title = (
+            "recalibration effect (+recal row - the same row without recalibration, same "
+            f"samples, paired 95% intervals; p: McNemar exact, {gate_key})"
+        )
+    return ["", title, *_render_rows(["row", *[c[0] for c in dcols]], lines, left=1)]
+
+
 def format_table(result: Mapping[str, Any]) -> str:
     """Plain-text tables of an evaluation result dict (``EvaluationResult.to_dict()``).
 
@@ -746,43 +817,10 @@ def format_table(result: Mapping[str, Any]) -> str:
         lines.append(cells)
     out = _render_rows(header, lines)
 
-    # Paired differences to the reference row.
+    # Paired differences to the reference row, and what recalibration did.
     unc = result.get("uncertainty") or {}
-    diffed = [r for r in rows if r.get("available") and r.get("difference")]
-    if diffed:
-        ref_id = diffed[0]["difference"]["reference"]
-        ref_name = next((r["name"] for r in rows if r["id"] == ref_id), ref_id)
-        gate_key = "top1" if labelled else "agreement"
-        dcols: list[tuple[str, str, str]] = []
-        if labelled:
-            dcols += [
-                ("top-1 diff pts", "top1", "pct"),
-                ("p", "top1", "p"),
-                ("top-5 diff pts", "top5", "pct"),
-            ]
-        if classification:
-            dcols.append(("agree diff pts", "agreement", "pct"))
-            if not labelled:
-                dcols.append(("p", "agreement", "p"))
-            dcols.append(("KL diff", "kl", "num"))
-        dcols.append(("cosine diff", "cosine", "num"))
-        if ref_id != "float32":
-            dcols.append(("SQNR diff dB", "sqnr_db", "db"))
-        dlines = []
-        for r in diffed:
-            metrics = r["difference"]["metrics"]
-            cells = [r["name"]]
-            for _, key, kind in dcols:
-                cells.append(
-                    _fmt_p(metrics.get(key)) if kind == "p" else _fmt_diff(metrics.get(key), kind)
-                )
-            dlines.append(cells)
-        out.append("")
-        out.append(
-            f"difference to {ref_name} (row - {ref_name} on the same samples, paired 95% intervals; "
-            f"p: McNemar exact, {gate_key})"
-        )
-        out += _render_rows(["row", *[c[0] for c in dcols]], dlines, left=1)
+    for field_name in ("difference", "recalibration_effect"):
+        out += _difference_lines(rows, field_name, labelled, classification)
     if unc:
         out.append(
             f"intervals: proportions Wilson, paired differences of proportions Newcombe; KL, cosine, "
@@ -1519,6 +1557,8 @@ class _RowUncertainty:
     intervals: dict[str, Interval | None]
     reference: str | None
     difference: dict[str, PairedDifference | None]
+    unrecalibrated: str | None = None
+    recalibration_effect: dict[str, PairedDifference | None] = field(default_factory=dict)
 
 
 def _uncertainty(
@@ -1580,8 +1620,45 @@ def _uncertainty(
         col = where.get((row_id, key))
         return None if col is None else boot[:, col]
 
+    def compare(r: _Runner, other: _Runner) -> dict[str, PairedDifference | None]:
+        """``r - other`` of every metric on the same samples (None = not applicable)."""
+        difference: dict[str, PairedDifference | None] = dict.fromkeys(_METRIC_KEYS)
+        props, other_props = proportions(r), proportions(other)
+        for key in _PROPORTIONS:
+            a, b = props[key], other_props[key]
+            if a is not None and b is not None:
+                difference[key] = paired_proportion_difference(a, b)
+        metrics = r.agreement.result() if r.agreement is not None else {}
+        other_metrics = other.agreement.result() if other.agreement is not None else {}
+        for key in _CONTINUOUS:
+            stat, value = boot_stat(r.row_id, key), metrics.get(key)
+            if stat is None or value is None:
+                continue
+            if other.spec.is_float:
+                if key == "sqnr_db":
+                    continue  # float32 vs itself: infinite SQNR, no finite difference
+                # the float row's KL with itself is 0, its cosine 1 (on every resample)
+                other_stat: np.ndarray | None = np.full_like(stat, 0.0 if key == "kl" else 1.0)
+                other_value: float | None = 0.0 if key == "kl" else 1.0
+            else:
+                other_stat, other_value = boot_stat(other.row_id, key), other_metrics.get(key)
+            if other_stat is None or other_value is None:
+                continue
+            estimate = float(value) - float(other_value)
+            if not math.isfinite(estimate):
+                continue
+            with np.errstate(invalid="ignore"):
+                interval = percentile_interval(stat - other_stat)
+            if interval is not None:
+                difference[key] = PairedDifference(estimate, interval, samples=n)
+        return difference
+
     ref = next((r for r in available if r.spec.kind == config.reference), None)
-    ref_props = proportions(ref) if ref is not None else {}
+    unrecalibrated = {
+        (r.spec.kind, r.spec.threads, r.spec.mapping, r.spec.reduce): r
+        for r in available
+        if not r.spec.recalibrated
+    }
     out: dict[str, _RowUncertainty] = {}
     for r in available:
         metrics = r.agreement.result() if r.agreement is not None else {}
@@ -1595,37 +1672,18 @@ def _uncertainty(
             stat = boot_stat(r.row_id, key)
             if stat is not None and metrics.get(key) is not None:
                 intervals[key] = percentile_interval(stat)
-        difference: dict[str, PairedDifference | None] = dict.fromkeys(_METRIC_KEYS)
-        if ref is None or r is ref:
-            out[r.row_id] = _RowUncertainty(intervals, None, difference)
-            continue
-        for key in _PROPORTIONS:
-            a, b = props[key], ref_props.get(key)
-            if a is not None and b is not None:
-                difference[key] = paired_proportion_difference(a, b)
-        ref_metrics = ref.agreement.result() if ref.agreement is not None else {}
-        for key in _CONTINUOUS:
-            stat, value = boot_stat(r.row_id, key), metrics.get(key)
-            if stat is None or value is None:
-                continue
-            if ref.spec.is_float:
-                if key == "sqnr_db":
-                    continue  # float32 vs itself: infinite SQNR, no finite difference
-                # the float row's KL with itself is 0, its cosine 1 (on every resample)
-                ref_stat: np.ndarray | None = np.full_like(stat, 0.0 if key == "kl" else 1.0)
-                ref_value: float | None = 0.0 if key == "kl" else 1.0
-            else:
-                ref_stat, ref_value = boot_stat(ref.row_id, key), ref_metrics.get(key)
-            if ref_stat is None or ref_value is None:
-                continue
-            estimate = float(value) - float(ref_value)
-            if not math.isfinite(estimate):
-                continue
-            with np.errstate(invalid="ignore"):
-                interval = percentile_interval(stat - ref_stat)
-            if interval is not None:
-                difference[key] = PairedDifference(estimate, interval, samples=n)
-        out[r.row_id] = _RowUncertainty(intervals, ref.row_id, difference)
+        has_ref = ref is not None and r is not ref
+        base = None
+        if r.spec.recalibrated:
+            kind = r.spec.kind.removesuffix("+recal")
+            base = unrecalibrated.get((kind, r.spec.threads, r.spec.mapping, r.spec.reduce))
+        out[r.row_id] = _RowUncertainty(
+            intervals,
+            ref.row_id if (has_ref and ref is not None) else None,
+            compare(r, ref) if (has_ref and ref is not None) else dict.fromkeys(_METRIC_KEYS),
+            base.row_id if base is not None else None,
+            compare(r, base) if base is not None else {},
+        )
     return out
 
 
@@ -1664,6 +1722,8 @@ def _finish_row(r: _Runner, labelled: bool, uncertainty: _RowUncertainty | None)
         intervals=dict(uncertainty.intervals) if uncertainty else {},
         reference=uncertainty.reference if uncertainty else None,
         difference=dict(uncertainty.difference) if uncertainty else {},
+        unrecalibrated=uncertainty.unrecalibrated if uncertainty else None,
+        recalibration_effect=dict(uncertainty.recalibration_effect) if uncertainty else {},
     )
 
 

@@ -328,7 +328,11 @@ def _evaluation_table(result: Mapping[str, Any]) -> str:
             cells.append(_gate_cell(verdict.get(r["id"])))
         body.append(cells)
         classes.append("")
-    return _table(header, body, left=2, classes=classes) + _difference_table(result, cols)
+    return (
+        _table(header, body, left=2, classes=classes)
+        + _difference_table(result, cols, "difference")
+        + _difference_table(result, cols, "recalibration_effect")
+    )
 
 
 def _fmt_range(iv: Mapping[str, Any], kind: str, signed: bool = False) -> str:
@@ -345,15 +349,20 @@ def _fmt_range(iv: Mapping[str, Any], kind: str, signed: bool = False) -> str:
     return f"[{one(iv.get('lo'))}, {one(iv.get('hi'))}]"
 
 
-def _difference_table(result: Mapping[str, Any], cols: Sequence[tuple[str, str, str]]) -> str:
-    """Each row minus the reference row on the same samples, with paired 95 % intervals."""
-    rows = [r for r in result["rows"] if r.get("available", True) and r.get("difference")]
+def _difference_table(
+    result: Mapping[str, Any], cols: Sequence[tuple[str, str, str]], field_name: str
+) -> str:
+    """Paired differences with 95 % intervals: each row minus the reference row
+    (``field_name="difference"``), or each recalibrated row minus the same row
+    without recalibration (``"recalibration_effect"``)."""
+    rows = [r for r in result["rows"] if r.get("available", True) and r.get(field_name)]
     if not rows:
         return ""
-    ref_id = rows[0]["difference"]["reference"]
+    ref_id = rows[0][field_name]["reference"]
     ref_name = next((r["name"] for r in result["rows"] if r["id"] == ref_id), ref_id)
     unc = result.get("uncertainty") or {}
-    keys = [(h, k, f) for h, k, f in cols if not (k == "sqnr_db" and ref_id == "float32")]
+    against_float = field_name == "difference" and ref_id == "float32"
+    keys = [(h, k, f) for h, k, f in cols if not (k == "sqnr_db" and against_float)]
     header = ["row"]
     for h, _k, f in keys:
         header.append(f"{h} diff" + (" (points)" if f == "pct" else ""))
@@ -361,7 +370,7 @@ def _difference_table(result: Mapping[str, Any], cols: Sequence[tuple[str, str, 
             header.append("McNemar p")
     body = []
     for r in rows:
-        metrics = r["difference"]["metrics"]
+        metrics = r[field_name]["metrics"]
         cells = [_esc(r["name"])]
         for _, k, f in keys:
             d = metrics.get(k)
@@ -377,8 +386,17 @@ def _difference_table(result: Mapping[str, Any], cols: Sequence[tuple[str, str, 
                 p = _num(d.get("p_value")) if d else None
                 cells.append("-" if p is None else _esc(f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"))
         body.append(cells)
+    what = (
+        f"Difference to {_esc(ref_name)}: this row minus {_esc(ref_name)}"
+        if field_name == "difference"
+        else "Recalibration effect: each +recal row minus the same row without recalibration"
+    )
+    if field_name != "difference":
+        return f'<p class="meta">{what}, same samples and intervals.</p>' + _table(
+            header, body, left=1
+        )
     note = (
-        f'<p class="meta">Difference to {_esc(ref_name)}: this row minus {_esc(ref_name)} on the '
+        f'<p class="meta">{what} on the '
         "same samples, with paired 95% intervals: Newcombe's paired interval and McNemar's exact "
         "p-value for proportions (points), a seeded paired bootstrap over samples for KL, cosine "
         f"and SQNR ({_esc(unc.get('bootstrap_resamples'))} resamples, seed "

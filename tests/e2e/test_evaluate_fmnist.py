@@ -277,6 +277,31 @@ def test_recalibrated_rows_and_subset(fm_data: Path) -> None:
     assert sum(e["sqnr_vs_int8_db"] is not None for e in recal.layers) >= len(recal.layers) - 1
     data = json.loads(result.to_json())
     assert data["rows"][3]["recalibration"]["strategy"] == "relative"
+    # what recalibration did: the +recal row minus the same row without, paired
+    assert recal.unrecalibrated == plain.id and plain.unrecalibrated is None
+    assert plain.recalibration_effect == {} and data["rows"][2]["recalibration_effect"] is None
+    effect = recal.recalibration_effect
+    agree, sqnr = effect["agreement"], effect["sqnr_db"]
+    assert agree is not None and sqnr is not None and effect["top1"] is None  # no labels
+    assert agree.estimate == pytest.approx(
+        recal.metrics["agreement"] - plain.metrics["agreement"], abs=1e-15
+    )
+    # discordant pairs: at most the samples on which either row disagrees with float32
+    disagree = round(48 * (2 - recal.metrics["agreement"] - plain.metrics["agreement"]))
+    assert agree.row_only + agree.reference_only <= disagree
+    assert sqnr.estimate == pytest.approx(
+        recal.metrics["sqnr_db"] - plain.metrics["sqnr_db"], abs=1e-9
+    )
+    assert sqnr.interval.contains(sqnr.estimate)
+    table = result.format_table()
+    assert "recalibration effect (+recal row - the same row without recalibration" in table
+    assert data["rows"][3]["recalibration_effect"]["reference"] == plain.id
+    lines = result.to_csv().splitlines()
+    header, recal_line = lines[0].split(","), lines[4].split(",")
+    cells = dict(zip(header, recal_line, strict=True))
+    assert cells["unrecalibrated"] == plain.id
+    assert float(cells["recal_agreement"]) == agree.estimate
+    assert float(cells["recal_sqnr_db_lo"]) == sqnr.interval.lo
 
 
 def test_random_calibration_marks_recalibrated_rows_unavailable(fm_data: Path) -> None:
