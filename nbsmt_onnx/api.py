@@ -49,7 +49,7 @@ from nbsmt_onnx.calibration.data import CalibrationData, model_inputs, open_cali
 from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
 from nbsmt_onnx.calibration.recalibrate import recalibrate
 from nbsmt_onnx.config import DataLayout, ImagePreprocessing, TransformConfig
-from nbsmt_onnx.errors import ConfigError, NbsmtError, OutputError, UnsupportedModelError
+from nbsmt_onnx.errors import ConfigError, OutputError, UnsupportedModelError
 from nbsmt_onnx.graph.qdq import MIN_QDQ_OPSET, to_qdq
 from nbsmt_onnx.graph.rewrite import (
     RewritePlan,
@@ -190,7 +190,7 @@ class TransformResult:
                     written.append(write_html(self.report, report_path, force=force))
                 else:
                     written.append(write_report(self.report, report_path, force=force))
-        except NbsmtError:
+        except BaseException:  # a failed write or an interruption: all or nothing
             for p in written:
                 p.unlink(missing_ok=True)
             raise
@@ -213,6 +213,9 @@ def write_report(report: dict[str, Any], path: str | Path, *, force: bool = Fals
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         raise OutputError(f"cannot write {dest}: {err.strerror or err}") from err
+    except BaseException:  # interrupted: no temporary file left behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return dest
 
 

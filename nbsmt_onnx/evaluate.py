@@ -1311,6 +1311,9 @@ def write_text(path: str | Path, text: str, *, force: bool = False) -> Path:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {dest}: {err.strerror or err}") from err
+    except BaseException:  # interrupted: no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return dest
 
 

@@ -209,6 +209,11 @@ def save_model(
             with contextlib.suppress(OSError):
                 f.unlink()
         raise OutputError(f"cannot write {dest}: {_first_line(err)}") from err
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM via the CLI): leave nothing partial
+        for f in written:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     log.info("wrote %s", ", ".join(str(w) for w in written))
