@@ -6,6 +6,7 @@ and turned into a non-zero exit code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -58,13 +59,44 @@ def _data_layout(batch_axes: tuple[str, ...], constants: tuple[str, ...]) -> Dat
     return DataLayout(batch_axes=tuple(axes.items()), constants=tuple(consts.items()))
 
 
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGHUP turned into an exception, so cleanup (``finally``) runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted(signum)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
+        import signal
+
+        # The default action of SIGTERM/SIGHUP kills the process at once, skipping the
+        # cleanup of temporary files; as exceptions they unwind like Ctrl-C does.
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                previous[sig] = signal.signal(sig, _raise_interrupted)
         try:
             return super().invoke(ctx)
         except NbsmtError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
+        except KeyboardInterrupt as err:
+            signum = err.signum if isinstance(err, _Interrupted) else signal.SIGINT
+            click.echo(
+                f"error: interrupted ({signal.Signals(signum).name}); no output was written "
+                "(files of a save in progress were removed)",
+                err=True,
+            )
+            sys.exit(128 + int(signum))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _setup_logging(verbose: int, quiet: bool = False) -> None:

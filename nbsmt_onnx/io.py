@@ -210,6 +210,11 @@ def save_model(
             with contextlib.suppress(OSError):
                 f.unlink()
         raise OutputError(f"cannot write {dest}: {_first_line(err)}") from err
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM via the CLI): leave nothing partial
+        for f in written:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     log.info("wrote %s", ", ".join(str(w) for w in written))
@@ -250,4 +255,7 @@ def write_text(path: str | Path, text: str, *, force: bool = False) -> Path:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {dest}: {err.strerror or err}") from err
+    except BaseException:  # interrupted: no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return dest

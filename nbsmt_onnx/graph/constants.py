@@ -5,9 +5,12 @@ and TensorFlow often in ``Constant`` nodes, and some graphs compute the
 weight from a constant through ``Reshape`` / ``Transpose`` / ``Cast`` /
 ``Squeeze`` ... (for example a Gemm weight reshaped from a Conv-style
 tensor). ``ConstantResolver`` returns the value of such a tensor, evaluating
-small constant subgraphs with ``onnx.reference.ReferenceEvaluator``, or the
-reason why the tensor is not a constant (a run-time input, an op that is not
-folded, a chain too large to evaluate).
+small constant subgraphs with ``onnx.reference.ReferenceEvaluator`` — or,
+where it has no implementation for the model's opset (e.g. DequantizeLinear
+before opset 19), with ONNX Runtime through ``runtime.session`` (the one
+session factory; onnx-graphsurgeon's folding would open its own sessions) —
+or the reason why the tensor is not a constant (a run-time input, an op that
+is not folded, a chain too large to evaluate).
 
 It never modifies the model.
 """
@@ -47,6 +50,19 @@ FOLDABLE_OPS = frozenset(
         "DequantizeLinear",
         "Expand",
         "Tile",
+        "ConstantOfShape",
+        "Shape",
+        "Size",
+        "Range",
+        "Pow",
+        "Abs",
+        "Min",
+        "Max",
+        "Clip",
+        "Pad",
+        "QuantizeLinear",
+        "Where",
+        "Equal",
     }
 )
 #: Largest constant chain (number of nodes) evaluated to find one value.
@@ -167,7 +183,21 @@ class ConstantResolver:
         model = onnx.helper.make_model(
             graph, opset_imports=list(self._model.opset_import), ir_version=self._model.ir_version
         )
-        (value,) = ReferenceEvaluator(model).run([name], {})
+        try:
+            (value,) = ReferenceEvaluator(model).run([name], {})
+        except Exception as ref_err:  # e.g. no implementation of an op at this opset
+            from nbsmt_onnx.errors import NbsmtError
+            from nbsmt_onnx.runtime.session import SessionOptions, create_session
+
+            try:
+                session = create_session(
+                    model, SessionOptions(register_library=False), what="constant chain"
+                )
+                (value,) = session.run([name], {})
+            except NbsmtError as ort_err:
+                raise ValueError(f"{ref_err}; ONNX Runtime: {ort_err}") from ort_err
+            log.debug("folded %d-node constant chain for %s with ONNX Runtime", len(chain), name)
+            return np.asarray(value)
         log.debug("folded %d-node constant chain for %s", len(chain), name)
         return np.asarray(value)
 

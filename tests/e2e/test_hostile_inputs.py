@@ -105,6 +105,25 @@ def _two_input_model() -> onnx.ModelProto:
     )
 
 
+def _state_model() -> onnx.ModelProto:
+    """y = x @ g and z = state @ g2 with state [2, N, 4] (layers, batch, hidden)."""
+    r = _rng()
+    nodes = [
+        helper.make_node("MatMul", ["x", "g"], ["y"], name="fc"),
+        helper.make_node("MatMul", ["state", "g2"], ["z"], name="fc_state"),
+    ]
+    inits = {
+        "g": r.standard_normal((6, 5)).astype(np.float32),
+        "g2": r.standard_normal((4, 3)).astype(np.float32),
+    }
+    return tm.make_model(
+        nodes,
+        [tm.value("x", ["N", 6]), tm.value("state", [2, "N", 4])],
+        [tm.value("y", ["N", 5]), tm.value("z", [2, "N", 3])],
+        inits,
+    )
+
+
 def _images(n: int, size: int) -> np.ndarray:
     return _rng().standard_normal((n, 3, size, size)).astype(np.float32)
 
@@ -215,6 +234,32 @@ CASES = [
         ),
         (*TRANSFORM, "--calib", "c.npz"),
         ("different numbers of samples",),
+    ),
+    Case(
+        "a recurrent state batched along axis 1 without --batch-axis",
+        _with(
+            _save_model(_state_model()),
+            _npz(
+                "c.npz",
+                x=_rng().standard_normal((16, 6)).astype(np.float32),
+                state=_rng().standard_normal((2, 16, 4)).astype(np.float32),
+            ),
+        ),
+        (*TRANSFORM, "--calib", "c.npz"),
+        ("--batch-axis NAME=AXIS", "state=2"),
+    ),
+    Case(
+        "a declared constant of the wrong shape",
+        _with(
+            _save_model(_state_model()),
+            _npz(
+                "c.npz",
+                x=_rng().standard_normal((16, 6)).astype(np.float32),
+                state=_rng().standard_normal((3, 3, 4)).astype(np.float32),
+            ),
+        ),
+        (*TRANSFORM, "--calib", "c.npz", "--constant", "state"),
+        ("'state'", "(3, 3, 4)", "(2, ?, 4)"),
     ),
     Case(
         "empty .npz",
