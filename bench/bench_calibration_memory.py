@@ -1,6 +1,6 @@
 """Peak memory of activation-range calibration vs. the number of calibration samples.
 
-Claim under test (issue 5, SPEC §4): the range pass keeps two scalars per
+Claim under test (docs/spec.md §4): the range pass keeps two scalars per
 probed tensor on the host, so peak RSS must not grow with the number of
 samples. For each sample count the pass runs in a fresh process (so peaks do
 not mix) on a stream of seeded random images fed batch by batch (the data

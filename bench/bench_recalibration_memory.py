@@ -1,6 +1,6 @@
 """Recalibration: estimated vs measured peak memory, and one batch vs streaming.
 
-Claims under test (issue 3, docs/recalibration.md §3):
+Claims under test (docs/recalibration.md §3):
 
 1. ``graph.memory`` estimates the activation memory of a recalibration batch
    well enough to size it: for each sample count the transform's

@@ -265,7 +265,7 @@ def _register_schemas() -> None:
 def _recalibrate(
     float_model: onnx.ModelProto, sim: RewriteResult, data: CalibrationData, config: TransformConfig
 ) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
-    """Step 6 — BatchNorm recalibration / fused-layer correction and folding (SPEC §4-§5)."""
+    """Step 6 — BatchNorm recalibration / fused-layer correction and folding (docs/spec.md §4-§5)."""
     rc = config.recalibration
     if not rc.enabled:
         return sim.model, None

@@ -451,7 +451,7 @@ def _evaluation_layers(result: Mapping[str, Any], palette: Mapping[str, Any]) ->
         "<h2>Per-layer NB-SMT statistics (evaluation data)</h2>",
         '<p class="meta">MAC utilization = active thread slots / (groups &times; T); collision rate = '
         "(output element, step) pairs with two or more active threads / groups; squeezed operands = "
-        "operands changed by the 4-bit reduction / operands of active threads (SPEC §3.4).</p>",
+        "operands changed by the 4-bit reduction / operands of active threads (docs/spec.md §3.4).</p>",
         _layer_stats_plot(layers, series, palette),
     ]
     # Per-layer output SQNR vs int8

@@ -1,7 +1,7 @@
 """The transform report (JSON): settings, per-layer quantization and NB-SMT statistics.
 
 Per-layer NB-SMT numbers come from the ``stats`` output of every NB-SMT op
-(SPEC §3.4: ``[groups, active_slots, collisions, reduced_operands]``) summed
+(docs/spec.md §3.4: ``[groups, active_slots, collisions, reduced_operands]``) summed
 over one pass of the simulation model on the calibration data. With ``T``
 threads the report defines:
 

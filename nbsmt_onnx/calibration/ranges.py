@@ -1,4 +1,4 @@
-"""Activation ranges for quantization (SPEC.md §2), measured on the float model.
+"""Activation ranges for quantization (docs/spec.md §2), measured on the float model.
 
 ``max`` estimator: one pass. A copy of the model gets, for every tensor to
 calibrate, a ``ReduceMin`` and a ``ReduceMax`` over the whole tensor as extra
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ActivationRange:
-    """The calibrated range of one tensor and the quantization it implies (SPEC §2)."""
+    """The calibrated range of one tensor and the quantization it implies (docs/spec.md §2)."""
 
     min: float
     max: float

@@ -1,4 +1,4 @@
-"""Export the simulation model as a standard ONNX QDQ model (SPEC.md §6).
+"""Export the simulation model as a standard ONNX QDQ model (docs/spec.md §6).
 
 Every NB-SMT node becomes QuantizeLinear/DequantizeLinear around a stock op,
 with the *same* integers and scales, so stock ONNX Runtime and hardware

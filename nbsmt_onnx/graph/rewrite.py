@@ -1,4 +1,4 @@
-"""Rewrite Conv / MatMul / Gemm into the NB-SMT operators (SPEC.md §2-§3).
+"""Rewrite Conv / MatMul / Gemm into the NB-SMT operators (docs/spec.md §2-§3).
 
 The pass has the *pattern + check + rewrite* shape:
 
@@ -24,7 +24,7 @@ The pass has the *pattern + check + rewrite* shape:
   and ``A' = Transpose(A)`` when ``transA=1``.
 
 Weights are quantized symmetrically per output channel to int8
-(``nbsmt_onnx.ops.reference.quantize_weights``, SPEC §2) and the activation
+(``nbsmt_onnx.ops.reference.quantize_weights``, docs/spec.md §2) and the activation
 scale comes from the calibrated range (:mod:`nbsmt_onnx.calibration.ranges`).
 A weight shared by several nodes is quantized once and the quantized
 initializers are shared; one activation scale initializer is shared by all

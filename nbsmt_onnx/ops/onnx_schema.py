@@ -224,7 +224,7 @@ def build_schemas() -> list[_OpSchema]:
         schema.CONV,
         schema.DOMAIN,
         schema.OPSET_VERSION,
-        "ONNX Conv on int8 weights executed with NB-SMT arithmetic (nbsmt-onnx SPEC.md §3.1).",
+        "ONNX Conv on int8 weights executed with NB-SMT arithmetic (nbsmt-onnx docs/spec.md §3.1).",
         inputs=[
             _param(x, "tensor(float)", "input [N, C, D1..Dk], k in 1..3"),
             _param(wq, "tensor(int8)", "quantized weight [M, C/group, k1..kk]"),
@@ -240,7 +240,7 @@ def build_schemas() -> list[_OpSchema]:
         schema.MATMUL,
         schema.DOMAIN,
         schema.OPSET_VERSION,
-        "A [..., K] @ Bq [K, N] executed with NB-SMT arithmetic (nbsmt-onnx SPEC.md §3.2).",
+        "A [..., K] @ Bq [K, N] executed with NB-SMT arithmetic (nbsmt-onnx docs/spec.md §3.2).",
         inputs=[
             _param(a, "tensor(float)", "input [..., K]"),
             _param(bq, "tensor(int8)", "quantized right operand [K, N]"),

@@ -1,4 +1,4 @@
-"""NumPy reference of the NB-SMT operators (SPEC.md §2-§3), written from the rules.
+"""NumPy reference of the NB-SMT operators (docs/spec.md §2-§3), written from the rules.
 
 This module is the ground truth the C++ library is tested against, integer for
 integer. It is written for readability first; it is vectorised with NumPy only
@@ -13,8 +13,8 @@ Pipeline of one operator call (both ops share it):
    slot inactive, so idle slots need no special case);
 3. run the NB-SMT reduction over the slots (:func:`nbsmt_accumulate`): at each
    step count the active threads ``n`` and reduce operands with ``R``
-   (:func:`reduce_operand`) as SPEC.md §3.3 says; sum the products exactly in
-   int64; count the statistics of SPEC.md §3.4;
+   (:func:`reduce_operand`) as docs/spec.md §3.3 says; sum the products exactly in
+   int64; count the statistics of docs/spec.md §3.4;
 4. scale to float32: ``y = float32(float32(x_scale) * w_scale[m]) * float32(acc)``,
    then ``+ B[m]`` only if a bias is given — every operation in float32, the
    accumulator converted with round-to-nearest. The C++ op uses the same
@@ -77,7 +77,7 @@ _CHUNK_ELEMENTS = 1 << 22
 def quantize_activations(
     x: np.ndarray, x_scale: float | np.ndarray, act_signed: bool | int
 ) -> np.ndarray:
-    """Quantize activations with one per-tensor scale (SPEC.md §2), as int16.
+    """Quantize activations with one per-tensor scale (docs/spec.md §2), as int16.
 
     ``x / x_scale`` is an IEEE float32 division (as ONNX QuantizeLinear does, not a
     multiplication by a reciprocal), rounded half to even (``np.rint``); NaN becomes 0;
@@ -92,7 +92,7 @@ def quantize_activations(
 
 
 def quantize_weights(w: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel int8 quantization of a weight (SPEC.md §2).
+    """Symmetric per-output-channel int8 quantization of a weight (docs/spec.md §2).
 
     ``axis`` is the output-channel axis: 0 for a Conv weight [M, C/group, k...],
     1 for a MatMul right operand [K, N]. Returns ``(Wq int8, s_w float32[M])`` with
@@ -123,7 +123,7 @@ def quantize_weights(w: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarr
 
 
 def reduce_operand(v: np.ndarray | int, signed: bool | int) -> np.ndarray:
-    """The 4-bit window ``R`` of SPEC.md §3.3, elementwise, on the 8-bit grid (int32).
+    """The 4-bit window ``R`` of docs/spec.md §3.3, elementwise, on the 8-bit grid (int32).
 
     unsigned: ``v`` if ``v < 16`` else ``clip(round_half_even(v / 16), 0, 15) * 16``;
     signed: ``v`` if ``-8 <= v <= 7`` else ``clip(round_half_even(v / 16), -8, 7) * 16``.
@@ -188,11 +188,11 @@ def nbsmt_accumulate(
     reduce: str,
     act_signed: bool | int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """NB-SMT reduction of every activation row with every weight row (SPEC.md §3.3).
+    """NB-SMT reduction of every activation row with every weight row (docs/spec.md §3.3).
 
     ``x_packed [P, S, T]`` quantized activations, ``w_packed [M, S, T]`` int8 weights,
     both in the packed layout. Returns ``(acc int64 [P, M], stats int64 [4])`` with
-    stats = [groups, active_slots, collisions, reduced_operands] (SPEC.md §3.4).
+    stats = [groups, active_slots, collisions, reduced_operands] (docs/spec.md §3.4).
 
     At each step thread t is active iff its activation and weight are non-zero;
     ``n`` counts the active threads. n <= 1: exact. n == 2: the active
@@ -450,7 +450,7 @@ def nbsmt_conv(
     reduce: str = "activations",
     act_signed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """NbSmtConv (SPEC.md §3.1, 1-D/2-D/3-D): returns ``(Y float32, stats int64[4])``.
+    """NbSmtConv (docs/spec.md §3.1, 1-D/2-D/3-D): returns ``(Y float32, stats int64[4])``.
 
     The reduction of one output element runs over (input channel of its group,
     kernel position), channel-major, the ONNX weight layout; padded positions are
@@ -513,7 +513,7 @@ def nbsmt_matmul(
     reduce: str = "activations",
     act_signed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """NbSmtMatMul (SPEC.md §3.2): ``A [..., K] x Bq [K, N]`` -> ``(Y [..., N], stats)``.
+    """NbSmtMatMul (docs/spec.md §3.2): ``A [..., K] x Bq [K, N]`` -> ``(Y [..., N], stats)``.
 
     The K axis is split among the threads in blocks of ``ceil(K / T)`` (channel
     mapping) or interleaved.

@@ -1,4 +1,4 @@
-"""Schema of the NB-SMT operators (SPEC.md §3): the single source of truth.
+"""Schema of the NB-SMT operators (docs/spec.md §3): the single source of truth.
 
 Names, inputs, attributes and defaults of ``NbSmtConv`` and ``NbSmtMatMul``
 live here; the rewrite pass, the NumPy reference and the ONNX shape-inference
@@ -21,14 +21,14 @@ THREADS_CHOICES = (1, 2, 4)
 MAPPING_CHOICES = ("channel", "interleave")
 REDUCE_CHOICES = ("activations", "weights")
 
-#: Integer range of quantized activations, by signedness (SPEC.md §2).
+#: Integer range of quantized activations, by signedness (docs/spec.md §2).
 ACT_RANGE = {False: (0, 255), True: (-127, 127)}
 #: Integer range of quantized weights.
 WEIGHT_RANGE = (-127, 127)
 #: Largest reduction length K for which the int32 accumulator is exact.
 MAX_REDUCTION_LENGTH = 65793  # K * 32640 (255 x reduced weight -128) < 2**31
 
-#: Order of the counters in the optional ``stats`` output (SPEC.md §3.4).
+#: Order of the counters in the optional ``stats`` output (docs/spec.md §3.4).
 STATS_FIELDS = ("groups", "active_slots", "collisions", "reduced_operands")
 
 

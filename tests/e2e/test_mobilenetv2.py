@@ -30,7 +30,7 @@ What is checked, per (model, threads):
   makes them differ (see ``_check_whole_model_qdq``);
 - at threads=4 the transform also recalibrates (``--recalibrate --fold``): the
   BN-kept model's BatchNorms are folded into the NB-SMT ops' scales and biases,
-  the fused model gets the per-channel correction of SPEC §5.2; the layers stay
+  the fused model gets the per-channel correction of docs/spec.md §5.2; the layers stay
   bit-exact with the folded parameters. The other thread counts run with
   ``--no-recalibrate``, explicitly, so the test does not depend on the default.
 

@@ -1,4 +1,4 @@
-"""``transform`` hooks and the pipeline gate on transform (issues 4 and 5), with the library.
+"""``transform`` hooks and the pipeline gate on transform, with the library.
 
 - ``ranges=`` / ``TransformResult.ranges``: passing the ranges of an earlier
   transform skips the float calibration pass and builds the same model; ``evaluate``

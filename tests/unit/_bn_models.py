@@ -254,7 +254,7 @@ def to_nbsmt(
     """Test-side mini rewrite: each Conv named in ``x_scales`` becomes an NbSmtConv (same names).
 
     Independent of ``graph.rewrite`` on purpose, so these tests exercise only the
-    recalibration code. Weights are quantized per output channel (SPEC §2).
+    recalibration code. Weights are quantized per output channel (docs/spec.md §2).
     """
     out = onnx.ModelProto()
     out.CopyFrom(float_model)
@@ -298,7 +298,7 @@ def to_nbsmt(
 def activation_scales(
     float_model: onnx.ModelProto, data: Callable[[], Iterator[dict[str, np.ndarray]]]
 ) -> dict[str, float]:
-    """Per Conv, max of its (non-negative) input over the data / 255 (SPEC §2, unsigned)."""
+    """Per Conv, max of its (non-negative) input over the data / 255 (docs/spec.md §2, unsigned)."""
     convs = [n for n in float_model.graph.node if n.op_type == "Conv"]
     tensors = sorted({n.input[0] for n in convs})
     got = collect(float_model, tensors, data)

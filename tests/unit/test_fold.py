@@ -1,4 +1,4 @@
-"""Folding BN into NbSmt ops, per-channel corrections and BN write-back (SPEC §5).
+"""Folding BN into NbSmt ops, per-channel corrections and BN write-back (docs/spec.md §5).
 
 Two kinds of checks: the folded parameters against the formula computed here
 in float64, and folded-vs-unfolded outputs with the NumPy reference evaluator

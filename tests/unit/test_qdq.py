@@ -120,7 +120,7 @@ def test_qdq_default_u8u8_structure_shifts_weights_and_signed_activations() -> N
 
 
 def test_signed_saturation_matches_spec_not_int8_min() -> None:
-    """An input beyond the calibrated range saturates at -127 (SPEC), not at QuantizeLinear's -128."""
+    """An input beyond the calibrated range saturates at -127 (spec §2), not at QuantizeLinear's -128."""
     x = np.random.default_rng(2).uniform(-1, 1, (4, 6)).astype(np.float32)
     sim = _sim(tm.matmul_chain(), x)
     qdq = to_qdq(sim)

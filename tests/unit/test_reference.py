@@ -1,6 +1,6 @@
 """The NumPy reference of the NB-SMT ops against hand-computed values and independent paths.
 
-No C++ library needed. The expectations here are computed by hand from SPEC.md
+No C++ library needed. The expectations here are computed by hand from docs/spec.md
 §2-§3 (shown in comments) or by code paths that share nothing with the
 reference's packing and reduction (a plain Python loop over the rules, plain
 int8 arithmetic, the ``onnx.reference`` standard Conv).
@@ -282,7 +282,7 @@ def _loop_dot(
     signed: bool,
     channel: int,
 ) -> tuple[int, list[int]]:
-    """SPEC.md §3.3 as a straightforward loop over Python ints (shares no code with ref)."""
+    """docs/spec.md §3.3 as a straightforward loop over Python ints (shares no code with ref)."""
 
     def r(v: int, sig: bool) -> int:
         if sig:

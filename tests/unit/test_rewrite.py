@@ -1,7 +1,7 @@
-"""The rewrite pass: what is rewritten, what not and why, and that the result computes SPEC §2-§3.
+"""The rewrite pass: what is rewritten, what not and why, and that the result computes docs/spec.md §2-§3.
 
 The NB-SMT graphs are run with the NumPy reference (onnx.reference), so no
-library is needed. Expected outputs are built independently from SPEC §2
+library is needed. Expected outputs are built independently from docs/spec.md §2
 (quantization formulas written out here) and the reference's plain integer
 kernels (``int8_conv`` / ``int8_matmul``) at threads=1, where NB-SMT is exact
 int8 arithmetic.
@@ -33,7 +33,7 @@ def _ranges(plan, values: dict[str, tuple[float, float]]):  # type: ignore[no-un
 
 
 def _spec_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC §2 weight quantization, written out independently of the code under test."""
+    """docs/spec.md §2 weight quantization, written out independently of the code under test."""
     w = w.astype(np.float32)
     moved = np.moveaxis(w, axis, 0)
     amax = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1)
@@ -108,7 +108,7 @@ def test_conv_output_equals_spec_int8_at_threads1() -> None:
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_whole_model_matches_per_node_reference(threads: int) -> None:
-    """Every rewritten node gets exactly the SPEC parameters (checked by re-running nbsmt_* by hand)."""
+    """Every rewritten node gets exactly the spec's parameters (checked by re-running nbsmt_* by hand)."""
     model = tm.matmul_chain(seed=1)
     plan = _prepare(model)
     ranges = _ranges(plan, {"x": (-2.0, 2.0), "r1": (0.0, 3.0)})
