@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from nbsmt_onnx.api import InspectResult, TransformResult, inspect, transform
+from nbsmt_onnx._version import __version__
+from nbsmt_onnx.api import InspectResult, TransformResult, evaluate, inspect, transform
 from nbsmt_onnx.config import (
+    EvaluateConfig,
     ImagePreprocessing,
     RangeConfig,
     RecalibrationConfig,
@@ -13,7 +13,7 @@ from nbsmt_onnx.config import (
     TransformConfig,
 )
 from nbsmt_onnx.errors import NbsmtError
-from nbsmt_onnx.evaluate import EvaluateConfig, EvaluationResult, evaluate
+from nbsmt_onnx.evaluate import EvaluationResult
 from nbsmt_onnx.runtime.library import get_library_path
 
 __all__ = [

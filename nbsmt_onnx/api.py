@@ -1,4 +1,4 @@
-"""The Python API: ``transform`` and ``inspect`` — the one place that orders the steps.
+"""The Python API: ``transform``, ``inspect`` and ``evaluate`` — the one place that orders the steps.
 
 ``transform(model, calib_data, config)``:
 
@@ -37,12 +37,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
 from nbsmt_onnx import io
+from nbsmt_onnx._version import __version__
 from nbsmt_onnx.calibration.data import (
     CalibrationData,
     InputSpec,
@@ -51,13 +52,26 @@ from nbsmt_onnx.calibration.data import (
 )
 from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
 from nbsmt_onnx.calibration.recalibrate import recalibrate
-from nbsmt_onnx.config import DataLayout, ImagePreprocessing, TransformConfig
+from nbsmt_onnx.config import DataLayout, EvaluateConfig, ImagePreprocessing, TransformConfig
 from nbsmt_onnx.errors import (
     EXIT_OK,
     ConfigError,
+    DataError,
     InternalError,
     OutputError,
     UnsupportedModelError,
+)
+from nbsmt_onnx.evaluate import (
+    EvaluationResult,
+    EvaluationSet,
+    ModelRow,
+    RowSpec,
+    check_disjoint_paths,
+    evaluate_models,
+    open_evaluation,
+    plan_rows,
+    variant_config,
+    with_nbsmt_settings,
 )
 from nbsmt_onnx.graph.qdq import MIN_QDQ_OPSET, to_qdq
 from nbsmt_onnx.graph.rewrite import (
@@ -83,9 +97,6 @@ from nbsmt_onnx.runtime.executor import Job, LocalExecutor
 from nbsmt_onnx.runtime.library import get_library_path
 from nbsmt_onnx.runtime.session import SessionOptions, create_session
 
-if TYPE_CHECKING:
-    from nbsmt_onnx.evaluate import EvaluateConfig, EvaluationResult, EvaluationSet
-
 log = logging.getLogger(__name__)
 
 
@@ -95,8 +106,6 @@ METADATA_KIND_KEY = "nbsmt_onnx.kind"
 
 
 def _version() -> str:
-    from nbsmt_onnx import __version__
-
     return __version__
 
 
@@ -437,7 +446,6 @@ def _given_ranges(
 
 def _produced_row(config: TransformConfig, recalibrated: bool) -> Any:
     """The evaluation row of the model ``transform`` produces (the gated row)."""
-    from nbsmt_onnx.evaluate import RowSpec
 
     base = "int8" if config.threads == 1 else "nbsmt"
     kind = base + ("+recal" if recalibrated else "")
@@ -455,7 +463,6 @@ def _open_evaluation_set(
     images: ImagePreprocessing | None,
 ) -> EvaluationSet:
     """Open and check the held-out data before any long pass (step 9 uses it)."""
-    from nbsmt_onnx.evaluate import EvaluateConfig, check_disjoint_paths, open_evaluation
 
     if eval_config is None:
         eval_config = EvaluateConfig()
@@ -489,7 +496,6 @@ def _evaluate_produced(
     prepare_s: float,
 ) -> EvaluationResult:
     """Step 9: the produced model (and float32, int8 with --reference int8) on held-out data."""
-    from nbsmt_onnx.evaluate import ModelRow, RowSpec, evaluate_models
 
     rows = [ModelRow(RowSpec("float32"), None, "float32")]
     if "int8" in evaluation_set.config.row_kinds and produced.kind != "int8":
@@ -646,9 +652,7 @@ def transform(
     stats = _run_with_stats(sim_model, data, config)
     first = data.first_batch()
     try:
-        macs = layer_macs(
-            sim_model, {k: v.shape for k, v in first.items()}, data.samples_in(first)
-        )
+        macs = layer_macs(sim_model, {k: v.shape for k, v in first.items()}, data.samples_in(first))
     except InternalError as err:  # a reporting figure must not stop the transform
         macs = None
         warnings.append(f"speed-up figure unavailable: {err}")
@@ -681,8 +685,6 @@ def transform(
 
     evaluation = None
     if evaluation_set is not None:
-        from nbsmt_onnx.evaluate import with_nbsmt_settings
-
         int8_model = with_nbsmt_settings(rewritten.model, 1, config.mapping, config.reduce)
         evaluation = _evaluate_produced(
             evaluation_set, int8_model, sim_model, produced, data, recal_report,
@@ -828,9 +830,7 @@ def _describe_value(vi: onnx.ValueInfoProto) -> tuple[str, str, str]:
         return vi.name, "non-tensor", "?"
     tt = vi.type.tensor_type
     dtype = (
-        str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
-        if tt.elem_type
-        else "?"
+        str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))) if tt.elem_type else "?"
     )
     if not tt.HasField("shape"):
         return vi.name, dtype, "?"
@@ -866,3 +866,112 @@ def _inspect_batchnorms(
             BatchNormEntry(info.name, info.producer, info.producer_op, info.fold_target, note)
         )
     return out
+
+
+def evaluate(
+    model: str | Path | onnx.ModelProto,
+    eval_data: Any,
+    calib_data: Any,
+    config: EvaluateConfig | None = None,
+    *,
+    labels: Any = None,
+    images: ImagePreprocessing | None = None,
+) -> EvaluationResult:
+    """Evaluate float32 / int8 / NB-SMT (with and without recalibration) on held-out data.
+
+    ``eval_data`` / ``calib_data``: what ``transform`` accepts as calibration
+    data (paths, mappings of arrays, feed iterables; ``"random"`` only for
+    calibration, smoke tests). ``labels``: a ``.npy`` / ``.csv`` path, an
+    array, ``"folders"`` (class sub-folders of an image folder), or None for
+    fidelity metrics only. ``images``: preprocessing of image folders (both sets).
+    """
+    started = time.perf_counter()
+    config = EvaluateConfig() if config is None else config
+    if not isinstance(config, EvaluateConfig):
+        raise ConfigError(f"config must be an EvaluateConfig; got {type(config).__name__}")
+    warnings: list[str] = []
+    if isinstance(eval_data, str) and eval_data == "random":
+        raise DataError("evaluation data cannot be 'random'; pass held-out data with --data")
+    check_disjoint_paths(eval_data, calib_data)
+    get_library_path()  # fail before any long pass if the library is missing
+
+    if isinstance(model, onnx.ModelProto):
+        float_model = onnx.ModelProto()
+        float_model.CopyFrom(model)
+        io.check_model(float_model, what="input model")
+        model_name = "<ModelProto>"
+    else:
+        float_model = io.load_model(Path(model))
+        model_name = str(model)
+    if config.output is not None and config.output not in {
+        o.name for o in float_model.graph.output
+    }:
+        names = ", ".join(o.name for o in float_model.graph.output)
+        raise ConfigError(f"model has no output {config.output!r}; its outputs are {names}")
+
+    specs = model_inputs(float_model)
+    tc = config.transform
+    calib = open_calibration_data(
+        calib_data, specs, num_samples=tc.num_samples, batch_size=tc.batch_size, seed=tc.seed,
+        images=images,
+    )  # fmt: skip
+    evaluation = open_evaluation(
+        float_model, eval_data, config, labels=labels, images=images, model_name=model_name
+    )
+
+    swept = {"mapping": len(config.mappings) > 1, "reduce": len(config.reduces) > 1}
+    planned = plan_rows(config)
+    unavailable: dict[str, str] = {}
+    for spec in planned:
+        if not spec.recalibrated:
+            continue
+        reason = None
+        if calib.is_random:
+            reason = "random calibration data (recalibration needs real data)"
+        if reason is not None:
+            if config.rows is not None:
+                raise ConfigError(f"row {spec.kind!r} cannot be computed: {reason}")
+            unavailable[spec.id] = reason
+            warnings.append(f"{spec.name(swept)}: unavailable: {reason}")
+
+    # --- models: one int8 transform, attribute edits, one transform per recalibrated row.
+    # The recalibrated rows reuse the int8 transform's activation ranges (the float pass
+    # over the calibration data gives the same ranges for every variant).
+    t0 = time.perf_counter()
+    int8_spec = RowSpec("int8", 1, "channel", "activations")
+    base = transform(float_model, calib, variant_config(tc, int8_spec))
+    base_s = time.perf_counter() - t0
+    warnings.extend(w for w in base.warnings if w not in warnings)
+    int8_model = base.sim_model
+    rows: list[ModelRow] = []
+    for spec in planned:
+        name = spec.name(swept)
+        if spec.id in unavailable:
+            rows.append(ModelRow(spec, None, name, available=False, note=unavailable[spec.id]))
+        elif spec.is_float:
+            rows.append(ModelRow(spec, None, name))
+        elif not spec.recalibrated:
+            assert spec.threads and spec.mapping and spec.reduce
+            model_t = with_nbsmt_settings(int8_model, spec.threads, spec.mapping, spec.reduce)
+            rows.append(
+                ModelRow(spec, model_t, name, prepare_s=base_s if spec.kind == "int8" else 0.0)
+            )
+        else:
+            log.info("transform with recalibration: %s", name)
+            t0 = time.perf_counter()
+            res = transform(float_model, calib, variant_config(tc, spec), ranges=base.ranges)
+            rows.append(
+                ModelRow(
+                    spec, res.sim_model, name, prepare_s=time.perf_counter() - t0,
+                    recalibration=res.report.get("recalibration"),
+                )
+            )  # fmt: skip
+    return evaluate_models(
+        evaluation,
+        rows,
+        int8_model=int8_model,
+        calib=calib,
+        warnings=warnings,
+        transform_report=base.report,
+        started=started,
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from nbsmt_onnx import __version__
+from nbsmt_onnx._version import __version__
 from nbsmt_onnx.config import (
     CORRECTION_CHOICES,
     QDQ_TYPES_CHOICES,
@@ -693,7 +693,7 @@ def _recalibration_line(recal: dict[str, Any]) -> str:
 
 def _transform_evaluation(kw: dict[str, Any], progress: bool) -> tuple[Any, Any, Any]:
     """``transform``'s evaluation options -> (EvaluateConfig | None, eval data, labels)."""
-    from nbsmt_onnx.evaluate import EvaluateConfig
+    from nbsmt_onnx.config import EvaluateConfig
 
     eval_data, eval_labels = kw.pop("eval_data"), kw.pop("eval_labels")
     options = {
@@ -1050,7 +1050,9 @@ def evaluate_command(model: Path, **kw: object) -> None:
 
     Exit codes: 0 ok, 2 user error, 3 a threshold (--max-drop/--min-agreement) was missed.
     """
-    from nbsmt_onnx.evaluate import EvaluateConfig, evaluate, write_text
+    from nbsmt_onnx.api import evaluate
+    from nbsmt_onnx.config import EvaluateConfig
+    from nbsmt_onnx.evaluate import write_text
     from nbsmt_onnx.io import check_destination
     from nbsmt_onnx.report import report_kind, write_report
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from nbsmt_onnx.errors import ConfigError
+from nbsmt_onnx.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, OUTPUT_KINDS
 from nbsmt_onnx.ops import schema
 
 RANGE_ESTIMATORS = ("max", "percentile")
@@ -452,3 +453,186 @@ class DataLayout:
     @property
     def is_default(self) -> bool:
         return not self.batch_axes and not self.constants
+
+
+#: Row kinds: the float model, int8 (NB-SMT with T=1 = exact int8 GEMM), NB-SMT
+#: at every swept setting, each optionally recalibrated.
+ROW_KINDS = ("float32", "int8", "int8+recal", "nbsmt", "nbsmt+recal")
+DEFAULT_ROWS = ("float32", "int8", "nbsmt", "nbsmt+recal")
+REFERENCE_CHOICES = ("float32", "int8")
+#: What the gate compares with its thresholds: the point estimate, or the
+#: pessimistic end of its 95 % interval (docs/evaluate.md, "Pipeline gate").
+GATE_BOUNDS = ("point", "pessimistic")
+
+
+def _choices_tuple(name: str, value: object, choices: Sequence[Any]) -> tuple[Any, ...]:
+    items = (value,) if isinstance(value, (str, int)) else tuple(value)  # type: ignore[arg-type]
+    if not items:
+        raise ConfigError(f"{name} must not be empty")
+    for item in items:
+        if item not in choices:
+            valid = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{name} must contain only {valid}; got {item!r}")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{name} lists a value twice: {list(items)}")
+    return items
+
+
+def _optional_positive_int(name: str, value: object) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Everything ``evaluate`` needs besides the model and the data; validated on construction.
+
+    ``rows``: row kinds (:data:`ROW_KINDS`) in table order; None = :data:`DEFAULT_ROWS`,
+    and then recalibrated rows that cannot be computed (random calibration data)
+    are listed as unavailable instead of failing. ``threads`` x ``mappings`` x
+    ``reduces`` is the NB-SMT sweep grid of the ``nbsmt`` / ``nbsmt+recal`` rows.
+    ``transform``: calibration settings (samples, batch size, seed, ranges,
+    selection, recalibration strategy / fold / correction); its threads,
+    mapping, reduce, export and ``recalibration.enabled`` are set per row.
+    ``eval_samples``: a seeded random subset (``eval_seed``) of the evaluation
+    data, None = all. ``output``: the model output to score (default the
+    first). ``output_kind``: how KL reads the output (:data:`metrics.OUTPUT_KINDS`).
+    Gate: ``max_drop`` (percentage points of top-1 accuracy with labels, of
+    top-1 agreement with the float model without, vs the ``reference`` row)
+    and ``min_agreement`` (fraction) apply to the rows of kinds ``gate_rows``
+    (None = the recalibrated NB-SMT rows if any, else the NB-SMT rows).
+    ``gate_bound``: ``"point"`` compares the point estimates with the
+    thresholds; ``"pessimistic"`` the upper end of the drop's paired 95 %
+    interval and the lower end of the agreement's Wilson interval.
+    ``bootstrap_resamples`` / ``bootstrap_seed``: the seeded paired bootstrap
+    of the KL / cosine / SQNR intervals.
+    ``layer_samples``: evaluation samples used for per-layer output SQNR vs int8
+    (0 = off; memory grows with the batch's activations, not with this number).
+    """
+
+    rows: tuple[str, ...] | None = None
+    threads: tuple[int, ...] = (2, 4)
+    mappings: tuple[str, ...] = ("channel",)
+    reduces: tuple[str, ...] = ("activations",)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    eval_samples: int | None = None
+    eval_batch_size: int = 16
+    eval_seed: int = 0
+    output: str | None = None
+    output_kind: str = "auto"
+    reference: str = "float32"
+    max_drop: float | None = None
+    min_agreement: float | None = None
+    gate_rows: tuple[str, ...] | None = None
+    gate_bound: str = "point"
+    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES
+    bootstrap_seed: int = BOOTSTRAP_SEED
+    layer_samples: int = 256
+    session_threads: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rows is not None:
+            rows = _choices_tuple("rows", self.rows, ROW_KINDS)
+            if "float32" not in rows:
+                raise ConfigError(
+                    "rows must include 'float32' (the reference of every agreement metric)"
+                )
+            object.__setattr__(self, "rows", rows)
+        object.__setattr__(
+            self, "threads", _choices_tuple("threads", self.threads, schema.THREADS_CHOICES)
+        )
+        object.__setattr__(
+            self, "mappings", _choices_tuple("mappings", self.mappings, schema.MAPPING_CHOICES)
+        )
+        object.__setattr__(
+            self, "reduces", _choices_tuple("reduces", self.reduces, schema.REDUCE_CHOICES)
+        )
+        if not isinstance(self.transform, TransformConfig):
+            raise ConfigError(f"transform must be a TransformConfig; got {self.transform!r}")
+        _optional_positive_int("eval_samples", self.eval_samples)
+        _optional_positive_int("eval_batch_size", self.eval_batch_size)
+        if (
+            not isinstance(self.eval_seed, int)
+            or isinstance(self.eval_seed, bool)
+            or self.eval_seed < 0
+        ):
+            raise ConfigError(f"eval_seed must be a non-negative integer; got {self.eval_seed!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ConfigError(
+                f"output_kind must be one of {', '.join(map(repr, OUTPUT_KINDS))}; got {self.output_kind!r}"
+            )
+        if self.reference not in REFERENCE_CHOICES:
+            raise ConfigError(
+                f"reference must be one of {', '.join(map(repr, REFERENCE_CHOICES))}; got {self.reference!r}"
+            )
+        if self.reference not in self.row_kinds:
+            raise ConfigError(
+                f"reference {self.reference!r} is not among the rows {list(self.row_kinds)}; add it"
+            )
+        if self.max_drop is not None and not (
+            isinstance(self.max_drop, (int, float))
+            and math.isfinite(self.max_drop)
+            and self.max_drop >= 0
+        ):
+            raise ConfigError(f"max_drop must be a number of points >= 0; got {self.max_drop!r}")
+        if self.min_agreement is not None and not (
+            isinstance(self.min_agreement, (int, float)) and 0.0 <= self.min_agreement <= 1.0
+        ):
+            raise ConfigError(
+                f"min_agreement must be a fraction in [0, 1] (e.g. 0.95); got {self.min_agreement!r}"
+            )
+        if self.gate_rows is not None:
+            gate = _choices_tuple("gate_rows", self.gate_rows, ROW_KINDS)
+            missing = [g for g in gate if g not in self.row_kinds]
+            if missing:
+                raise ConfigError(
+                    f"gate_rows {missing} are not among the rows {list(self.row_kinds)}"
+                )
+            object.__setattr__(self, "gate_rows", gate)
+        if self.gate_bound not in GATE_BOUNDS:
+            raise ConfigError(
+                f"gate_bound must be one of {', '.join(map(repr, GATE_BOUNDS))}; got {self.gate_bound!r}"
+            )
+        if (
+            not isinstance(self.bootstrap_resamples, int)
+            or isinstance(self.bootstrap_resamples, bool)
+            or self.bootstrap_resamples < 100
+        ):
+            raise ConfigError(
+                f"bootstrap_resamples must be an integer >= 100; got {self.bootstrap_resamples!r}"
+            )
+        if (
+            not isinstance(self.bootstrap_seed, int)
+            or isinstance(self.bootstrap_seed, bool)
+            or self.bootstrap_seed < 0
+        ):
+            raise ConfigError(
+                f"bootstrap_seed must be a non-negative integer; got {self.bootstrap_seed!r}"
+            )
+        if not isinstance(self.layer_samples, int) or self.layer_samples < 0:
+            raise ConfigError(f"layer_samples must be an integer >= 0; got {self.layer_samples!r}")
+        if not isinstance(self.session_threads, int) or self.session_threads < 0:
+            raise ConfigError(
+                f"session_threads must be an integer >= 0; got {self.session_threads!r}"
+            )
+
+    @property
+    def row_kinds(self) -> tuple[str, ...]:
+        return self.rows if self.rows is not None else DEFAULT_ROWS
+
+    @property
+    def gated_kinds(self) -> tuple[str, ...]:
+        if self.gate_rows is not None:
+            return self.gate_rows
+        for kind in ("nbsmt+recal", "nbsmt"):
+            if kind in self.row_kinds:
+                return (kind,)
+        return ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rows"] = list(self.row_kinds)
+        out["transform"] = self.transform.to_dict()
+        out.pop("progress")
+        return out

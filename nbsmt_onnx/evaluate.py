@@ -1,7 +1,9 @@
-"""``evaluate``: the paper's table for any model — float32, int8, NB-SMT with and without recalibration.
+"""Scoring: the paper's table for any model — float32, int8, NB-SMT with and without recalibration.
 
-``evaluate(model, eval_data, calib_data, config)`` (the CLI's ``nbsmt-onnx
-evaluate`` is a thin layer over it):
+This module sits below ``api``: it plans the rows, runs models over held-out
+data and turns the outputs into metrics, intervals, the gate and the
+table/CSV/JSON output. It never calls ``transform``; ``api.evaluate`` (the
+CLI's ``nbsmt-onnx evaluate`` is a thin layer over it) orders the steps:
 
 1. load the model once; refuse when the evaluation and calibration data are
    the same files (or one folder holds the other);
@@ -59,6 +61,7 @@ from onnx import helper
 from tqdm import tqdm
 
 from nbsmt_onnx import io
+from nbsmt_onnx._version import __version__
 from nbsmt_onnx.calibration.data import (
     ARRAY_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -69,7 +72,15 @@ from nbsmt_onnx.calibration.data import (
     open_calibration_data,
 )
 from nbsmt_onnx.calibration.labels import Labels, load_labels
-from nbsmt_onnx.config import ImagePreprocessing, TransformConfig
+from nbsmt_onnx.config import (
+    DEFAULT_ROWS,
+    GATE_BOUNDS,
+    REFERENCE_CHOICES,
+    ROW_KINDS,
+    EvaluateConfig,
+    ImagePreprocessing,
+    TransformConfig,
+)
 from nbsmt_onnx.errors import (
     EXIT_INTERNAL,
     EXIT_OK,
@@ -82,12 +93,9 @@ from nbsmt_onnx.errors import (
 )
 from nbsmt_onnx.metrics import (
     BOOTSTRAP_PERCENTILE,
-    BOOTSTRAP_RESAMPLES,
-    BOOTSTRAP_SEED,
     LEVEL,
     MCNEMAR_EXACT,
     NEWCOMBE_PAIRED,
-    OUTPUT_KINDS,
     WILSON,
     Agreement,
     Interval,
@@ -103,7 +111,6 @@ from nbsmt_onnx.metrics import (
 )
 from nbsmt_onnx.ops import schema
 from nbsmt_onnx.report import add_stats_outputs, layer_metrics
-from nbsmt_onnx.runtime.library import get_library_path
 from nbsmt_onnx.runtime.session import SessionOptions, create_session
 
 log = logging.getLogger(__name__)
@@ -112,189 +119,11 @@ RESULT_FORMAT = "nbsmt-onnx/evaluation"
 #: 2: intervals, paired differences to the reference row, gate bound.
 RESULT_VERSION = 2
 
-#: Row kinds: the float model, int8 (NB-SMT with T=1 = exact int8 GEMM), NB-SMT
-#: at every swept setting, each optionally recalibrated.
-ROW_KINDS = ("float32", "int8", "int8+recal", "nbsmt", "nbsmt+recal")
-DEFAULT_ROWS = ("float32", "int8", "nbsmt", "nbsmt+recal")
-REFERENCE_CHOICES = ("float32", "int8")
-#: What the gate compares with its thresholds: the point estimate, or the
-#: pessimistic end of its 95 % interval (docs/evaluate.md, "Pipeline gate").
-GATE_BOUNDS = ("point", "pessimistic")
-
 #: Exit codes of ``nbsmt-onnx evaluate`` (docs/evaluate.md).
 
 _METRIC_KEYS = ("top1", "top5", "agreement", "kl", "cosine", "sqnr_db")
 _PROPORTIONS = ("top1", "top5", "agreement")
 _CONTINUOUS = ("kl", "cosine", "sqnr_db")
-
-
-def _tuple(name: str, value: object, choices: Sequence[Any]) -> tuple[Any, ...]:
-    items = (value,) if isinstance(value, (str, int)) else tuple(value)  # type: ignore[arg-type]
-    if not items:
-        raise ConfigError(f"{name} must not be empty")
-    for item in items:
-        if item not in choices:
-            valid = ", ".join(repr(c) for c in choices)
-            raise ConfigError(f"{name} must contain only {valid}; got {item!r}")
-    if len(set(items)) != len(items):
-        raise ConfigError(f"{name} lists a value twice: {list(items)}")
-    return items
-
-
-def _optional_positive_int(name: str, value: object) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ConfigError(f"{name} must be a positive integer; got {value!r}")
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Everything ``evaluate`` needs besides the model and the data; validated on construction.
-
-    ``rows``: row kinds (:data:`ROW_KINDS`) in table order; None = :data:`DEFAULT_ROWS`,
-    and then recalibrated rows that cannot be computed (random calibration data)
-    are listed as unavailable instead of failing. ``threads`` x ``mappings`` x
-    ``reduces`` is the NB-SMT sweep grid of the ``nbsmt`` / ``nbsmt+recal`` rows.
-    ``transform``: calibration settings (samples, batch size, seed, ranges,
-    selection, recalibration strategy / fold / correction); its threads,
-    mapping, reduce, export and ``recalibration.enabled`` are set per row.
-    ``eval_samples``: a seeded random subset (``eval_seed``) of the evaluation
-    data, None = all. ``output``: the model output to score (default the
-    first). ``output_kind``: how KL reads the output (:data:`metrics.OUTPUT_KINDS`).
-    Gate: ``max_drop`` (percentage points of top-1 accuracy with labels, of
-    top-1 agreement with the float model without, vs the ``reference`` row)
-    and ``min_agreement`` (fraction) apply to the rows of kinds ``gate_rows``
-    (None = the recalibrated NB-SMT rows if any, else the NB-SMT rows).
-    ``gate_bound``: ``"point"`` compares the point estimates with the
-    thresholds; ``"pessimistic"`` the upper end of the drop's paired 95 %
-    interval and the lower end of the agreement's Wilson interval.
-    ``bootstrap_resamples`` / ``bootstrap_seed``: the seeded paired bootstrap
-    of the KL / cosine / SQNR intervals.
-    ``layer_samples``: evaluation samples used for per-layer output SQNR vs int8
-    (0 = off; memory grows with the batch's activations, not with this number).
-    """
-
-    rows: tuple[str, ...] | None = None
-    threads: tuple[int, ...] = (2, 4)
-    mappings: tuple[str, ...] = ("channel",)
-    reduces: tuple[str, ...] = ("activations",)
-    transform: TransformConfig = field(default_factory=TransformConfig)
-    eval_samples: int | None = None
-    eval_batch_size: int = 16
-    eval_seed: int = 0
-    output: str | None = None
-    output_kind: str = "auto"
-    reference: str = "float32"
-    max_drop: float | None = None
-    min_agreement: float | None = None
-    gate_rows: tuple[str, ...] | None = None
-    gate_bound: str = "point"
-    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES
-    bootstrap_seed: int = BOOTSTRAP_SEED
-    layer_samples: int = 256
-    session_threads: int = 0
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.rows is not None:
-            rows = _tuple("rows", self.rows, ROW_KINDS)
-            if "float32" not in rows:
-                raise ConfigError(
-                    "rows must include 'float32' (the reference of every agreement metric)"
-                )
-            object.__setattr__(self, "rows", rows)
-        object.__setattr__(self, "threads", _tuple("threads", self.threads, schema.THREADS_CHOICES))
-        object.__setattr__(
-            self, "mappings", _tuple("mappings", self.mappings, schema.MAPPING_CHOICES)
-        )
-        object.__setattr__(self, "reduces", _tuple("reduces", self.reduces, schema.REDUCE_CHOICES))
-        if not isinstance(self.transform, TransformConfig):
-            raise ConfigError(f"transform must be a TransformConfig; got {self.transform!r}")
-        _optional_positive_int("eval_samples", self.eval_samples)
-        _optional_positive_int("eval_batch_size", self.eval_batch_size)
-        if (
-            not isinstance(self.eval_seed, int)
-            or isinstance(self.eval_seed, bool)
-            or self.eval_seed < 0
-        ):
-            raise ConfigError(f"eval_seed must be a non-negative integer; got {self.eval_seed!r}")
-        if self.output_kind not in OUTPUT_KINDS:
-            raise ConfigError(
-                f"output_kind must be one of {', '.join(map(repr, OUTPUT_KINDS))}; got {self.output_kind!r}"
-            )
-        if self.reference not in REFERENCE_CHOICES:
-            raise ConfigError(
-                f"reference must be one of {', '.join(map(repr, REFERENCE_CHOICES))}; got {self.reference!r}"
-            )
-        if self.reference not in self.row_kinds:
-            raise ConfigError(
-                f"reference {self.reference!r} is not among the rows {list(self.row_kinds)}; add it"
-            )
-        if self.max_drop is not None and not (
-            isinstance(self.max_drop, (int, float))
-            and math.isfinite(self.max_drop)
-            and self.max_drop >= 0
-        ):
-            raise ConfigError(f"max_drop must be a number of points >= 0; got {self.max_drop!r}")
-        if self.min_agreement is not None and not (
-            isinstance(self.min_agreement, (int, float)) and 0.0 <= self.min_agreement <= 1.0
-        ):
-            raise ConfigError(
-                f"min_agreement must be a fraction in [0, 1] (e.g. 0.95); got {self.min_agreement!r}"
-            )
-        if self.gate_rows is not None:
-            gate = _tuple("gate_rows", self.gate_rows, ROW_KINDS)
-            missing = [g for g in gate if g not in self.row_kinds]
-            if missing:
-                raise ConfigError(
-                    f"gate_rows {missing} are not among the rows {list(self.row_kinds)}"
-                )
-            object.__setattr__(self, "gate_rows", gate)
-        if self.gate_bound not in GATE_BOUNDS:
-            raise ConfigError(
-                f"gate_bound must be one of {', '.join(map(repr, GATE_BOUNDS))}; got {self.gate_bound!r}"
-            )
-        if (
-            not isinstance(self.bootstrap_resamples, int)
-            or isinstance(self.bootstrap_resamples, bool)
-            or self.bootstrap_resamples < 100
-        ):
-            raise ConfigError(
-                f"bootstrap_resamples must be an integer >= 100; got {self.bootstrap_resamples!r}"
-            )
-        if (
-            not isinstance(self.bootstrap_seed, int)
-            or isinstance(self.bootstrap_seed, bool)
-            or self.bootstrap_seed < 0
-        ):
-            raise ConfigError(
-                f"bootstrap_seed must be a non-negative integer; got {self.bootstrap_seed!r}"
-            )
-        if not isinstance(self.layer_samples, int) or self.layer_samples < 0:
-            raise ConfigError(f"layer_samples must be an integer >= 0; got {self.layer_samples!r}")
-        if not isinstance(self.session_threads, int) or self.session_threads < 0:
-            raise ConfigError(
-                f"session_threads must be an integer >= 0; got {self.session_threads!r}"
-            )
-
-    @property
-    def row_kinds(self) -> tuple[str, ...]:
-        return self.rows if self.rows is not None else DEFAULT_ROWS
-
-    @property
-    def gated_kinds(self) -> tuple[str, ...]:
-        if self.gate_rows is not None:
-            return self.gate_rows
-        for kind in ("nbsmt+recal", "nbsmt"):
-            if kind in self.row_kinds:
-                return (kind,)
-        return ()
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["rows"] = list(self.row_kinds)
-        out["transform"] = self.transform.to_dict()
-        out.pop("progress")
-        return out
 
 
 @dataclass(frozen=True)
@@ -860,8 +689,6 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 
 def _version() -> str:
-    from nbsmt_onnx import __version__
-
     return __version__
 
 
@@ -1060,7 +887,7 @@ class _Runner:
     recalibration: Mapping[str, Any] | None = None
 
 
-def _variant_config(base: TransformConfig, spec: RowSpec) -> TransformConfig:
+def variant_config(base: TransformConfig, spec: RowSpec) -> TransformConfig:
     recal = replace(base.recalibration, enabled=spec.recalibrated)
     return replace(
         base,
@@ -1251,117 +1078,6 @@ def open_evaluation(
         labels=resolved_labels,
         float_session=float_session,
         config=config,
-    )
-
-
-def evaluate(
-    model: str | Path | onnx.ModelProto,
-    eval_data: Any,
-    calib_data: Any,
-    config: EvaluateConfig | None = None,
-    *,
-    labels: Any = None,
-    images: ImagePreprocessing | None = None,
-) -> EvaluationResult:
-    """Evaluate float32 / int8 / NB-SMT (with and without recalibration) on held-out data.
-
-    ``eval_data`` / ``calib_data``: what ``transform`` accepts as calibration
-    data (paths, mappings of arrays, feed iterables; ``"random"`` only for
-    calibration, smoke tests). ``labels``: a ``.npy`` / ``.csv`` path, an
-    array, ``"folders"`` (class sub-folders of an image folder), or None for
-    fidelity metrics only. ``images``: preprocessing of image folders (both sets).
-    """
-    from nbsmt_onnx.api import transform
-
-    started = time.perf_counter()
-    config = EvaluateConfig() if config is None else config
-    if not isinstance(config, EvaluateConfig):
-        raise ConfigError(f"config must be an EvaluateConfig; got {type(config).__name__}")
-    warnings: list[str] = []
-    if isinstance(eval_data, str) and eval_data == "random":
-        raise DataError("evaluation data cannot be 'random'; pass held-out data with --data")
-    check_disjoint_paths(eval_data, calib_data)
-    get_library_path()  # fail before any long pass if the library is missing
-
-    if isinstance(model, onnx.ModelProto):
-        float_model = onnx.ModelProto()
-        float_model.CopyFrom(model)
-        io.check_model(float_model, what="input model")
-        model_name = "<ModelProto>"
-    else:
-        float_model = io.load_model(Path(model))
-        model_name = str(model)
-    if config.output is not None and config.output not in {
-        o.name for o in float_model.graph.output
-    }:
-        names = ", ".join(o.name for o in float_model.graph.output)
-        raise ConfigError(f"model has no output {config.output!r}; its outputs are {names}")
-
-    specs = model_inputs(float_model)
-    tc = config.transform
-    calib = open_calibration_data(
-        calib_data, specs, num_samples=tc.num_samples, batch_size=tc.batch_size, seed=tc.seed,
-        images=images,
-    )  # fmt: skip
-    evaluation = open_evaluation(
-        float_model, eval_data, config, labels=labels, images=images, model_name=model_name
-    )
-
-    swept = {"mapping": len(config.mappings) > 1, "reduce": len(config.reduces) > 1}
-    planned = plan_rows(config)
-    unavailable: dict[str, str] = {}
-    for spec in planned:
-        if not spec.recalibrated:
-            continue
-        reason = None
-        if calib.is_random:
-            reason = "random calibration data (recalibration needs real data)"
-        if reason is not None:
-            if config.rows is not None:
-                raise ConfigError(f"row {spec.kind!r} cannot be computed: {reason}")
-            unavailable[spec.id] = reason
-            warnings.append(f"{spec.name(swept)}: unavailable: {reason}")
-
-    # --- models: one int8 transform, attribute edits, one transform per recalibrated row.
-    # The recalibrated rows reuse the int8 transform's activation ranges (the float pass
-    # over the calibration data gives the same ranges for every variant).
-    t0 = time.perf_counter()
-    int8_spec = RowSpec("int8", 1, "channel", "activations")
-    base = transform(float_model, calib, _variant_config(tc, int8_spec))
-    base_s = time.perf_counter() - t0
-    warnings.extend(w for w in base.warnings if w not in warnings)
-    int8_model = base.sim_model
-    rows: list[ModelRow] = []
-    for spec in planned:
-        name = spec.name(swept)
-        if spec.id in unavailable:
-            rows.append(ModelRow(spec, None, name, available=False, note=unavailable[spec.id]))
-        elif spec.is_float:
-            rows.append(ModelRow(spec, None, name))
-        elif not spec.recalibrated:
-            assert spec.threads and spec.mapping and spec.reduce
-            model_t = with_nbsmt_settings(int8_model, spec.threads, spec.mapping, spec.reduce)
-            rows.append(
-                ModelRow(spec, model_t, name, prepare_s=base_s if spec.kind == "int8" else 0.0)
-            )
-        else:
-            log.info("transform with recalibration: %s", name)
-            t0 = time.perf_counter()
-            res = transform(float_model, calib, _variant_config(tc, spec), ranges=base.ranges)
-            rows.append(
-                ModelRow(
-                    spec, res.sim_model, name, prepare_s=time.perf_counter() - t0,
-                    recalibration=res.report.get("recalibration"),
-                )
-            )  # fmt: skip
-    return evaluate_models(
-        evaluation,
-        rows,
-        int8_model=int8_model,
-        calib=calib,
-        warnings=warnings,
-        transform_report=base.report,
-        started=started,
     )
 
 
@@ -1751,7 +1467,6 @@ __all__ = [
     "NbsmtError",
     "RowSpec",
     "check_disjoint_paths",
-    "evaluate",
     "evaluate_models",
     "format_table",
     "open_evaluation",

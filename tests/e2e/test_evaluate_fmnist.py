@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 from nbsmt_onnx import TransformConfig, transform
+from nbsmt_onnx.api import evaluate
 from nbsmt_onnx.calibration.data import model_inputs, open_calibration_data
 from nbsmt_onnx.cli import main
 from nbsmt_onnx.config import ImagePreprocessing, RecalibrationConfig
@@ -30,7 +31,6 @@ from nbsmt_onnx.evaluate import (
     EXIT_OK,
     EXIT_THRESHOLD,
     EvaluateConfig,
-    evaluate,
     with_nbsmt_settings,
 )
 from nbsmt_onnx.report import add_stats_outputs, layer_metrics

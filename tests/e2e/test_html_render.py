@@ -34,7 +34,8 @@ import numpy as np
 import pytest
 
 from nbsmt_onnx import RecalibrationConfig, TransformConfig, transform
-from nbsmt_onnx.evaluate import EvaluateConfig, evaluate
+from nbsmt_onnx.api import evaluate
+from nbsmt_onnx.config import EvaluateConfig
 from nbsmt_onnx.html_report import render_html
 
 REPO = Path(__file__).resolve().parents[2]

@@ -31,10 +31,12 @@ from test_html_render import check_renders
 
 import nbsmt_onnx.api as api
 from nbsmt_onnx import RecalibrationConfig, TransformConfig, transform
+from nbsmt_onnx.api import evaluate
 from nbsmt_onnx.calibration.ranges import ActivationRange
 from nbsmt_onnx.cli import main
+from nbsmt_onnx.config import EvaluateConfig
 from nbsmt_onnx.errors import ConfigError
-from nbsmt_onnx.evaluate import EXIT_THRESHOLD, EvaluateConfig, evaluate
+from nbsmt_onnx.evaluate import EXIT_THRESHOLD
 
 REPO = Path(__file__).resolve().parents[2]
 FMNIST = REPO / "models" / "fashion_mnist" / "fmnist_resnet.onnx"
