@@ -299,7 +299,7 @@ _recalibration_options = _options(
         default=_RC.variance_bound,
         show_default=True,
         help="relative: also transfer the NB-SMT/clean variance ratio, clipped to [1/R, R]; "
-        "1 = mean shift only, 4 = SPEC rule (model-dependent: docs/recalibration.md §7).",
+        "1 = mean shift only, 4 = the reference rule of docs/spec.md §4 (model-dependent: docs/recalibration.md §7).",
     ),
     click.option(
         "--recal-samples",
