@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from nbsmt_onnx.config import (
     CORRECTION_CHOICES,
     QDQ_TYPES_CHOICES,
     RANGE_ESTIMATORS,
+    ROW_KINDS,
     STRATEGY_CHOICES,
     DataLayout,
     ImagePreprocessing,
@@ -31,6 +32,7 @@ from nbsmt_onnx.config import (
     TransformConfig,
 )
 from nbsmt_onnx.errors import ConfigError, NbsmtError
+from nbsmt_onnx.ops import schema
 
 NO_CALIB_MESSAGE = (
     "calibration data is needed: NB-SMT quantizes every activation with a scale measured on real "
@@ -113,6 +115,61 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
         handler.setFormatter(logging.Formatter("nbsmt-onnx: %(message)s"))
         progress.addHandler(handler)
         progress.propagate = False
+
+
+#: --help sections: option destination -> section title, in display order.
+_HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Inputs and outputs", (
+        "calib", "data", "labels", "eval_data", "eval_labels", "output", "qdq_output", "export",
+        "qdq_types", "plan_path", "report_path", "csv_path", "as_json", "force",
+    )),
+    ("NB-SMT", (
+        "threads", "layer_threads", "mapping", "reduce_", "rows", "choices",
+    )),
+    ("Calibration", ("num_samples", "batch_size", "seed", "range_estimator", "percentile")),
+    ("Layers", (
+        "include_names", "include_regex", "include_op_type", "exclude_names", "exclude_regex",
+        "exclude_op_type", "keep_first", "keep_last",
+    )),
+    ("Recalibration", (
+        "recalibrate", "strategy", "fold", "correction", "variance_bound", "recal_samples",
+        "recal_memory", "sensitivity_recal",
+    )),
+    ("Evaluation, gate and search", (
+        "eval_samples", "eval_batch_size", "eval_seed", "output_name", "output_kind", "reference",
+        "max_drop", "min_agreement", "gate_bound", "gate_rows", "layer_samples", "metric", "bound",
+    )),
+    ("Data layout and image preprocessing", (
+        "batch_axes", "constants", "resize", "center_crop", "mean", "std", "pixel_scale", "layout",
+        "channel_order",
+    )),
+    ("Execution and messages", (
+        "executor", "workers", "ray_address", "progress", "verbose", "quiet", "help",
+    )),
+)  # fmt: skip
+
+
+class _SectionedCommand(click.Command):
+    """``--help`` lists the options in titled sections (:data:`_HELP_SECTIONS`)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows: dict[str, list[tuple[str, str]]] = {}
+        order = {name: title for title, names in _HELP_SECTIONS for name in names}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None or not isinstance(param, click.Option):
+                continue  # arguments are in the usage line
+            name = "help" if "--help" in param.opts else param.name or ""
+            title = order.get(name, "Other options")
+            rows.setdefault(title, []).append(record)
+        titles = [t for t, _ in _HELP_SECTIONS] + ["Other options"]
+        for title in titles:
+            if title in rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows[title])
+
+
+_Group.command_class = _SectionedCommand
 
 
 @click.group(cls=_Group)
@@ -200,21 +257,52 @@ def _selection(kw: dict[str, Any]) -> Selection:
     )
 
 
-def _size(value: str | None, name: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        parts = tuple(int(v) for v in value.lower().replace("x", ",").split(",") if v)
-    except ValueError:
-        raise ConfigError(f"--{name} takes N or HxW (e.g. 256 or 224x224); got {value!r}") from None
-    return parts
+class _CommaList(click.ParamType):
+    """A comma-separated list: each item converted by ``item`` and, with ``choices``, checked.
+
+    Errors name the flag (click's "Invalid value for '--threads'").
+    """
+
+    def __init__(
+        self,
+        item: Callable[[str], Any] = str,
+        choices: Sequence[Any] | None = None,
+        *,
+        name: str = "LIST",
+        lengths: tuple[int, ...] | None = None,
+        separators: str = ",",
+    ) -> None:
+        self.item, self.choices, self.name = item, choices, name
+        self.lengths, self.separators = lengths, separators
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[Any, ...]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value)
+        for sep in self.separators[1:]:
+            text = text.replace(sep, self.separators[0])
+        parts = [v.strip() for v in text.split(self.separators[0]) if v.strip()]
+        try:
+            out = tuple(self.item(v) for v in parts)
+        except ValueError:
+            self.fail(f"{value!r} is not a list of {self.name}", param, ctx)
+        if not out:
+            self.fail("the list is empty", param, ctx)
+        if self.choices is not None:
+            bad = [v for v in out if v not in self.choices]
+            if bad:
+                valid = ", ".join(map(str, self.choices))
+                self.fail(f"{', '.join(map(str, bad))} not among {valid}", param, ctx)
+            if len(set(out)) != len(out):
+                self.fail(f"{value!r} lists a value twice", param, ctx)
+        if self.lengths is not None and len(out) not in self.lengths:
+            counts = " or ".join(map(str, self.lengths))
+            self.fail(f"takes {counts} values; got {value!r}", param, ctx)
+        return out
 
 
-def _floats(value: str, name: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"--{name} takes 1 or 3 comma-separated numbers; got {value!r}") from None
+_SIZE = _CommaList(int, name="N|HxW", lengths=(1, 2), separators=",xX")
+_CHANNEL_VALUES = _CommaList(float, name="numbers", lengths=(1, 3))
 
 
 def _options(*decorators: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[..., Any]:
@@ -321,10 +409,10 @@ _recalibration_options = _options(
 def _images(kw: dict[str, Any]) -> ImagePreprocessing:
     """Pop the ``_image_options`` of ``kw`` into an ImagePreprocessing."""
     return ImagePreprocessing(
-        resize=_size(kw.pop("resize"), "resize"),
-        crop=_size(kw.pop("center_crop"), "center-crop"),
-        mean=_floats(str(kw.pop("mean")), "mean"),
-        std=_floats(str(kw.pop("std")), "std"),
+        resize=kw.pop("resize"),
+        crop=kw.pop("center_crop"),
+        mean=kw.pop("mean"),
+        std=kw.pop("std"),
         scale=kw.pop("pixel_scale"),
         layout=str(kw.pop("layout")),
         channel_order=str(kw.pop("channel_order")),
@@ -388,17 +476,21 @@ _gate_options = _options(
 
 _image_options = _options(
     click.option(
-        "--resize", metavar="N|HxW", help="Images: resize the shorter side to N, or to HxW exactly."
+        "--resize", type=_SIZE, metavar="N|HxW", help="Images: resize the shorter side to N, or to HxW exactly."
     ),
-    click.option("--center-crop", metavar="N|HxW", help="Images: center crop to N x N or HxW."),
+    click.option("--center-crop", type=_SIZE, metavar="N|HxW", help="Images: center crop to N x N or HxW."),
     click.option(
         "--mean",
+        type=_CHANNEL_VALUES,
+        metavar="M|R,G,B",
         default=",".join(f"{v:g}" for v in _IMG.mean),
         show_default=True,
         help="Images: per-channel mean (RGB order) after dividing by --pixel-scale.",
     ),
     click.option(
         "--std",
+        type=_CHANNEL_VALUES,
+        metavar="S|R,G,B",
         default=",".join(f"{v:g}" for v in _IMG.std),
         show_default=True,
         help="Images: per-channel std (RGB order).",
@@ -512,7 +604,8 @@ _run_options = _options(
     "--calib",
     "calib",
     metavar="DATA",
-    help="Calibration data: .npz/.npy, a folder of arrays or images, or 'random' (smoke tests only).",
+    help="[required] Calibration data: .npz/.npy, a folder of arrays or images, or 'random' "
+    "(smoke tests only).",
 )
 @_layout_options
 @_threads_options
@@ -570,6 +663,15 @@ def transform_command(model: Path, **kw: Any) -> None:
     With --eval-data, the produced model is also scored on held-out data
     (table printed, numbers in the report). Exit codes: 0 ok, 2 user error,
     3 a threshold (--max-drop/--min-agreement) was missed (outputs are written).
+
+    \b
+    Examples:
+      nbsmt-onnx transform model.onnx --calib calib.npz -o model.nbsmt.onnx
+      nbsmt-onnx transform model.onnx --calib images/ --resize 256 --center-crop 224 \\
+          --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --threads 4 \\
+          --export both --report report.html
+      nbsmt-onnx transform model.onnx --calib calib.npz --layer-threads threads.json \\
+          --eval-data val.npz --eval-labels val.npy --max-drop 1
     """
     from nbsmt_onnx.api import output_paths, transform
     from nbsmt_onnx.io import check_destination
@@ -736,6 +838,10 @@ def inspect_command(model: Path, **kw: Any) -> None:
     """Preflight MODEL: the checks transform runs (same options, same code), the inputs and
     outputs with the data layout calibration needs, what would be rewritten at which threads,
     what not and why, and the BatchNorm layers. Exit 2 when transform would refuse the model.
+
+    \b
+    Example:
+      nbsmt-onnx inspect model.onnx --threads 4 --exclude-op-type MatMul
     """
     from nbsmt_onnx.api import inspect
 
@@ -770,38 +876,6 @@ def inspect_command(model: Path, **kw: Any) -> None:
     for bn in result.batchnorms:
         after = f"after {bn.producer} ({bn.producer_op})" if bn.producer else "on a graph input"
         click.echo(f"  {bn.name}  {after}: {bn.note}")
-
-
-def _csv_list(value: str, name: str, cast: type = str) -> tuple[Any, ...]:
-    try:
-        return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"--{name} takes a comma-separated list; got {value!r}") from None
-
-
-class _IntList(click.ParamType):
-    """A comma-separated list of integers from ``choices`` (``1,2,4``)."""
-
-    name = "LIST"
-
-    def __init__(self, choices: tuple[int, ...]) -> None:
-        self.choices = choices
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, ...]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            out = tuple(int(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
-        bad = [v for v in out if v not in self.choices]
-        if bad or not out:
-            self.fail(
-                f"{value!r}: each value must be one of {', '.join(map(str, self.choices))}",
-                param,
-                ctx,
-            )
-        return out
 
 
 _executor_options = _options(
@@ -853,7 +927,7 @@ _executor_options = _options(
     help="top1 (needs --labels) or argmax agreement with float32 [default: top1 with labels].",
 )
 @click.option(
-    "--choices", type=_IntList((1, 2, 4)), default="1,2,4", show_default=True,
+    "--choices", type=_CommaList(int, schema.THREADS_CHOICES, name="thread counts"), default="1,2,4", show_default=True,
     help="Thread counts a layer may get (comma-separated).",
 )
 @click.option(
@@ -973,29 +1047,37 @@ def search_command(model: Path, **kw: Any) -> None:
     help="Labels: .npy, .csv, or 'folders' (class sub-folders of --data) [default: none, fidelity to float32 only].",
 )
 @click.option(
-    "--calib", "calib", metavar="DATA", help="Calibration data (must not overlap --data)."
+    "--calib", "calib", metavar="DATA",
+    help="[required] Calibration data (must not overlap --data).",
 )
 @click.option(
     "--rows",
+    type=_CommaList(choices=ROW_KINDS, name="row kinds"),
     default=None,
     help="Row kinds: float32, int8, int8+recal, nbsmt, nbsmt+recal "
     "[default: float32,int8,nbsmt,nbsmt+recal].",
 )
 @click.option(
-    "--threads", default="2,4", show_default=True, help="NB-SMT threads to sweep (comma-separated)."
+    "--threads",
+    type=_CommaList(int, schema.THREADS_CHOICES, name="thread counts"),
+    default="2,4",
+    show_default=True,
+    help="NB-SMT threads to sweep: a comma-separated list of 1, 2, 4.",
 )
 @click.option(
     "--mapping",
+    type=_CommaList(choices=schema.MAPPING_CHOICES, name="mappings"),
     default="channel",
     show_default=True,
-    help="Mappings to sweep: channel, interleave.",
+    help="Mappings to sweep: channel, interleave (comma-separated).",
 )
 @click.option(
     "--reduce",
     "reduce_",
+    type=_CommaList(choices=schema.REDUCE_CHOICES, name="operands"),
     default="activations",
     show_default=True,
-    help="Reduced operands to sweep: activations, weights.",
+    help="Reduced operands to sweep: activations, weights (comma-separated).",
 )
 @_calibration_options
 @_evaluation_options
@@ -1018,6 +1100,7 @@ def search_command(model: Path, **kw: Any) -> None:
 @click.option(
     "--gate",
     "gate_rows",
+    type=_CommaList(choices=ROW_KINDS, name="row kinds"),
     default=None,
     help="Row kinds the gate checks [default: nbsmt+recal if present, else nbsmt].",
 )
@@ -1049,6 +1132,12 @@ def evaluate_command(model: Path, **kw: object) -> None:
     """Evaluate float32, int8 and NB-SMT (with/without recalibration) on held-out data.
 
     Exit codes: 0 ok, 2 user error, 3 a threshold (--max-drop/--min-agreement) was missed.
+
+    \b
+    Examples:
+      nbsmt-onnx evaluate model.onnx --data val.npz --labels val.npy --calib calib.npz
+      nbsmt-onnx evaluate model.onnx --data val/ --labels folders --calib calib/ \\
+          --threads 2,4 --mapping channel,interleave --report table.html --csv table.csv
     """
     from nbsmt_onnx.api import evaluate
     from nbsmt_onnx.config import EvaluateConfig
@@ -1080,10 +1169,10 @@ def evaluate_command(model: Path, **kw: object) -> None:
         progress=progress,
     )
     config = EvaluateConfig(
-        rows=_csv_list(str(rows), "rows") if rows else None,
-        threads=_csv_list(str(kw.pop("threads")), "threads", int),
-        mappings=_csv_list(str(kw.pop("mapping")), "mapping"),
-        reduces=_csv_list(str(kw.pop("reduce_")), "reduce"),
+        rows=rows,  # type: ignore[arg-type]
+        threads=kw.pop("threads"),  # type: ignore[arg-type]
+        mappings=kw.pop("mapping"),  # type: ignore[arg-type]
+        reduces=kw.pop("reduce_"),  # type: ignore[arg-type]
         transform=transform_config,
         eval_samples=kw.pop("eval_samples"),  # type: ignore[arg-type]
         eval_batch_size=kw.pop("eval_batch_size"),  # type: ignore[arg-type]
@@ -1093,7 +1182,7 @@ def evaluate_command(model: Path, **kw: object) -> None:
         reference=str(kw.pop("reference")),
         max_drop=kw.pop("max_drop"),  # type: ignore[arg-type]
         min_agreement=kw.pop("min_agreement"),  # type: ignore[arg-type]
-        gate_rows=_csv_list(str(gate_rows), "gate") if gate_rows else None,
+        gate_rows=gate_rows,  # type: ignore[arg-type]
         gate_bound=str(kw.pop("gate_bound")),
         layer_samples=kw.pop("layer_samples"),  # type: ignore[arg-type]
         progress=progress,

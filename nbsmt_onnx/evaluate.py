@@ -58,7 +58,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper
-from tqdm import tqdm
 
 from nbsmt_onnx import io
 from nbsmt_onnx._version import __version__
@@ -110,6 +109,7 @@ from nbsmt_onnx.metrics import (
     wilson_interval,
 )
 from nbsmt_onnx.ops import schema
+from nbsmt_onnx.progress import Progress
 from nbsmt_onnx.report import add_stats_outputs, layer_metrics
 from nbsmt_onnx.runtime.session import SessionOptions, create_session
 
@@ -1173,10 +1173,8 @@ def evaluate_models(
     ordered = sorted(available, key=lambda r: (not r.spec.is_float, r is not int8_runner))
     duplicates = within_eval = position = 0
     seen_eval: set[bytes] = set()
-    bar = tqdm(
-        total=stream.data.num_batches, desc="evaluate", unit="batch", file=sys.stderr,
-        disable=not config.progress or None, leave=False,
-    )  # fmt: skip
+    bar = Progress("evaluate", stream.data.num_batches, enabled=config.progress)
+    batches_done = 0
     try:
         for feed in stream.data.batches():
             digests = _sample_digests(feed, specs)
@@ -1221,7 +1219,8 @@ def evaluate_models(
                             ref_layers[t], tensors[t]
                         )
             position += n
-            bar.update(1)
+            batches_done += 1
+            bar.update(batches_done)
     finally:
         bar.close()
 

@@ -231,7 +231,41 @@ def test_cli_rejects_bad_lists() -> None:
         main, ["evaluate", "m.onnx", "--data", "d", "--calib", "c", "--threads", "2,x"]
     )
     assert res.exit_code == 2
-    assert "comma-separated" in res.output
+    assert "Invalid value for '--threads'" in res.output
+    res = CliRunner().invoke(
+        main, ["evaluate", "m.onnx", "--data", "d", "--calib", "c", "--threads", "2,3"]
+    )
+    assert res.exit_code == 2
+    assert "3 not among 1, 2, 4" in res.output
+    res = CliRunner().invoke(
+        main, ["evaluate", "m.onnx", "--data", "d", "--calib", "c", "--rows", "float32,int9"]
+    )
+    assert res.exit_code == 2
+    assert "'--rows'" in res.output and "int9" in res.output
+
+
+def test_help_is_in_sections_with_examples() -> None:
+    for command in ("transform", "evaluate", "inspect", "search"):
+        res = CliRunner().invoke(main, [command, "--help"])
+        assert res.exit_code == 0, res.output
+        assert "Example" in res.output, command
+        assert "Other options" not in res.output, f"{command}: an option has no help section"
+    res = CliRunner().invoke(main, ["transform", "--help"])
+    sections = [line for line in res.output.splitlines() if line.endswith(":") and not line[0].isspace()]
+    assert sections[:3] == ["Inputs and outputs:", "NB-SMT:", "Calibration:"], sections
+    assert "[required] Calibration data" in res.output
+
+
+def test_image_options_are_click_types() -> None:
+    for args, flag in (
+        (["--resize", "2x3x4"], "--resize"),
+        (["--center-crop", "a"], "--center-crop"),
+        (["--mean", "0.1,0.2"], "--mean"),
+        (["--std", "x"], "--std"),
+    ):
+        res = CliRunner().invoke(main, ["transform", "m.onnx", "--calib", "c", *args])
+        assert res.exit_code == 2
+        assert f"Invalid value for '{flag}'" in res.output, res.output
 
 
 def test_sample_digests_detect_equal_samples() -> None:
