@@ -327,9 +327,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class EvaluationResult:
-    """The table and everything needed to reproduce it."""
+    """The table and everything needed to reproduce it.
+
+    ``print(result)`` prints the table (:meth:`format_table`); ``repr`` is one line.
+    """
 
     rows: tuple[EvaluationRow, ...]
     model: str
@@ -350,6 +353,15 @@ class EvaluationResult:
     @property
     def passed(self) -> bool:
         return self.gate.passed
+
+    def __str__(self) -> str:
+        return self.format_table()
+
+    def __repr__(self) -> str:
+        rows = ", ".join(r.id for r in self.rows)
+        samples = self.eval_data.get("samples")
+        verdict = "passed" if self.gate.passed else "missed"
+        return f"<EvaluationResult {self.model!r}: rows [{rows}], {samples} samples, gate {verdict}>"
 
     @property
     def exit_code(self) -> int:
@@ -767,9 +779,10 @@ def _open_eval_data(
     wanted = total if config.eval_samples is None else min(config.eval_samples, total)
     if config.eval_samples is not None and config.eval_samples > total:
         log.warning(
-            "evaluation data has %d samples; using all of them (%d requested)",
+            "evaluation data has %d samples, fewer than --eval-samples %d: using all %d",
             total,
             config.eval_samples,
+            total,
         )
     data = CalibrationData(
         specs,

@@ -138,8 +138,14 @@ def _grouped_barh(
     labels: Sequence[str],
     series: Sequence[tuple[str, Sequence[float | None]]],
     palette: Mapping[str, Any] | None = None,
+    *,
+    invert: bool = True,
 ) -> None:
-    """Horizontal grouped bars: one group per label (top to bottom), one bar per series."""
+    """Horizontal grouped bars: one group per label (top to bottom), one bar per series.
+
+    ``invert=False`` for a second axis sharing y with a first one: inverting a
+    shared axis twice would turn the order back to bottom-to-top.
+    """
     k = max(1, len(series))
     height = 0.8 / k
     colours = _colours(k)
@@ -150,7 +156,8 @@ def _grouped_barh(
         ax.barh(ys, vals, height=height, label=_name, color=colour)
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels([_short(n) for n in labels], fontsize=7)
-    ax.invert_yaxis()
+    if invert:
+        ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
 
 
@@ -210,19 +217,25 @@ def _shift_plot(
     height = max(3.0, 0.2 * len(names) * max(1.0, len(series) / 2) + 1.2)
     height += 0.22 * math.ceil(len(series) / 4)  # the legend
     fig = _figure(11.5, height)
-    ax_mean, ax_std = fig.subplots(1, 2, sharey=True)
+    std_change = [
+        [None if r is None else 100.0 * (r - 1.0) for r in v[1]] for v in series.values()
+    ]
+    # With the default mean-only correction no std changes: one panel, full width.
+    changed = any(c is not None and abs(c) > 1e-9 for values in std_change for c in values)
+    if changed:
+        ax_mean, ax_std = fig.subplots(1, 2, sharey=True)
+    else:
+        ax_mean, ax_std = fig.subplots(), None
     _grouped_barh(ax_mean, names, [(k, v[0]) for k, v in series.items()], palette)
-    ax_mean.set_title("mean shift (RMS over channels, in old std units)", fontsize=10)
-    _grouped_barh(
-        ax_std,
-        names,
-        [(k, [None if r is None else 100.0 * (r - 1.0) for r in v[1]]) for k, v in series.items()],
-        palette,
-    )
-    ax_std.set_title(
-        "std change (%) = 100 (std ratio - 1), geometric mean over channels", fontsize=10
-    )
-    ax_std.axvline(0.0, color="#444444", linewidth=0.8)
+    ax_mean.set_title("mean shift (RMS over channels, old std units)", fontsize=10)
+    if ax_std is not None:
+        _grouped_barh(
+            ax_std, names, list(zip(series, std_change, strict=True)), palette, invert=False
+        )
+        ax_std.set_title("std change (%), geometric mean over channels", fontsize=10)
+        ax_std.axvline(0.0, color="#444444", linewidth=0.8)
+    else:
+        ax_mean.set_xlabel("(standard deviations unchanged: mean-only correction)", fontsize=8)
     _legend_below(fig, ax_mean, len(series))
     return _png(fig, "BatchNorm statistic shift per layer")
 

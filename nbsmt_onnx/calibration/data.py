@@ -691,9 +691,11 @@ class CalibrationData:
             else:
                 if num_samples > total:
                     log.warning(
-                        "calibration data has %d samples; using all of them (%d requested)",
+                        "calibration data has %d samples, fewer than the %d to draw "
+                        "(--num-samples): using all %d",
                         total,
                         num_samples,
+                        total,
                     )
                 order = np.random.default_rng(seed).permutation(total)
             batched = [s for s in specs if s.batch_axis is not None]

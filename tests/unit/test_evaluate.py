@@ -499,3 +499,12 @@ def test_outputs_show_intervals_and_paired_differences() -> None:
     page = render_html(result.to_dict())
     assert f"[{100 * w.lo:.2f}, {100 * w.hi:.2f}]" in page
     assert f"{lo:+.2f}" in page and f"{diff.p_value:.3f}" in page
+
+
+def test_print_shows_the_table_and_repr_is_one_line() -> None:
+    gate = _gate(ROWS, EvaluateConfig(max_drop=1.0), labelled=True)
+    result = _result(gate)
+    assert str(result) == result.format_table()
+    text = repr(result)
+    assert "\n" not in text and len(text) < 200
+    assert "m.onnx" in text and "10 samples" in text

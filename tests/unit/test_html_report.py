@@ -306,3 +306,24 @@ def test_write_html_refuses_to_overwrite(tmp_path: Path) -> None:
         write_html(transform_dict(), out)
     write_html(transform_dict(), out, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temp files left
+
+
+@pytest.mark.parametrize("std_ratio", [1.0, 1.3])
+def test_shift_plot_lists_layers_top_down_and_drops_an_empty_std_panel(
+    monkeypatch: pytest.MonkeyPatch, std_ratio: float
+) -> None:
+    """First BatchNorm at the top (as in the per-layer charts); no empty std panel."""
+    from nbsmt_onnx import html_report
+
+    figures: list[Any] = []
+    monkeypatch.setattr(html_report, "_png", lambda fig, alt: figures.append(fig) or "")
+    names = ["bn_first", "bn_middle", "bn_last"]
+    series = {"T=2": ([0.1, 0.2, 0.3], [std_ratio] * 3), "T=4": ([0.2, 0.3, 0.4], [None] * 3)}
+    html_report._shift_plot(names, series)
+    (fig,) = figures
+    axes = [ax for ax in fig.axes if ax.get_yticklabels()]
+    assert len(fig.axes) == (2 if std_ratio != 1.0 else 1)
+    ax = axes[0]
+    assert ax.yaxis_inverted(), "the first layer must be drawn at the top"
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == names
