@@ -93,7 +93,7 @@ from nbsmt_onnx.report import (
     report_kind,
     write_report,
 )
-from nbsmt_onnx.runtime.executor import Job, LocalExecutor
+from nbsmt_onnx.runtime.executor import Executor, Job, LocalExecutor
 from nbsmt_onnx.runtime.library import get_library_path
 from nbsmt_onnx.runtime.session import SessionOptions, create_session
 
@@ -294,7 +294,10 @@ def _recalibrate(
 
 
 def _run_with_stats(
-    sim_model: onnx.ModelProto, data: CalibrationData, config: TransformConfig
+    sim_model: onnx.ModelProto,
+    data: CalibrationData,
+    config: TransformConfig,
+    executor: Executor | None = None,
 ) -> dict[str, np.ndarray] | None:
     """Run the simulation model over the data (or one batch) with ``stats`` exposed; sum them.
 
@@ -309,7 +312,7 @@ def _run_with_stats(
     max_batches = None if config.collect_stats else 1
     total = data.num_batches if config.collect_stats else 1
     with Progress("NB-SMT statistics", total, enabled=config.progress) as bar:
-        totals: dict[str, np.ndarray] = LocalExecutor().run(
+        totals: dict[str, np.ndarray] = (executor or LocalExecutor()).run(
             Job(probe, data, reducer, max_batches=max_batches, what="simulation model"),
             bar.update,
         )
@@ -565,6 +568,7 @@ def transform(
     eval_labels: Any = None,
     eval_config: EvaluateConfig | None = None,
     layout: DataLayout | None = None,
+    executor: Executor | None = None,
 ) -> TransformResult:
     """Rewrite ``model`` into an NB-SMT simulation model (and a QDQ model) — see the module doc.
 
@@ -574,6 +578,10 @@ def transform(
 
     ``calib_data``: a path (.npz, .npy, folder of arrays or images), ``"random"``
     (smoke tests only), a dict of arrays, or an iterable of feed dicts.
+
+    ``executor``: where the range pass and the statistics pass run
+    (``runtime.executor``; in process by default, ``RayExecutor`` for workers —
+    the results are identical).
 
     ``ranges``: activation ranges to use instead of the float calibration pass
     (``TransformResult.ranges`` of a transform of the same model, data and
@@ -635,8 +643,9 @@ def transform(
 
     if ranges is None:
         act_ranges = collect_ranges(
-            float_model, plan.activation_tensors, data, config.ranges, progress=config.progress
-        )
+            float_model, plan.activation_tensors, data, config.ranges, progress=config.progress,
+            executor=executor,
+        )  # fmt: skip
     else:
         act_ranges = _given_ranges(ranges, plan.activation_tensors)
         log.info("using %d activation range(s) given by the caller", len(act_ranges))
@@ -649,7 +658,7 @@ def transform(
 
     sim_model, recal_report = _recalibrate(float_model, rewritten, data, config)
 
-    stats = _run_with_stats(sim_model, data, config)
+    stats = _run_with_stats(sim_model, data, config, executor)
     first = data.first_batch()
     try:
         macs = layer_macs(sim_model, {k: v.shape for k, v in first.items()}, data.samples_in(first))
@@ -876,6 +885,7 @@ def evaluate(
     *,
     labels: Any = None,
     images: ImagePreprocessing | None = None,
+    executor: Executor | None = None,
 ) -> EvaluationResult:
     """Evaluate float32 / int8 / NB-SMT (with and without recalibration) on held-out data.
 
@@ -884,6 +894,7 @@ def evaluate(
     calibration, smoke tests). ``labels``: a ``.npy`` / ``.csv`` path, an
     array, ``"folders"`` (class sub-folders of an image folder), or None for
     fidelity metrics only. ``images``: preprocessing of image folders (both sets).
+    ``executor``: where the transforms' range and statistics passes run (see ``transform``).
     """
     started = time.perf_counter()
     config = EvaluateConfig() if config is None else config
@@ -939,7 +950,7 @@ def evaluate(
     # over the calibration data gives the same ranges for every variant).
     t0 = time.perf_counter()
     int8_spec = RowSpec("int8", 1, "channel", "activations")
-    base = transform(float_model, calib, variant_config(tc, int8_spec))
+    base = transform(float_model, calib, variant_config(tc, int8_spec), executor=executor)
     base_s = time.perf_counter() - t0
     warnings.extend(w for w in base.warnings if w not in warnings)
     int8_model = base.sim_model
@@ -959,7 +970,9 @@ def evaluate(
         else:
             log.info("transform with recalibration: %s", name)
             t0 = time.perf_counter()
-            res = transform(float_model, calib, variant_config(tc, spec), ranges=base.ranges)
+            res = transform(
+                float_model, calib, variant_config(tc, spec), ranges=base.ranges, executor=executor
+            )
             rows.append(
                 ModelRow(
                     spec, res.sim_model, name, prepare_s=time.perf_counter() - t0,

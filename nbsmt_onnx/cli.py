@@ -587,6 +587,26 @@ _run_options = _options(
 )
 
 
+_executor_options = _options(
+    click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Where model passes run: in this process, or on Ray workers (the 'ray' extra).",
+    ),
+    click.option(
+        "--workers", type=click.IntRange(min=1), default=2, show_default=True,
+        help="Ray workers (--executor ray).",
+    ),
+    click.option(
+        "--ray-address",
+        metavar="ADDR",
+        help="A running Ray cluster [default: start a private one for the run, stop it after].",
+    ),
+)  # fmt: skip
+
+
 @main.command("transform")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -656,6 +676,7 @@ _run_options = _options(
 @_evaluation_options
 @_gate_options
 @_image_options
+@_executor_options
 @_run_options
 def transform_command(model: Path, **kw: Any) -> None:
     """Rewrite MODEL into an NB-SMT simulation model (and/or a QDQ model) with a report.
@@ -719,16 +740,22 @@ def transform_command(model: Path, **kw: Any) -> None:
             err=True,
         )
 
-    result = transform(
-        model,
-        calib,
-        config,
-        layout=_data_layout(kw.pop("batch_axes"), kw.pop("constants")),
-        images=images,
-        eval_data=eval_data,
-        eval_labels=eval_labels,
-        eval_config=eval_config,
-    )
+    from nbsmt_onnx.runtime.executor import create_executor
+
+    with create_executor(
+        str(kw.pop("executor")), int(kw.pop("workers")), kw.pop("ray_address")
+    ) as executor:
+        result = transform(
+            model,
+            calib,
+            config,
+            layout=_data_layout(kw.pop("batch_axes"), kw.pop("constants")),
+            images=images,
+            eval_data=eval_data,
+            eval_labels=eval_labels,
+            eval_config=eval_config,
+            executor=executor,
+        )
     written = result.save(
         paths.get("sim", paths.get("qdq")),
         qdq_output=paths.get("qdq") if "sim" in paths else None,
@@ -878,24 +905,6 @@ def inspect_command(model: Path, **kw: Any) -> None:
         click.echo(f"  {bn.name}  {after}: {bn.note}")
 
 
-_executor_options = _options(
-    click.option(
-        "--executor",
-        type=click.Choice(["local", "ray"]),
-        default="local",
-        show_default=True,
-        help="Where model passes run: in this process, or on Ray workers (the 'ray' extra).",
-    ),
-    click.option(
-        "--workers", type=click.IntRange(min=1), default=2, show_default=True,
-        help="Ray workers (--executor ray).",
-    ),
-    click.option(
-        "--ray-address",
-        metavar="ADDR",
-        help="A running Ray cluster [default: start a private one for the run, stop it after].",
-    ),
-)  # fmt: skip
 
 
 @main.command("search")
@@ -1127,6 +1136,7 @@ def search_command(model: Path, **kw: Any) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the report here: HTML for .html/.htm (one page with plots), JSON for .json.",
 )
+@_executor_options
 @_run_options
 def evaluate_command(model: Path, **kw: object) -> None:
     """Evaluate float32, int8 and NB-SMT (with/without recalibration) on held-out data.
@@ -1198,7 +1208,15 @@ def evaluate_command(model: Path, **kw: object) -> None:
     for p in outputs:  # refuse before the long passes
         check_destination(Path(p), force=force, protect=(model,))  # type: ignore[arg-type]
 
-    result = evaluate(model, kw.pop("data"), calib, config, labels=kw.pop("labels"), images=images)
+    from nbsmt_onnx.runtime.executor import create_executor
+
+    with create_executor(
+        str(kw.pop("executor")), int(kw.pop("workers")), kw.pop("ray_address")  # type: ignore[call-overload, arg-type]
+    ) as executor:
+        result = evaluate(
+            model, kw.pop("data"), calib, config, labels=kw.pop("labels"), images=images,
+            executor=executor,
+        )  # fmt: skip
     if csv_path is not None:
         write_text(csv_path, result.to_csv(), force=force)  # type: ignore[arg-type]
     if report_path is not None:

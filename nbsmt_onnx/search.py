@@ -382,13 +382,16 @@ def search(
         if not recalibrate:
             return assign_threads(base.sim_model, rules, base_t).model
         cfg = replace(tcfg, threads=base_t, layer_threads=rules)
-        return transform(model, calib_data, cfg, images=images, ranges=base.ranges, layout=layout)
+        return transform(
+            model, calib_data, cfg, images=images, ranges=base.ranges, layout=layout,
+            executor=executor,
+        )  # fmt: skip
 
     # 1. the base: ranges, MACs, int8 predictions
     base_cfg = replace(
         tcfg, threads=base_t, recalibration=RecalibrationConfig(enabled=False), collect_stats=True
     )
-    base = transform(model, calib_data, base_cfg, images=images, layout=layout)
+    base = transform(model, calib_data, base_cfg, images=images, layout=layout, executor=executor)
     macs = {
         layer["node"]: float(layer["macs_per_sample"] or 0.0) for layer in base.report["layers"]
     }

@@ -140,3 +140,28 @@ def test_search_on_ray_equals_local(
     local = search(*args).plan()
     on_ray.pop("wall_time_s"), local.pop("wall_time_s")
     assert on_ray == local
+
+
+def test_transform_and_evaluate_on_ray_equal_local(
+    ray_executor: RayExecutor, tmp_path: Path, nbsmt_library: str
+) -> None:
+    """transform's range and statistics passes on two workers: the same model and report numbers."""
+    from nbsmt_onnx.api import evaluate
+
+    model = tm.conv_relu_gemm(0)
+    rng = np.random.default_rng(3)
+    calib = {"x": rng.standard_normal((40, 3, 8, 8)).astype(np.float32)}
+    held_out = {"x": rng.standard_normal((48, 3, 8, 8)).astype(np.float32)}
+    config = nb.TransformConfig(num_samples=40, batch_size=8, threads=4)
+    on_ray = nb.transform(model, calib, config, executor=ray_executor)
+    local = nb.transform(model, calib, config)
+    assert on_ray.sim_model.graph.initializer == local.sim_model.graph.initializer
+    assert on_ray.ranges == local.ranges
+    layers = [(entry["node"], entry.get("nbsmt")) for entry in local.report["layers"]]
+    assert [(entry["node"], entry.get("nbsmt")) for entry in on_ray.report["layers"]] == layers
+    assert any(stats for _, stats in layers), "the statistics pass measured nothing"
+
+    eval_config = nb.EvaluateConfig(transform=config, threads=(2, 4))
+    rows_ray = evaluate(model, held_out, calib, eval_config, executor=ray_executor).to_dict()
+    rows_local = evaluate(model, held_out, calib, eval_config).to_dict()
+    assert [r["metrics"] for r in rows_ray["rows"]] == [r["metrics"] for r in rows_local["rows"]]
