@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from nbsmt_onnx._version import __version__
-from nbsmt_onnx.api import InspectResult, TransformResult, evaluate, inspect, transform
+from nbsmt_onnx.api import (
+    InspectResult,
+    RunResult,
+    TransformResult,
+    evaluate,
+    inspect,
+    run,
+    transform,
+)
 from nbsmt_onnx.config import (
     EvaluateConfig,
     ImagePreprocessing,
@@ -22,6 +30,7 @@ __all__ = [
     "ImagePreprocessing",
     "InspectResult",
     "NbsmtError",
+    "RunResult",
     "RangeConfig",
     "RecalibrationConfig",
     "Selection",
@@ -31,5 +40,6 @@ __all__ = [
     "evaluate",
     "get_library_path",
     "inspect",
+    "run",
     "transform",
 ]

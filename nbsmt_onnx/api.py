@@ -1,4 +1,4 @@
-"""The Python API: ``transform``, ``inspect`` and ``evaluate`` — the one place that orders the steps.
+"""The Python API: ``transform``, ``inspect``, ``evaluate``, ``run`` — the one place that orders the steps.
 
 ``transform(model, calib_data, config)``:
 
@@ -52,6 +52,13 @@ from nbsmt_onnx.calibration.data import (
 )
 from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
 from nbsmt_onnx.calibration.recalibrate import recalibrate
+from nbsmt_onnx.compare import (
+    OutputCollector,
+    OutputComparison,
+    compare_outputs,
+    concatenate,
+    format_comparisons,
+)
 from nbsmt_onnx.config import DataLayout, EvaluateConfig, ImagePreprocessing, TransformConfig
 from nbsmt_onnx.errors import (
     EXIT_OK,
@@ -987,4 +994,80 @@ def evaluate(
         warnings=warnings,
         transform_report=base.report,
         started=started,
+    )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``run`` produced: every output of the model on the samples, and the comparison."""
+
+    outputs: dict[str, np.ndarray]
+    samples: int
+    comparisons: list[OutputComparison]
+    reference: str | None
+
+    def format_table(self) -> str:
+        if not self.comparisons:
+            lines = [f"{n}: shape {list(v.shape)}, {v.dtype}" for n, v in self.outputs.items()]
+            return "\n".join(lines)
+        return format_comparisons(self.comparisons)
+
+
+def run(
+    model: str | Path | onnx.ModelProto,
+    data: Any,
+    *,
+    reference: str | Path | onnx.ModelProto | None = None,
+    num_samples: int = 16,
+    batch_size: int = 16,
+    seed: int = 0,
+    images: ImagePreprocessing | None = None,
+    layout: DataLayout | None = None,
+    executor: Executor | None = None,
+) -> RunResult:
+    """Run ``model`` (a simulation, QDQ or float model) on ``num_samples`` samples of ``data``.
+
+    With ``reference`` (e.g. the float model the simulation was made from), the
+    same samples go through it too and every output of the same name is
+    compared (max/mean absolute difference, cosine, SQNR, argmax agreement).
+    Sessions come from the one factory, so simulation models get the NB-SMT
+    library registered.
+    """
+    loaded = model if isinstance(model, onnx.ModelProto) else io.load_model(Path(model))
+    ref_model = None
+    if reference is not None:
+        ref_model = (
+            reference if isinstance(reference, onnx.ModelProto) else io.load_model(Path(reference))
+        )
+    if any(op.domain == schema.DOMAIN for op in loaded.opset_import):
+        get_library_path()  # one-line error if the library is missing, before any run
+    specs = model_inputs(loaded, layout)
+    opened = open_calibration_data(
+        data, specs, num_samples=num_samples, batch_size=batch_size, seed=seed, images=images,
+        layout=layout,
+    )  # fmt: skip
+    executor = executor or LocalExecutor()
+    names = tuple(o.name for o in loaded.graph.output)
+    jobs = [Job(loaded, opened, OutputCollector(names), what="model")]
+    if ref_model is not None:
+        ref_names = tuple(o.name for o in ref_model.graph.output)
+        if not set(names) & set(ref_names):
+            raise ConfigError(
+                f"the model's outputs {list(names)} and the reference's {list(ref_names)} share "
+                "no name; compare a model with the one it was made from"
+            )
+        jobs.append(Job(ref_model, opened, OutputCollector(ref_names), what="reference model"))
+    results = [concatenate(r) for r in executor.map(jobs)]
+    comparisons = compare_outputs(results[0], results[1]) if ref_model is not None else []
+    return RunResult(
+        outputs=results[0],
+        samples=opened.num_samples,
+        comparisons=comparisons,
+        reference=(
+            None
+            if reference is None
+            else "<ModelProto>"
+            if isinstance(reference, onnx.ModelProto)
+            else str(reference)
+        ),
     )

@@ -121,7 +121,7 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
 _HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Inputs and outputs", (
         "calib", "data", "labels", "eval_data", "eval_labels", "output", "qdq_output", "export",
-        "qdq_types", "plan_path", "report_path", "csv_path", "as_json", "force",
+        "qdq_types", "plan_path", "report_path", "csv_path", "save_path", "as_json", "force",
     )),
     ("NB-SMT", (
         "threads", "layer_threads", "mapping", "reduce_", "rows", "choices",
@@ -1232,3 +1232,63 @@ def evaluate_command(model: Path, **kw: object) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command("run")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--data", "data", required=True, metavar="DATA",
+    help="Inputs: .npz/.npy, a folder of arrays or images (as --calib takes them).",
+)
+@click.option(
+    "--reference", type=click.Path(dir_okay=False, path_type=Path), metavar="MODEL",
+    help="Compare every output with this model's (e.g. the float model MODEL was made from).",
+)
+@click.option(
+    "--num-samples", type=click.IntRange(min=1), default=16, show_default=True,
+    help="Samples drawn (seeded).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw.")
+@click.option(
+    "--save-outputs", "save_path", type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE.npz", help="Write MODEL's outputs here (keyed by output name).",
+)
+@_layout_options
+@_image_options
+@click.option("--force", is_flag=True, help="Overwrite an existing --save-outputs file.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def run_command(model: Path, **kw: Any) -> None:
+    """Run MODEL (simulation, QDQ or float) on a few samples; compare with --reference.
+
+    The simulation models need the NB-SMT library, which generic runners do
+    not load; this is the quick look before a full evaluate.
+
+    \b
+    Example:
+      nbsmt-onnx run model.nbsmt.onnx --data calib.npz --reference model.onnx
+    """
+    import io as _stdio
+
+    import numpy as np
+
+    from nbsmt_onnx.api import run
+    from nbsmt_onnx.io import check_destination, write_bytes
+
+    _setup_logging(int(kw.pop("verbose")))
+    save_path, force = kw.pop("save_path"), bool(kw.pop("force"))
+    if save_path is not None:
+        if save_path.suffix != ".npz":
+            raise ConfigError(f"--save-outputs writes an .npz; got {str(save_path)!r}")
+        check_destination(save_path, force=force, protect=(model,))
+    result = run(
+        model, kw.pop("data"), reference=kw.pop("reference"), num_samples=kw.pop("num_samples"),
+        seed=kw.pop("seed"), images=_images(kw),
+        layout=_data_layout(kw.pop("batch_axes"), kw.pop("constants")),
+    )  # fmt: skip
+    click.echo(f"{result.samples} sample(s)" + (f" vs {result.reference}" if result.reference else ""))
+    click.echo(result.format_table())
+    if save_path is not None:
+        buffer = _stdio.BytesIO()
+        np.savez(buffer, **result.outputs)  # type: ignore[arg-type]
+        write_bytes(save_path, buffer.getvalue(), force=force)
+        click.echo(f"wrote {save_path}")

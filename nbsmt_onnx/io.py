@@ -241,16 +241,23 @@ def session_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
 def write_text(path: str | Path, text: str, *, force: bool = False) -> Path:
     """Write ``text`` atomically (temp file + rename); refuse to overwrite without ``force``.
 
-    The one writer of text outputs (JSON reports, CSV, HTML). The temporary
-    file is created with ``open(..., "x")`` so the result gets the usual
-    permissions (umask), unlike ``tempfile.mkstemp``'s 0600.
+    The one writer of text outputs (JSON reports, CSV, HTML); see :func:`write_bytes`.
+    """
+    return write_bytes(path, text.encode("utf-8"), force=force)
+
+
+def write_bytes(path: str | Path, data: bytes, *, force: bool = False) -> Path:
+    """Write ``data`` atomically (temp file + rename); refuse to overwrite without ``force``.
+
+    The temporary file is created with ``open(..., "xb")`` so the result gets
+    the usual permissions (umask), unlike ``tempfile.mkstemp``'s 0600.
     """
     dest = Path(path)
     check_destination(dest, force=force, protect=())
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
+        with open(tmp, "xb") as fh:
+            fh.write(data)
         os.replace(tmp, dest)
     except OSError as err:
         tmp.unlink(missing_ok=True)
