@@ -107,6 +107,9 @@ from nbsmt_onnx.runtime.session import SessionOptions, create_session
 log = logging.getLogger(__name__)
 
 
+#: Below this many calibration samples recalibration gets a warning (its estimates are noise).
+FEW_SAMPLES = 32
+
 METADATA_VERSION_KEY = "nbsmt_onnx.version"
 METADATA_SETTINGS_KEY = "nbsmt_onnx.settings"
 METADATA_KIND_KEY = "nbsmt_onnx.kind"
@@ -663,6 +666,13 @@ def transform(
     assigned = assign_threads(rewritten.model, config.layer_threads, config.threads)
     rewritten = replace(rewritten, model=assigned.model)
 
+    if config.recalibration.enabled and not data.is_random and data.num_samples < FEW_SAMPLES:
+        warnings.append(
+            f"recalibration estimates per-channel statistics from {data.num_samples} calibration "
+            f"sample(s); with fewer than {FEW_SAMPLES} they are mostly noise (pass more with "
+            "--num-samples, or --no-recalibrate)"
+        )
+        log.warning(warnings[-1])
     sim_model, recal_report = _recalibrate(float_model, rewritten, data, config)
 
     stats = _run_with_stats(sim_model, data, config, executor)

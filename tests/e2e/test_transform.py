@@ -457,3 +457,22 @@ def test_variance_bound_option_reaches_settings_and_is_checked(tmp_path: Path) -
                   "--variance-bound", "0.5")  # fmt: skip
     assert result.exit_code == 2 and "--variance-bound" in result.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_few_calibration_samples_warn_when_recalibrating(
+    tmp_path: Path, nbsmt_library: str
+) -> None:
+    import nbsmt_onnx as nb
+
+    model = tm.conv_bn_relu(0)
+    x = np.random.default_rng(0).standard_normal((40, 2, 6, 6)).astype(np.float32)
+    few = nb.transform(model, {"x": x[:3]}, nb.TransformConfig(num_samples=3))
+    assert any("from 3 calibration sample(s)" in w for w in few.report["warnings"])
+    plenty = nb.transform(model, {"x": x}, nb.TransformConfig(num_samples=40))
+    assert not any("calibration sample(s)" in w for w in plenty.report["warnings"])
+    off = nb.transform(
+        model,
+        {"x": x[:3]},
+        nb.TransformConfig(num_samples=3, recalibration=nb.RecalibrationConfig(enabled=False)),
+    )
+    assert not any("calibration sample(s)" in w for w in off.report["warnings"])
