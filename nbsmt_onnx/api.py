@@ -51,7 +51,13 @@ from nbsmt_onnx.calibration.data import (
     open_calibration_data,
 )
 from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
-from nbsmt_onnx.calibration.recalibrate import recalibrate
+from nbsmt_onnx.calibration import guard as guard_mod
+from nbsmt_onnx.calibration.recalibrate import (
+    apply_recalibration,
+    correction_units,
+    fold_summary,
+    recalibrate,
+)
 from nbsmt_onnx.compare import (
     OutputCollector,
     OutputComparison,
@@ -282,9 +288,19 @@ def _register_schemas() -> None:
 
 
 def _recalibrate(
-    float_model: onnx.ModelProto, sim: RewriteResult, data: CalibrationData, config: TransformConfig
+    float_model: onnx.ModelProto,
+    sim: RewriteResult,
+    data: CalibrationData,
+    config: TransformConfig,
+    guard_data: CalibrationData | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
-    """Step 6 — BatchNorm recalibration / fused-layer correction and folding (docs/spec.md §4-§5)."""
+    """Step 6 — recalibration (docs/spec.md §4-§5), validated on held-out samples by the guard.
+
+    With the guard on, the corrections are estimated on the calibration samples
+    minus a seeded held-out part (or on all of them when ``guard_data`` is
+    given), and only the blocks of corrections that bring the held-out outputs
+    closer to the float model's are kept (``calibration.guard``).
+    """
     rc = config.recalibration
     if not rc.enabled:
         return sim.model, None
@@ -293,14 +309,63 @@ def _recalibrate(
             "recalibration skipped: random calibration data would corrupt the BN statistics"
         )
         return sim.model, {"skipped": "random calibration data"}
+    estimation, heldout, off = data, guard_data, None
+    if rc.guard and heldout is None:
+        parts = data.split(rc.guard_fraction, config.seed)
+        if parts is None:
+            off = (
+                "the calibration data has no addressable samples to hold out (an iterable of "
+                "feeds); pass guard data (--guard-data) to validate recalibration"
+            )
+        elif parts[1].num_samples < guard_mod.MIN_SAMPLES:
+            off = (
+                f"{parts[1].num_samples} held-out sample(s) are too few to validate recalibration "
+                f"(need {guard_mod.MIN_SAMPLES}); pass more calibration samples or --guard-data"
+            )
+        else:
+            estimation, heldout = parts
     result = recalibrate(
         float_model=float_model,
         sim_model=sim.model,
-        data=data,
+        data=estimation,
         config=rc,
         progress=config.progress,
     )
-    return result.model, result.report
+    report = dict(result.report)
+    if not rc.guard:
+        report["guard"] = {"decision": "off", "reason": "turned off (--no-guard)"}
+        return result.model, report
+    if heldout is None:
+        log.warning("recalibration is not validated: %s", off)
+        report["guard"] = {"decision": "off", "reason": off}
+        return result.model, report
+    units = correction_units(result)
+    if not units:
+        report["guard"] = {"decision": "none", "reason": "recalibration changed nothing"}
+        return result.model, report
+    evaluations = 2 + len(guard_mod.split_blocks(units, rc.guard_blocks))
+    with Progress("recalibration guard", evaluations, "models", enabled=config.progress) as bar:
+        done = 0
+
+        def step(what: str) -> None:
+            nonlocal done
+            bar.update(done)
+            done += 1
+
+        decision = guard_mod.guard(
+            units,
+            lambda keep: apply_recalibration(result, keep, fold=rc.fold)[0],
+            float_model,
+            heldout,
+            blocks=rc.guard_blocks,
+            progress=step,
+        )
+        bar.update(evaluations)
+    model, folded = apply_recalibration(result, decision.kept, fold=rc.fold)
+    report["guard"] = decision.to_dict()
+    if "fold" in report:
+        report["fold"] = fold_summary(folded)
+    return model, report
 
 
 def _run_with_stats(
@@ -579,8 +644,13 @@ def transform(
     eval_config: EvaluateConfig | None = None,
     layout: DataLayout | None = None,
     executor: Executor | None = None,
+    guard_data: Any = None,
 ) -> TransformResult:
     """Rewrite ``model`` into an NB-SMT simulation model (and a QDQ model) — see the module doc.
+
+    ``guard_data`` (the sources ``calib_data`` takes): samples the recalibration
+    guard validates on; by default it holds out a seeded part of the calibration
+    samples (``RecalibrationConfig.guard_fraction``) and estimates on the rest.
 
     ``layout`` (a ``DataLayout``): inputs whose samples lie along another axis
     than 0, and inputs that are constant for every sample (from the data or an
@@ -673,7 +743,19 @@ def transform(
             "--num-samples, or --no-recalibrate)"
         )
         log.warning(warnings[-1])
-    sim_model, recal_report = _recalibrate(float_model, rewritten, data, config)
+    guarded = None
+    if guard_data is not None and config.recalibration.enabled and config.recalibration.guard:
+        guarded = open_calibration_data(
+            guard_data,
+            specs,
+            num_samples=config.num_samples,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            images=images,
+            layout=layout,
+        )
+        guarded.first_batch()
+    sim_model, recal_report = _recalibrate(float_model, rewritten, data, config, guarded)
 
     stats = _run_with_stats(sim_model, data, config, executor)
     first = data.first_batch()

@@ -133,7 +133,8 @@ _HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("Recalibration", (
         "recalibrate", "strategy", "fold", "correction", "variance_bound", "recal_samples",
-        "recal_memory", "sensitivity_recal",
+        "recal_memory", "shrink", "guard", "guard_fraction", "guard_blocks", "guard_data",
+        "sensitivity_recal",
     )),
     ("Evaluation, gate and search", (
         "eval_samples", "eval_batch_size", "eval_seed", "output_name", "output_kind", "reference",
@@ -403,6 +404,36 @@ _recalibration_options = _options(
         show_default=True,
         help="Activation memory (MB) one recalibration batch may use (estimated from the graph).",
     ),
+    click.option(
+        "--shrink",
+        type=click.FloatRange(min=0.0),
+        default=_RC.shrink,
+        show_default=True,
+        help="Shrink each channel's mean correction d by max(0, 1 - K^2 SE^2 / d^2), SE its "
+        "per-sample standard error: shifts within K standard errors of 0 are not applied "
+        "(0 = off).",
+    ),
+    click.option(
+        "--guard/--no-guard",
+        default=_RC.guard,
+        show_default=True,
+        help="Keep recalibration only where it brings held-out outputs closer to float32 "
+        "(--no-guard: apply every correction, the plain procedure).",
+    ),
+    click.option(
+        "--guard-fraction",
+        type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+        default=_RC.guard_fraction,
+        show_default=True,
+        help="Share of the calibration samples held out (seeded) to validate recalibration.",
+    ),
+    click.option(
+        "--guard-blocks",
+        type=click.IntRange(min=1),
+        default=_RC.guard_blocks,
+        show_default=True,
+        help="Corrections are kept or rejected in this many contiguous blocks (graph order).",
+    ),
 )
 
 
@@ -429,6 +460,10 @@ def _recalibration_config(kw: dict[str, Any], enabled: bool = True) -> Recalibra
         samples=kw.pop("recal_samples"),
         memory_mb=int(kw.pop("recal_memory")),
         variance_bound=float(kw.pop("variance_bound")),
+        shrink=float(kw.pop("shrink")),
+        guard=bool(kw.pop("guard")),
+        guard_fraction=float(kw.pop("guard_fraction")),
+        guard_blocks=int(kw.pop("guard_blocks")),
     )
 
 
@@ -664,6 +699,12 @@ _executor_options = _options(
     help="Write the report here: HTML for .html/.htm (one page with plots), JSON for .json.",
 )
 @click.option(
+    "--guard-data",
+    metavar="DATA",
+    help="Samples the recalibration guard validates on [default: a held-out part of --calib "
+    "(--guard-fraction)]; keep --eval-data separate so its figures stay unbiased.",
+)
+@click.option(
     "--eval-data",
     metavar="DATA",
     help="Held-out data: score the produced model against float32 (pipeline gate).",
@@ -755,6 +796,7 @@ def transform_command(model: Path, **kw: Any) -> None:
             eval_labels=eval_labels,
             eval_config=eval_config,
             executor=executor,
+            guard_data=kw.pop("guard_data"),
         )
     written = result.save(
         paths.get("sim", paths.get("qdq")),
@@ -782,6 +824,9 @@ def transform_command(model: Path, **kw: Any) -> None:
     recal = result.report.get("recalibration")
     if recal:
         click.echo(_recalibration_line(recal))
+        guard = recal.get("guard")
+        if guard:
+            click.echo(_guard_line(guard))
     for path in written:
         click.echo(f"wrote {path}")
     if result.evaluation is not None:
@@ -818,6 +863,13 @@ def _recalibration_line(recal: dict[str, Any]) -> str:
     batches = recal.get("batches")
     tail = f"; {batches['note']}" if batches else ""
     return "recalibration: " + ", ".join(parts) + tail
+
+
+def _guard_line(guard: dict[str, Any]) -> str:
+    """One line on what the held-out guard kept (from the report's ``guard`` section)."""
+    if "summary" in guard:
+        return f"recalibration guard: {guard['summary']}"
+    return f"recalibration guard: {guard['decision']} ({guard.get('reason', '')})"
 
 
 def _transform_evaluation(kw: dict[str, Any], progress: bool) -> tuple[Any, Any, Any]:

@@ -148,7 +148,7 @@ class RangeConfig:
 
 @dataclass(frozen=True)
 class RecalibrationConfig:
-    """BatchNorm recalibration settings (SPEC §4-§5, issue 3).
+    """BatchNorm recalibration settings (docs/spec.md §4-§5).
 
     On by default. ``strategy`` (models with BN) and ``correction`` (layers
     without a BN after them, e.g. BN-fused models) default to what measured
@@ -165,8 +165,20 @@ class RecalibrationConfig:
 
     ``variance_bound`` (r >= 1): what ``relative`` transfers besides the mean
     shift — the per-channel NB-SMT/clean variance ratio, clipped to [1/r, r].
-    1 (default) transfers the mean shift only; 4 is SPEC §4's rule. Which is
-    better depends on the model (docs/recalibration.md §7).
+    1 (default) transfers the mean shift only; 4 is the reference rule of
+    docs/spec.md §4. Which is better depends on the model (docs/recalibration.md §7).
+
+    ``shrink`` (K >= 0): each channel's mean correction d is multiplied by
+    ``max(0, 1 - K**2 * SE**2 / d**2)``, SE the standard error of d from the
+    per-sample paired differences (NB-SMT minus float on the same sample), so
+    a shift within K standard errors of zero is not applied (0: no shrinkage;
+    ``relative`` and the fused-layer correction; docs/recalibration.md).
+
+    ``guard``: keep corrections only where they bring held-out outputs closer
+    to the float model's (``calibration.guard``): ``guard_fraction`` of the
+    calibration samples (seeded) are held out from estimation for that, unless
+    the caller gives separate guard data; ``guard_blocks`` is how many
+    contiguous blocks of corrections are accepted or rejected one by one.
     """
 
     enabled: bool = True
@@ -176,6 +188,10 @@ class RecalibrationConfig:
     samples: int | None = None
     memory_mb: int = 4096
     variance_bound: float = 1.0
+    shrink: float = 2.0
+    guard: bool = True
+    guard_fraction: float = 0.25
+    guard_blocks: int = 8
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGY_CHOICES)
@@ -196,6 +212,24 @@ class RecalibrationConfig:
         if not _positive_int(self.memory_mb):
             raise ConfigError(
                 f"recalibration memory_mb must be a positive integer; got {self.memory_mb!r}"
+            )
+        shrink = self.shrink
+        if (
+            isinstance(shrink, bool)
+            or not isinstance(shrink, (int, float))
+            or not (math.isfinite(shrink) and shrink >= 0)
+        ):
+            raise ConfigError(f"--shrink must be a finite number >= 0; got {shrink!r}")
+        fraction = self.guard_fraction
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0 < fraction < 1
+        ):
+            raise ConfigError(f"--guard-fraction must be between 0 and 1; got {fraction!r}")
+        if not _positive_int(self.guard_blocks):
+            raise ConfigError(
+                f"--guard-blocks must be a positive integer; got {self.guard_blocks!r}"
             )
 
 

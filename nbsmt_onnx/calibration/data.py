@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -658,6 +658,7 @@ class CalibrationData:
         seed: int,
         description: str,
         is_random: bool = False,
+        order: Sequence[int] | None = None,
     ) -> None:
         if (source is None) == (feeds is None):
             raise ConfigError("CalibrationData needs exactly one of source= or feeds=")
@@ -686,8 +687,10 @@ class CalibrationData:
             total = len(source)
             if total == 0:
                 raise DataError(f"calibration data {description} holds no samples")
-            if num_samples < total:
-                order = np.random.default_rng(seed).permutation(total)[:num_samples]
+            if order is not None:  # an explicit selection (see split())
+                drawn = np.asarray(order, dtype=np.int64)
+            elif num_samples < total:
+                drawn = np.random.default_rng(seed).permutation(total)[:num_samples]
             else:
                 if num_samples > total:
                     log.warning(
@@ -697,7 +700,7 @@ class CalibrationData:
                         num_samples,
                         total,
                     )
-                order = np.random.default_rng(seed).permutation(total)
+                drawn = np.random.default_rng(seed).permutation(total)
             batched = [s for s in specs if s.batch_axis is not None]
             fixed = {s.fixed_batch for s in batched}
             if len(fixed) != 1:
@@ -716,19 +719,19 @@ class CalibrationData:
                         model_batch,
                     )
                 batch_size = model_batch
-                usable = len(order) - len(order) % batch_size
+                usable = len(drawn) - len(drawn) % batch_size
                 if usable == 0:
                     raise DataError(
-                        f"the model's fixed batch size is {batch_size} but only {len(order)} samples are available"
+                        f"the model's fixed batch size is {batch_size} but only {len(drawn)} samples are available"
                     )
-                if usable != len(order):
+                if usable != len(drawn):
                     log.warning(
                         "dropping %d sample(s) that do not fill a batch of %d",
-                        len(order) - usable,
+                        len(drawn) - usable,
                         batch_size,
                     )
-                order = order[:usable]
-            self._order = [int(i) for i in order]
+                drawn = drawn[:usable]
+            self._order = [int(i) for i in drawn]
             self.batch_size = batch_size
             self.num_samples = len(self._order)
             self.num_batches: int | None = -(-self.num_samples // batch_size)
@@ -806,6 +809,41 @@ class CalibrationData:
                 yield checked
         if seen == 0:
             raise DataError("calibration data yielded no feeds")
+
+    def split(self, fraction: float, seed: int) -> tuple[CalibrationData, CalibrationData] | None:
+        """A seeded split of these samples into (estimation, held-out) parts.
+
+        The held-out part gets ``round(fraction * num_samples)`` samples (at least
+        one, rounded down to whole batches for a model with a fixed batch size),
+        the estimation part the rest, both in this data's batch order. None when
+        the data has no addressable samples (feed iterables) or too few to split.
+        """
+        if self._source is None or not 0.0 < fraction < 1.0:
+            return None
+        n = len(self._order)
+        step = self.batch_size if any(s.fixed_batch is not None for s in self.specs) else 1
+        held = max(1, int(round(fraction * n))) // step * step
+        if held == 0 or n - held < step:
+            return None
+        picked = np.sort(np.random.default_rng(seed).permutation(n)[:held])
+        mask = np.zeros(n, dtype=bool)
+        mask[picked] = True
+        parts = []
+        for keep, what in ((~mask, "estimation"), (mask, "held-out")):
+            order = [i for i, k in zip(self._order, keep, strict=True) if k]
+            parts.append(
+                CalibrationData(
+                    self.specs,
+                    source=self._source,
+                    num_samples=len(order),
+                    batch_size=self.batch_size,
+                    seed=self.seed,
+                    description=f"{self.description} ({what} part)",
+                    is_random=self.is_random,
+                    order=order,
+                )
+            )
+        return parts[0], parts[1]
 
     def samples_in(self, feed: Feed) -> int:
         """How many samples one of this data's feeds holds (its batch axis; 1 if none)."""

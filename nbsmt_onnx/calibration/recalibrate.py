@@ -43,8 +43,8 @@ leave the graph, merged on the host in float64 (``calibration.statistics``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -877,6 +877,8 @@ class TransformRecalibration:
     correction: CorrectionResult | None
     report: dict[str, Any]
     batches: BatchPlan | None = None
+    #: the simulation model recalibration started from (see :func:`apply_recalibration`)
+    source: onnx.ModelProto = field(default_factory=onnx.ModelProto)
 
 
 def recalibrate(
@@ -966,7 +968,49 @@ def recalibrate(
         len(correction.corrections) if correction else 0,
         fold.count if fold else 0,
     )
-    return TransformRecalibration(model, bn, fold, correction, report, plan)
+    return TransformRecalibration(model, bn, fold, correction, report, plan, sim_model)
+
+
+def correction_units(result: TransformRecalibration) -> list[str]:
+    """Names of what recalibration changed (BNs and corrected layers), in graph order."""
+    names = [u.name for u in result.batchnorm.updates] if result.batchnorm else []
+    if result.correction is not None:
+        names += [c.name for c in result.correction.corrections]
+    position = {n.name: i for i, n in enumerate(result.source.graph.node)}
+    return sorted(dict.fromkeys(names), key=lambda n: position.get(n, len(position)))
+
+
+def apply_recalibration(
+    result: TransformRecalibration, keep: Collection[str] | None = None, *, fold: bool = True
+) -> tuple[onnx.ModelProto, FoldResult | None]:
+    """The simulation model with the new statistics / corrections of ``keep`` (None: all).
+
+    Built from ``result.source`` (the model before recalibration): the kept BNs
+    get their new statistics, the kept layers their correction, then BNs are
+    folded when ``fold``. With nothing kept the source model itself is returned,
+    unfolded: exactly what the transform gives without recalibration.
+    """
+    wanted = None if keep is None else set(keep)
+    stats = {
+        u.name: u.new
+        for u in (result.batchnorm.updates if result.batchnorm else ())
+        if wanted is None or u.name in wanted
+    }
+    affine = {
+        c.name: c.correction
+        for c in (result.correction.corrections if result.correction else ())
+        if wanted is None or c.name in wanted
+    }
+    if not stats and not affine:
+        return result.source, None
+    model = write_batchnorm_statistics(result.source, stats) if stats else _copy(result.source)
+    if affine:
+        model = apply_channel_corrections(model, affine)
+    folded = None
+    if fold:
+        folded = FoldBatchNormIntoNbSmt()(model)
+        model = folded.model
+    return model, folded
 
 
 def _first_input(model: onnx.ModelProto, node_name: str) -> str:
@@ -1047,11 +1091,18 @@ def _report(
             ],
         }
     if fold is not None:
-        out["fold"] = {
-            "folded": [{"batchnorm": f.batchnorm, "into": f.into} for f in fold.folded],
-            "kept": [{"name": s.node, "reason": s.reason} for s in fold.skipped],
-        }
+        out["fold"] = fold_summary(fold)
     return out
+
+
+def fold_summary(fold: FoldResult | None) -> dict[str, Any]:
+    """The report's ``fold`` section (None: nothing was folded)."""
+    if fold is None:
+        return {"folded": [], "kept": []}
+    return {
+        "folded": [{"batchnorm": f.batchnorm, "into": f.into} for f in fold.folded],
+        "kept": [{"name": s.node, "reason": s.reason} for s in fold.skipped],
+    }
 
 
 __all__ = [
@@ -1071,7 +1122,10 @@ __all__ = [
     "SessionFactory",
     "TransformRecalibration",
     "VarianceRatio",
+    "apply_recalibration",
     "correct_fused_layers",
+    "correction_units",
+    "fold_summary",
     "plan_batches",
     "recalibrate",
     "recalibrate_batchnorm",
