@@ -182,3 +182,43 @@ class ChannelAccumulator:
     @property
     def result(self) -> ChannelStatistics:
         return self._stats
+
+
+@dataclass(frozen=True)
+class PairedShift:
+    """Per-channel mean shift d = mean_i(d_i) of paired per-sample differences and its SE.
+
+    ``d_i`` is, per sample and channel, the NB-SMT output mean minus the clean
+    output mean on the same sample. Mergeable (Chan's formula, via
+    :class:`ChannelStatistics`); ``se2 = var(d_i) / N`` with the sample variance.
+    """
+
+    stats: ChannelStatistics
+
+    @classmethod
+    def from_samples(cls, measured: np.ndarray, clean: np.ndarray) -> PairedShift:
+        """From per-sample per-channel means ``[N, C]`` of both models on the same samples."""
+        d = np.asarray(measured, dtype=np.float64) - np.asarray(clean, dtype=np.float64)
+        return cls(ChannelStatistics.from_array(d, channel_axis=1))
+
+    def merge(self, other: PairedShift) -> PairedShift:
+        return PairedShift(self.stats.merge(other.stats))
+
+    @property
+    def shift(self) -> np.ndarray:
+        return self.stats.mean
+
+    @property
+    def se2(self) -> np.ndarray:
+        n = self.stats.count
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 1, self.stats.m2 / np.maximum(n - 1, 1) / np.maximum(n, 1), np.inf)
+
+    def shrink_factor(self, k: float) -> np.ndarray:
+        """``max(0, 1 - k**2 * SE**2 / d**2)`` per channel (1 everywhere when ``k == 0``)."""
+        if k == 0:
+            return np.ones_like(self.shift)
+        d2 = self.shift**2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f = np.where(d2 > 0, 1.0 - k * k * self.se2 / np.where(d2 > 0, d2, 1.0), 0.0)
+        return np.asarray(np.clip(f, 0.0, 1.0))
