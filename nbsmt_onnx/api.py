@@ -44,6 +44,7 @@ import onnx
 
 from nbsmt_onnx import io
 from nbsmt_onnx._version import __version__
+from nbsmt_onnx.calibration import guard as guard_mod
 from nbsmt_onnx.calibration.data import (
     CalibrationData,
     InputSpec,
@@ -51,7 +52,6 @@ from nbsmt_onnx.calibration.data import (
     open_calibration_data,
 )
 from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
-from nbsmt_onnx.calibration import guard as guard_mod
 from nbsmt_onnx.calibration.recalibrate import (
     apply_recalibration,
     correction_units,

@@ -604,6 +604,48 @@ def _recalibration_section(
             )
         if names:
             parts.append(_shift_plot(names, series, palette))
+    parts.append(_guard_section(recals))
+    return "".join(parts)
+
+
+def _guard_section(recals: Sequence[tuple[str, Mapping[str, Any] | None]]) -> str:
+    """What the held-out guard kept, with each prefix's paired difference to no correction."""
+    guarded = [(name, rc["guard"]) for name, rc in recals if rc and isinstance(rc.get("guard"), Mapping)]
+    if not guarded:
+        return ""
+    parts = ["<h2>Recalibration guard (held-out fidelity to float32)</h2>"]
+    for name, g in guarded:
+        if "summary" not in g:
+            parts.append(_na(f"{name}: guard {g.get('decision')} ({g.get('reason', '')})"))
+            continue
+        parts.append(
+            f'<p class="meta">{_esc(name)}: {_esc(g["summary"])}; metric {_esc(g.get("metric"))}, '
+            f"{_esc(g.get('samples'))} held-out samples from {_esc(g.get('data'))}; a prefix is "
+            f"kept only if it beats no correction by more than {_esc(g.get('margin_se'))} paired "
+            "standard error(s).</p>"
+        )
+        rows = []
+        for i, b in enumerate(g.get("blocks") or []):
+            iv = b.get("interval95") or [None, None]
+            units = b.get("units") or []
+            rows.append(
+                [
+                    _esc(f"1-{i + 1}"),
+                    _esc(f"{_short(units[0])} … ({len(units)})" if units else ""),
+                    _esc(_fmt(b.get("loss_after"))),
+                    _esc(_fmt(b.get("improvement"))),
+                    _esc(f"[{_fmt(iv[0])}, {_fmt(iv[1])}]"),
+                    "kept" if b.get("kept") else "rejected",
+                ]
+            )
+        parts.append(
+            _table(
+                ["blocks", "last block starts at", "held-out loss", "improvement over none",
+                 "95 % interval", "decision"],
+                rows,
+                left=2,
+            )
+        )  # fmt: skip
     return "".join(parts)
 
 

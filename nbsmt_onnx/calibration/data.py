@@ -822,7 +822,7 @@ class CalibrationData:
             return None
         n = len(self._order)
         step = self.batch_size if any(s.fixed_batch is not None for s in self.specs) else 1
-        held = max(1, int(round(fraction * n))) // step * step
+        held = max(1, round(fraction * n)) // step * step
         if held == 0 or n - held < step:
             return None
         picked = np.sort(np.random.default_rng(seed).permutation(n)[:held])

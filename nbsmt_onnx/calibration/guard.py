@@ -210,7 +210,9 @@ class GuardResult:
             "kept": list(self.kept),
             "rejected": list(self.rejected),
             "all_vs_none": self.all_vs_none.to_dict(),
-            "chosen_vs_none": None if self.chosen_vs_none is None else self.chosen_vs_none.to_dict(),
+            "chosen_vs_none": None
+            if self.chosen_vs_none is None
+            else self.chosen_vs_none.to_dict(),
             "blocks": [
                 {"units": list(b.units), "kept": b.kept, **b.comparison.to_dict()}
                 for b in self.blocks
@@ -252,9 +254,10 @@ def guard(
     names = tuple(o.name for o in float_model.graph.output)
     if progress is not None:
         progress("float reference")
-    reference = concatenate(
-        run.run(Job(float_model, heldout, OutputCollector(names), what="float model"))
+    collected: dict[str, list[np.ndarray]] = run.run(
+        Job(float_model, heldout, OutputCollector(names), what="float model")
     )
+    reference = concatenate(collected)
     samples = heldout.num_samples
     usable = {
         n: v
@@ -263,8 +266,7 @@ def guard(
     }
     if not usable:
         raise DataError(
-            "the guard found no float output with one entry per sample to compare; "
-            "pass --no-guard"
+            "the guard found no float output with one entry per sample to compare; pass --no-guard"
         )
     metric, kinds = choose_metric(usable)
     reducer = LossReducer(tuple(usable), usable, metric, kinds)
@@ -274,7 +276,9 @@ def guard(
         if keep not in cache:
             if progress is not None:
                 progress(what)
-            cache[keep] = run.run(Job(build(keep), heldout, reducer, what=f"guard candidate ({what})"))
+            cache[keep] = run.run(
+                Job(build(keep), heldout, reducer, what=f"guard candidate ({what})")
+            )
         return cache[keep]
 
     everything = frozenset(units)

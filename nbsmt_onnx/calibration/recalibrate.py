@@ -51,7 +51,7 @@ import numpy as np
 import onnx
 
 from nbsmt_onnx.calibration.data import CalibrationData, feed_samples, rebatch
-from nbsmt_onnx.calibration.statistics import ChannelAccumulator, ChannelStatistics
+from nbsmt_onnx.calibration.statistics import ChannelAccumulator, ChannelStatistics, PairedShift
 from nbsmt_onnx.config import RecalibrationConfig
 from nbsmt_onnx.errors import ConfigError, DataError, InternalError, ModelError
 from nbsmt_onnx.graph import memory as _memory
@@ -211,6 +211,8 @@ class BatchNormUpdate:
     measured: ChannelStatistics
     #: BN-input statistics on the clean model (``relative`` only)
     reference: ChannelStatistics | None = None
+    #: per-channel factor the mean shift was multiplied by (``relative`` with shrinkage)
+    shrink: np.ndarray | None = None
 
     @property
     def mean_shift(self) -> float:
@@ -263,6 +265,8 @@ class LayerCorrection:
     measured: ChannelStatistics
     #: op output statistics on the clean model
     reference: ChannelStatistics
+    #: per-channel factor the mean correction was multiplied by (None: no shrinkage)
+    shrink: np.ndarray | None = None
 
     @property
     def mean_shift(self) -> float:
@@ -305,6 +309,8 @@ class _Runner:
         self.passes = 0
         self.model_runs = 0
         self._shape: tuple[int, int] | None = None  # (batches, first-input samples) of pass 1
+        #: per probed model of the last pass: tensor -> per-sample channel means [N, C]
+        self.sample_means: list[dict[str, np.ndarray]] = []
 
     def run_pass(
         self, probed: Sequence[ProbeResult], description: str
@@ -317,9 +323,10 @@ class _Runner:
         accs: list[dict[str, ChannelAccumulator | None]] = [
             dict.fromkeys(p.outputs) for p in probed
         ]
+        per_sample: list[dict[str, list[np.ndarray]]] = [{} for _ in probed]
         batches = samples = 0
         for feed in _iterate(self.data):
-            for p, session, acc in zip(probed, sessions, accs, strict=True):
+            for p, session, acc, kept in zip(probed, sessions, accs, per_sample, strict=True):
                 names = p.output_names
                 values = dict(zip(names, session.run(names, dict(feed)), strict=True))
                 for tensor, outs in p.outputs.items():
@@ -327,6 +334,9 @@ class _Runner:
                     if acc[tensor] is None:
                         acc[tensor] = ChannelAccumulator(stats.channels)
                     acc[tensor].add(stats)  # type: ignore[union-attr]
+                    means = outs.sample_means(values)
+                    if means is not None:
+                        kept.setdefault(tensor, []).append(means)
             batches += 1
             first = next(iter(feed.values()), None)
             samples += int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
@@ -348,6 +358,9 @@ class _Runner:
             )
         if self.progress is not None:
             self.progress(PassProgress(self.passes, self.total_passes, description, batches, True))
+        self.sample_means = [
+            {t: np.concatenate(parts, axis=0) for t, parts in kept.items()} for kept in per_sample
+        ]
         out: list[dict[str, ChannelStatistics]] = []
         for acc in accs:
             result: dict[str, ChannelStatistics] = {}
@@ -418,6 +431,7 @@ def recalibrate_batchnorm(
     single_batch_shortcut: bool = True,
     session_factory: SessionFactory = default_session,
     progress: ProgressCallback | None = None,
+    shrink: float = 0.0,
 ) -> RecalibrationResult:
     """Re-estimate the running statistics of the BNs of an NB-SMT model.
 
@@ -428,6 +442,10 @@ def recalibrate_batchnorm(
     NbSmt op upstream; the others are listed in ``skipped``. The returned
     model has the new statistics written into its BN nodes (fold them with
     ``graph.fold.FoldBatchNormIntoNbSmt``).
+
+    ``shrink`` (K, ``relative`` only): each channel's mean shift is multiplied
+    by :meth:`PairedShift.shrink_factor` of the per-sample paired differences
+    (0: applied in full).
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -472,6 +490,8 @@ def recalibrate_batchnorm(
         return _finish(strategy, model, updates, skipped, runner)
 
     reference: dict[str, ChannelStatistics] = {}
+    clean_samples: dict[str, np.ndarray] = {}
+    clean_inputs: dict[str, str] = {}
     clean_probe: ProbeResult | None = None
     if strategy == "relative":
         assert float_model is not None
@@ -484,6 +504,7 @@ def recalibrate_batchnorm(
             runner = _Runner(data, session_factory, progress, 2)
             (clean,) = runner.run_pass([clean_probe], "relative: clean model")
             reference = {n: clean[t] for n, t in clean_inputs.items()}
+            clean_samples = runner.sample_means[0]
             shifts = {n: _relative_shift(by_name[n], old[n], reference[n], ratio) for n in levels}
             probed = use_batch_statistics(
                 model, list(levels), only_statistics=True, relative=shifts
@@ -492,8 +513,14 @@ def recalibrate_batchnorm(
                 [probed], f"relative: {len(infos)} BNs, shifted batch statistics"
             )
             for n in levels:
-                stats = measured[by_name[n].input]
-                updates.append(_relative(by_name[n], levels[n], old[n], stats, reference[n], ratio))
+                x = by_name[n].input
+                factor = _shrink_factor(
+                    runner.sample_means[0].get(x), clean_samples.get(clean_inputs[n]), shrink
+                )
+                stats = measured[x]
+                updates.append(
+                    _relative(by_name[n], levels[n], old[n], stats, reference[n], ratio, factor)
+                )
             return _finish(strategy, model, updates, skipped, runner)
     runner = _Runner(data, session_factory, progress, len(groups))
     current = model
@@ -507,6 +534,7 @@ def recalibrate_batchnorm(
                 [probed, clean_probe], description + " (+ clean model)"
             )
             reference = {n: clean[t] for n, t in clean_inputs.items()}
+            clean_samples = runner.sample_means[1]
         else:
             (measured,) = runner.run_pass([probed], description)
         level_updates = []
@@ -514,8 +542,13 @@ def recalibrate_batchnorm(
             info = by_name[name]
             stats = measured[info.input]
             if strategy == "relative":
+                factor = _shrink_factor(
+                    runner.sample_means[0].get(info.input),
+                    clean_samples.get(clean_inputs[name]),
+                    shrink,
+                )
                 level_updates.append(
-                    _relative(info, level, old[name], stats, reference[name], ratio)
+                    _relative(info, level, old[name], stats, reference[name], ratio, factor)
                 )
             else:
                 level_updates.append(_replacement(info, level, old[name], stats))
@@ -560,13 +593,30 @@ def _relative(
     measured: ChannelStatistics,
     reference: ChannelStatistics,
     ratio: VarianceRatio,
+    factor: np.ndarray | None = None,
 ) -> BatchNormUpdate:
     _check_channels(info, measured)
     _check_channels(info, reference)
     var_c = reference.variance
     k = ratio(measured.variance, var_c, var_c, info.epsilon, ratio.relative_limits())
-    new = BatchNormStatistics(old.mean + (measured.mean - reference.mean), old.var * k)
-    return BatchNormUpdate(info.name, level, info.epsilon, old, new, measured, reference)
+    shift = measured.mean - reference.mean
+    if factor is not None:
+        shift = factor * shift
+    new = BatchNormStatistics(old.mean + shift, old.var * k)
+    return BatchNormUpdate(info.name, level, info.epsilon, old, new, measured, reference, factor)
+
+
+def _shrink_factor(
+    measured: np.ndarray | None, clean: np.ndarray | None, k: float
+) -> np.ndarray | None:
+    """Per-channel shrinkage of a mean shift from per-sample means ``[N, C]`` of both models.
+
+    None (no shrinkage) when ``k`` is 0 or per-sample means are missing or do
+    not pair up (a model whose axis 0 is not the sample axis).
+    """
+    if k == 0 or measured is None or clean is None or measured.shape != clean.shape:
+        return None
+    return PairedShift.from_samples(measured, clean).shrink_factor(k)
 
 
 def _relative_shift(
@@ -623,6 +673,7 @@ def correct_fused_layers(
     single_batch_shortcut: bool = True,
     session_factory: SessionFactory = default_session,
     progress: ProgressCallback | None = None,
+    shrink: float = 0.0,
 ) -> CorrectionResult:
     """Per-channel correction of NbSmt op outputs against the clean model (SPEC §5.2).
 
@@ -635,6 +686,9 @@ def correct_fused_layers(
     - ``mean+var``:  y' = a*(y - mu_n) + mu_c,  a = sqrt(ratio(var_c, var_n))
 
     into the op's ``w_scale`` and ``B``. Returns the corrected model.
+
+    ``shrink`` (K): the mean part of each channel's correction is multiplied by
+    :meth:`PairedShift.shrink_factor` of the per-sample paired differences.
     """
     if variant not in CORRECTIONS:
         raise ConfigError(f"unknown correction {variant!r}; choose one of {', '.join(CORRECTIONS)}")
@@ -662,21 +716,27 @@ def correct_fused_layers(
     levels = dependency_levels(model, names)
     groups = group_by_level(levels)
     reference: dict[str, ChannelStatistics] = {}
+    clean_samples: dict[str, np.ndarray] = {}
     results: list[LayerCorrection] = []
     if single_batch_shortcut and len(groups) > 1 and _is_single_batch(data):
         logger.info("calibration data is one batch: the correction is exact in two passes")
         runner = _Runner(data, session_factory, progress, 2)
         (clean,) = runner.run_pass([clean_probe], f"correction {variant}: clean model")
         reference = {n: clean[s.tensor] for n, s in clean_specs.items()}
+        clean_samples = runner.sample_means[0]
         batch_specs = {n: _batch_correction(nodes[n], reference[n], variant, ratio) for n in names}
         probed = correct_with_batch_statistics(model, batch_specs, only_statistics=True)
         (measured,) = runner.run_pass(
             [probed], f"correction {variant}: {len(names)} layers from batch statistics"
         )
         for name in names:
-            mu = measured[nodes[name].output[0]]
-            corr = _correction(name, mu, reference[name], variant, ratio)
-            results.append(LayerCorrection(name, levels[name], corr, mu, reference[name]))
+            y = nodes[name].output[0]
+            mu = measured[y]
+            factor = _shrink_factor(
+                runner.sample_means[0].get(y), clean_samples.get(clean_specs[name].tensor), shrink
+            )
+            corr = _correction(name, mu, reference[name], variant, ratio, factor)
+            results.append(LayerCorrection(name, levels[name], corr, mu, reference[name], factor))
         results.sort(key=lambda c: c.level)
         current = apply_channel_corrections(model, {c.name: c.correction for c in results})
         return CorrectionResult(variant, current, tuple(results), runner.passes, runner.model_runs)
@@ -691,13 +751,19 @@ def correct_fused_layers(
                 [probed, clean_probe], description + " (+ clean model)"
             )
             reference = {n: clean[s.tensor] for n, s in clean_specs.items()}
+            clean_samples = runner.sample_means[1]
         else:
             (measured,) = runner.run_pass([probed], description)
         level_results = []
         for name in group:
             mu = measured[specs[name].tensor]
-            corr = _correction(name, mu, reference[name], variant, ratio)
-            level_results.append(LayerCorrection(name, level, corr, mu, reference[name]))
+            factor = _shrink_factor(
+                runner.sample_means[0].get(specs[name].tensor),
+                clean_samples.get(clean_specs[name].tensor),
+                shrink,
+            )
+            corr = _correction(name, mu, reference[name], variant, ratio, factor)
+            level_results.append(LayerCorrection(name, level, corr, mu, reference[name], factor))
         current = apply_channel_corrections(current, {c.name: c.correction for c in level_results})
         results.extend(level_results)
     return CorrectionResult(variant, current, tuple(results), runner.passes, runner.model_runs)
@@ -709,8 +775,13 @@ def _correction(
     reference: ChannelStatistics,
     variant: str,
     ratio: VarianceRatio,
+    factor: np.ndarray | None = None,
 ) -> ChannelAffine:
-    """``y' = a*y + b`` moving the measured statistics to the reference's (SPEC §5.2)."""
+    """``y' = a*y + b`` moving the measured statistics to the reference's (docs/spec.md §5.2).
+
+    With a shrinkage ``factor`` f: ``y' = a*(y - mu_n) + mu_n + f*(mu_c - mu_n)``
+    (f = 1 is the plain correction; f = 0 keeps the mean and only rescales).
+    """
     if measured.channels != reference.channels:
         raise ModelError(
             f"layer {name!r} has {measured.channels} output channels in the NB-SMT model and "
@@ -727,7 +798,10 @@ def _correction(
                 limits=ratio.correction_limits(),
             )
         )
-    return ChannelAffine(a, reference.mean - a * measured.mean)
+    if factor is None:
+        return ChannelAffine(a, reference.mean - a * measured.mean)
+    b = (1.0 - a) * measured.mean + factor * (reference.mean - measured.mean)
+    return ChannelAffine(a, b)
 
 
 def _batch_correction(
@@ -936,6 +1010,7 @@ def recalibrate(
         ratio=relative_ratio,
         session_factory=session_factory,
         progress=callback,
+        shrink=getattr(config, "shrink", defaults.shrink),
     )
     model = bn.model
     correction = None
@@ -951,6 +1026,7 @@ def recalibrate(
             ratio=correction_ratio,
             session_factory=session_factory,
             progress=callback,
+            shrink=getattr(config, "shrink", defaults.shrink),
         )
         model = correction.model
     fold = None
@@ -1040,6 +1116,16 @@ def _progress_bar() -> ProgressCallback:
     return update
 
 
+def _shrink_summary(factor: np.ndarray | None) -> dict[str, Any]:
+    """Mean shrinkage factor over channels and the share of channels left uncorrected."""
+    if factor is None:
+        return {}
+    return {
+        "shrink_factor_mean": float(np.mean(factor)),
+        "channels_not_shifted": float(np.mean(factor == 0.0)),
+    }
+
+
 def _stats_summary(stats: ChannelStatistics) -> dict[str, float]:
     return {"mean": float(np.mean(stats.mean)), "std": float(np.mean(stats.std))}
 
@@ -1068,6 +1154,7 @@ def _report(
                 },
                 "measured": _stats_summary(u.measured),
                 **({"clean": _stats_summary(u.reference)} if u.reference is not None else {}),
+                **_shrink_summary(u.shrink),
             }
             for u in bn.updates
         ],
@@ -1086,6 +1173,7 @@ def _report(
                     "std_ratio": c.std_ratio,
                     "measured": _stats_summary(c.measured),
                     "clean": _stats_summary(c.reference),
+                    **_shrink_summary(c.shrink),
                 }
                 for c in correction.corrections
             ],

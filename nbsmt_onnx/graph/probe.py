@@ -74,10 +74,20 @@ class ProbeOutputs:
     count: str
     mean: str
     m2: str
+    #: per-sample channel means [N, C] (float64; N = the tensor's axis 0), for paired
+    #: per-sample differences between two models on the same samples
+    sample_mean: str = ""
 
     @property
-    def names(self) -> tuple[str, str, str]:
-        return (self.count, self.mean, self.m2)
+    def names(self) -> tuple[str, ...]:
+        return (self.count, self.mean, self.m2) + ((self.sample_mean,) if self.sample_mean else ())
+
+    def sample_means(self, values: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """Per-sample channel means ``[N, C]`` of one run (None if not probed)."""
+        if not self.sample_mean:
+            return None
+        arr = np.asarray(values[self.sample_mean], dtype=np.float64)
+        return arr.reshape(arr.shape[0], -1)
 
     def statistics(self, values: Mapping[str, np.ndarray]) -> ChannelStatistics:
         """Convert one run's outputs (name -> array) into :class:`ChannelStatistics`."""
@@ -177,8 +187,11 @@ class _StatisticsBuilder:
         nodes.append(helper.make_node(op, inputs, [out], name=self.names.new(base, op), **attrs))
         return out
 
-    def moments(self, x: str, channel_axis: int) -> tuple[list[onnx.NodeProto], str, str, str]:
-        """Nodes computing (count int64 scalar, mean float64 [C], m2 float64 [C]) of ``x``."""
+    def moments(
+        self, x: str, channel_axis: int
+    ) -> tuple[list[onnx.NodeProto], str, str, str, str]:
+        """Nodes computing (count int64 scalar, mean float64 [C], m2 float64 [C], per-sample
+        means float64 [N, C]) of ``x`` (N = axis 0 of ``x``)."""
         nodes: list[onnx.NodeProto] = []
         base = x
         xd = self._node(nodes, "Cast", [x], base, "f64", to=TensorProto.DOUBLE)
@@ -223,7 +236,20 @@ class _StatisticsBuilder:
         # memory of a probe is x, its float64 copy and the centred copy).
         m2 = self._reduce(nodes, "ReduceSumSquare", base, centred, axes, keepdims=0)
         mean = self._node(nodes, "Reshape", [mean_k, self._const_i64("flat", [-1])], base, "mean")
-        return nodes, count, mean, m2
+        if channel_axis == CHANNEL_FIRST:  # grouped is [N, C, rest]
+            per_sample = self._reduce(nodes, "ReduceMean", base, grouped, [2], keepdims=0)
+        else:  # [N, rest..., C] -> [N, rest, C]
+            target = self._node(
+                nodes,
+                "Concat",
+                [self._const_i64("keep_n_rest", [0, -1]), channels],
+                base,
+                "shape_n_rest_c",
+                axis=0,
+            )
+            by_sample = self._node(nodes, "Reshape", [xd, target], base, "nsc")
+            per_sample = self._reduce(nodes, "ReduceMean", base, by_sample, [1], keepdims=0)
+        return nodes, count, mean, m2, per_sample
 
 
 def _check(model: onnx.ModelProto, when: str) -> None:
@@ -240,11 +266,16 @@ def _check(model: onnx.ModelProto, when: str) -> None:
 
 
 def _stat_outputs(probe: ProbeOutputs) -> list[onnx.ValueInfoProto]:
-    return [
+    out = [
         helper.make_tensor_value_info(probe.count, TensorProto.INT64, []),
         helper.make_tensor_value_info(probe.mean, TensorProto.DOUBLE, [None]),
         helper.make_tensor_value_info(probe.m2, TensorProto.DOUBLE, [None]),
     ]
+    if probe.sample_mean:
+        out.append(
+            helper.make_tensor_value_info(probe.sample_mean, TensorProto.DOUBLE, [None, None])
+        )
+    return out
 
 
 def _normalise_specs(probes: Iterable[ProbeSpec | str]) -> list[ProbeSpec]:
@@ -290,9 +321,9 @@ def add_statistics_probes(
     builder = _StatisticsBuilder(out, NameGenerator.for_model(out))
     outputs: dict[str, ProbeOutputs] = {}
     for spec in specs:
-        nodes, count, mean, m2 = builder.moments(spec.tensor, spec.channel_axis)
+        nodes, count, mean, m2, per_sample = builder.moments(spec.tensor, spec.channel_axis)
         graph.node.extend(nodes)
-        probe = ProbeOutputs(spec.tensor, spec.channel_axis, count, mean, m2)
+        probe = ProbeOutputs(spec.tensor, spec.channel_axis, count, mean, m2, per_sample)
         graph.output.extend(_stat_outputs(probe))
         outputs[spec.tensor] = probe
     graph.initializer.extend(builder.initializers)
@@ -478,9 +509,9 @@ def use_batch_statistics(
             if x in outputs:
                 probe = outputs[x]
             else:
-                nodes, count, mean, m2 = builder.moments(x, CHANNEL_FIRST)
+                nodes, count, mean, m2, per_sample = builder.moments(x, CHANNEL_FIRST)
                 new_nodes.extend(nodes)
-                probe = ProbeOutputs(x, CHANNEL_FIRST, count, mean, m2)
+                probe = ProbeOutputs(x, CHANNEL_FIRST, count, mean, m2, per_sample)
                 outputs[x] = probe
             count_d = names.new(node.name, "batch_count_f64")
             var64 = names.new(node.name, "batch_var_f64")
@@ -589,9 +620,9 @@ def correct_with_batch_statistics(
         del measured.output[:]
         measured.output.append(raw)  # the stats output, if any, moves to the corrected copy
         new_nodes.append(measured)
-        nodes, count, mean, m2 = builder.moments(raw, spec.channel_axis)
+        nodes, count, mean, m2, per_sample = builder.moments(raw, spec.channel_axis)
         new_nodes.extend(nodes)
-        outputs[y] = ProbeOutputs(y, spec.channel_axis, count, mean, m2)
+        outputs[y] = ProbeOutputs(y, spec.channel_axis, count, mean, m2, per_sample)
         base = node.name
         w64 = builder._node(
             new_nodes, "Cast", [node.input[_W_SCALE]], base, "w_scale_f64", to=TensorProto.DOUBLE
