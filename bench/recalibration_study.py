@@ -1,4 +1,4 @@
-"""Issue 3 study: BatchNorm recalibration / fused-layer correction under NB-SMT, measured.
+"""Recalibration study: BatchNorm recalibration / fused-layer correction under NB-SMT, measured.
 
 For one model (BN kept or BN fused) this script builds, with the tool's own
 APIs, the int8 simulation model (``nbsmt_onnx.transform`` at ``threads=1``,

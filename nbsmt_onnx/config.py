@@ -125,7 +125,7 @@ class Selection:
 
 @dataclass(frozen=True)
 class RangeConfig:
-    """How activation ranges are estimated on the float model (SPEC §2).
+    """How activation ranges are estimated on the float model (docs/spec.md §2).
 
     ``max``: the exact minimum/maximum over all calibration samples.
     ``percentile``: the ``percentile``-th percentile of the values (and the

@@ -1,4 +1,4 @@
-"""Post-training BatchNorm recalibration under NB-SMT (SPEC.md §4) and fused-layer correction (§5.2).
+"""Post-training BatchNorm recalibration under NB-SMT (docs/spec.md §4) and fused-layer correction (§5.2).
 
 Strategies for models with BatchNormalization (the math and costs are in
 docs/recalibration.md):
@@ -28,7 +28,7 @@ docs/recalibration.md):
     levels) passes, the clean model alongside the first; two passes when the
     calibration data is one batch.
 ``one-pass``
-    For comparison only (SPEC §4 shows it destroys deep models): every BN
+    For comparison only (docs/spec.md §4 shows it destroys deep models): every BN
     measured once with the *old* upstream statistics, all replaced at once.
 
 For models whose BN is already fused (no BN after an NbSmt op),
@@ -133,6 +133,8 @@ class PassProgress:
     description: str
     batches: int  # batches finished in this pass
     finished: bool
+    #: batches this pass will run (known from the first pass on), None before
+    expected: int | None = None
 
 
 ProgressCallback = Callable[[PassProgress], None]
@@ -256,7 +258,7 @@ class RecalibrationResult:
 
 @dataclass(frozen=True)
 class LayerCorrection:
-    """The per-channel correction of one NbSmt op's output (SPEC §5.2)."""
+    """The per-channel correction of one NbSmt op's output (docs/spec.md §5.2)."""
 
     name: str
     level: int
@@ -325,6 +327,11 @@ class _Runner:
         ]
         per_sample: list[dict[str, list[np.ndarray]]] = [{} for _ in probed]
         batches = samples = 0
+        expected = self._shape[0] if self._shape is not None else None
+        if self.progress is not None:
+            self.progress(
+                PassProgress(self.passes, self.total_passes, description, 0, False, expected)
+            )
         for feed in _iterate(self.data):
             for p, session, acc, kept in zip(probed, sessions, accs, per_sample, strict=True):
                 names = p.output_names
@@ -342,7 +349,9 @@ class _Runner:
             samples += int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
             if self.progress is not None:
                 self.progress(
-                    PassProgress(self.passes, self.total_passes, description, batches, False)
+                    PassProgress(
+                        self.passes, self.total_passes, description, batches, False, expected
+                    )
                 )
         if batches == 0:
             raise DataError(
@@ -675,7 +684,7 @@ def correct_fused_layers(
     progress: ProgressCallback | None = None,
     shrink: float = 0.0,
 ) -> CorrectionResult:
-    """Per-channel correction of NbSmt op outputs against the clean model (SPEC §5.2).
+    """Per-channel correction of NbSmt op outputs against the clean model (docs/spec.md §5.2).
 
     For each layer (default: every NbSmt op not followed by a BN), in
     dependency order with upstream layers already corrected, measure its
@@ -967,7 +976,7 @@ def recalibrate(
     correction_ratio: VarianceRatio = DEFAULT_RATIO,
     auto_batch: bool = True,
 ) -> TransformRecalibration:
-    """The transform pipeline's recalibration step (issue 3), in the order the math needs.
+    """The transform pipeline's recalibration step, in the order the math needs.
 
     1. BN recalibration with ``config.strategy`` (every BN with an NbSmt op upstream);
     2. ``config.correction`` ("none" | "mean" | "mean+var") for NbSmt ops with no BN
@@ -1098,20 +1107,21 @@ def _first_input(model: onnx.ModelProto, node_name: str) -> str:
 
 
 def _progress_bar() -> ProgressCallback:
-    from tqdm import tqdm
+    """One :class:`~nbsmt_onnx.progress.Progress` per pass (a bar on a terminal, else log lines)."""
+    from nbsmt_onnx.progress import Progress
 
-    bars: dict[int, Any] = {}
+    bars: dict[int, Progress] = {}
 
     def update(p: PassProgress) -> None:
         bar = bars.get(p.pass_index)
         if bar is None:
-            bar = bars[p.pass_index] = tqdm(
-                desc=f"recalibration pass {p.pass_index}/{p.total_passes}", unit="batch"
+            bar = bars[p.pass_index] = Progress(
+                f"recalibration pass {p.pass_index}/{p.total_passes} ({p.description})", p.expected
             )
         if p.finished:
             bar.close()
         else:
-            bar.update(1)
+            bar.update(p.batches, p.expected)
 
     return update
 

@@ -1,4 +1,4 @@
-"""Streaming, mergeable per-channel statistics (SPEC.md §4).
+"""Streaming, mergeable per-channel statistics (docs/spec.md §4).
 
 The pre-BatchNorm activations of a calibration pass are never kept: each batch
 is reduced *inside the graph* (``nbsmt_onnx.graph.probe``) to three numbers per
@@ -22,7 +22,7 @@ the statistics of one pass over all data, up to float64 rounding (~1e-15
 relative per merge). Memory is O(channels), independent of the sample count.
 
 The variance is the *population* (biased) variance over all N x spatial
-positions of a channel: ``var = M2 / n`` (SPEC.md §4), which is what
+positions of a channel: ``var = M2 / n`` (docs/spec.md §4), which is what
 BatchNormalization's running variance means in eval mode.
 """
 

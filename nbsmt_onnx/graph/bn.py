@@ -267,7 +267,7 @@ def _direct_batchnorm(index: GraphIndex, tensor: str) -> str | None:
 
 
 def layers_without_batchnorm(model: onnx.ModelProto) -> list[str]:
-    """NbSmt ops not followed (directly or through Identity) by a BN: the SPEC §5.2 targets."""
+    """NbSmt ops not followed (directly or through Identity) by a BN: the docs/spec.md §5.2 targets."""
     return [layer.name for layer in find_nbsmt_layers(model) if layer.batchnorm is None]
 
 

@@ -1,4 +1,4 @@
-"""Write recalibrated statistics back: into BN nodes, or folded into NbSmt ops (SPEC.md §5).
+"""Write recalibrated statistics back: into BN nodes, or folded into NbSmt ops (docs/spec.md §5).
 
 Folding a BatchNormalization that directly follows an NbSmt op (see
 ``graph.bn`` for the chains allowed between them)::
@@ -16,7 +16,7 @@ arithmetic that was calibrated. The products are formed in float64 and
 rounded once to float32.
 
 A per-channel affine correction ``y' = a * y + b`` (models whose BN is already
-fused, SPEC.md §5.2) folds the same way: ``w_scale' = w_scale * a``,
+fused, docs/spec.md §5.2) folds the same way: ``w_scale' = w_scale * a``,
 ``B' = B * a + b``.
 
 Every pass here returns a new model and never edits its input. New parameter

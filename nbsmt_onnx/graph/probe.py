@@ -1,6 +1,6 @@
 """Expose per-channel statistics of chosen tensors as extra graph outputs.
 
-Calibration must not export whole activation tensors (SPEC.md §4): for each
+Calibration must not export whole activation tensors (docs/spec.md §4): for each
 probed tensor ``x`` this pass adds, to a *copy* of the model, a few standard
 ONNX nodes that reduce ``x`` per channel to
 

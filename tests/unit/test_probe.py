@@ -106,6 +106,36 @@ def test_probe_channel_last_of_rank_2_and_3() -> None:
     np.testing.assert_allclose(got2.variance, var, rtol=RTOL)
 
 
+@pytest.mark.parametrize("opset", [11, 18])
+def test_per_sample_channel_means_match_numpy(opset: int) -> None:
+    """The [N, C] per-sample means behind the paired shrinkage, channel-first and -last."""
+    model = _conv_bn_model(opset)
+    data = image_batches(seed=6)
+    result = add_statistics_probes(model, ["conv1.out", "conv2.out"])
+    session = plain_session(result.model)
+    ref = collect(model, ["conv1.out", "conv2.out"], data)
+    for i, feed in enumerate(data()):
+        names = result.output_names
+        values = dict(zip(names, session.run(names, feed), strict=True))
+        for t in ("conv1.out", "conv2.out"):
+            x = ref[t][i].astype(np.float64)
+            want = x.reshape(x.shape[0], x.shape[1], -1).mean(axis=2)
+            got = result.outputs[t].sample_means(values)
+            np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-12)
+    b = Builder(seed=3)
+    w = b.init("W", b.rng.normal(size=(5, 3)).astype(np.float32))
+    b.node("MatMul", ["a", w], ["mm.out"], "mm")
+    inp = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["B", "T", 5])
+    mm = b.model([inp], ["mm.out"], rank=3, opset=opset)
+    a = np.random.default_rng(7).normal(size=(4, 6, 5)).astype(np.float32)
+    probed = add_statistics_probes(mm, [ProbeSpec("mm.out", CHANNEL_LAST)])
+    names = probed.output_names
+    values = dict(zip(names, plain_session(probed.model).run(names, {"a": a}), strict=True))
+    want = (a.astype(np.float64) @ onnx.numpy_helper.to_array(mm.graph.initializer[0])).mean(axis=1)
+    got = probed.outputs["mm.out"].sample_means(values)
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # float32 MatMul vs float64 product
+
+
 def test_probe_leaves_input_model_untouched_and_names_unique() -> None:
     b = Builder(seed=5)
     c1 = b.conv("conv1", "x", 3, 4)
@@ -120,7 +150,7 @@ def test_probe_leaves_input_model_untouched_and_names_unique() -> None:
     node_names = [n.name for n in result.model.graph.node]
     assert len(node_names) == len(set(node_names))
     outs = result.outputs["conv1.out"]
-    assert outs.tensor == "conv1.out" and len(set(outs.names)) == 3
+    assert outs.tensor == "conv1.out" and len(set(outs.names)) == 4
     assert result.model.graph.output[0].name == "conv1.out/f64"
     onnx.checker.check_model(result.model)
 

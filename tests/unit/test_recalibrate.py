@@ -368,7 +368,10 @@ def test_independent_bns_share_a_pass_and_progress_is_reported() -> None:
     assert {u.name: u.level for u in result.updates} == {"bn_a": 0, "bn_b": 0, "bn_c": 1}
     finished = [e for e in events if e.finished]
     assert [(e.pass_index, e.total_passes, e.batches) for e in finished] == [(1, 2, 4), (2, 2, 4)]
-    assert len(events) == 2 * 4 + 2  # one per batch plus one per finished pass
+    # one at the start of each pass, one per batch, one per finished pass
+    assert len(events) == 2 * (1 + 4 + 1)
+    started = [e for e in events if e.batches == 0]
+    assert [(e.pass_index, e.expected) for e in started] == [(1, None), (2, 4)]
     expected = _brute_sequential(nb, data, lambda bn, mu, var: (mu, var), ["bn_a", "bn_b", "bn_c"])
     _assert_stats(result, expected)
 
