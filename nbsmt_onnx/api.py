@@ -10,7 +10,10 @@
 5. rewrite into the simulation model; check it (onnx.checker + shape inference);
 6. recalibrate BatchNorm statistics under NB-SMT, or correct the layers of a
    BN-fused model, and fold the result into the ops' scales and biases
-   (``calibration.recalibrate.recalibrate``; on by default);
+   (``calibration.recalibrate.recalibrate``; on by default) — estimated on the
+   calibration samples minus a held-out part, on which the guard then keeps
+   only the corrections that bring the outputs closer to float
+   (``calibration.guard``);
 7. verify and measure: run the simulation model once over the calibration
    data with the ``stats`` outputs exposed (outputs must be finite);
 8. build the exports (QDQ from the final simulation model) and verify the QDQ

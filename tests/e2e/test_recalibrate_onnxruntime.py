@@ -151,8 +151,9 @@ def test_one_batch_fused_correction_equals_level_passes(nbsmt_library: str, vari
 class _Config:
     """Duck-typed stand-in for config.RecalibrationConfig (owned by the transform module)."""
 
-    def __init__(self, strategy: str, correction: str, fold: bool) -> None:
+    def __init__(self, strategy: str, correction: str, fold: bool, shrink: float = 2.0) -> None:
         self.strategy, self.correction, self.fold = strategy, correction, fold
+        self.shrink = shrink
 
 
 class _Data:
@@ -206,22 +207,31 @@ def test_transform_step_rebatches_into_one_batch_and_matches_streaming(
     rng = np.random.default_rng(47)
     arrays = {"x": np.abs(rng.normal(size=(14, 3, 6, 6)) + 0.3).astype(np.float32)}
     data = open_calibration_data(arrays, model_inputs(clean), num_samples=14, batch_size=4, seed=0)
-    config = _Config("relative", "mean", False)
-    runs = {
-        auto: recalibrate(
-            float_model=clean, sim_model=nb, data=data, config=config, auto_batch=auto
-        )
-        for auto in (True, False)
-    }
-    auto, streamed = runs[True], runs[False]
-    assert auto.batches is not None and auto.batches.one_batch and auto.batches.samples == 14
-    assert "batches" in auto.report and "batches" not in streamed.report
-    assert auto.batchnorm is not None and streamed.batchnorm is not None
-    assert (auto.batchnorm.passes, streamed.batchnorm.passes) == (2, 3)
-    for a, b in zip(auto.batchnorm.updates, streamed.batchnorm.updates, strict=True):
-        assert a.name == b.name
-        np.testing.assert_allclose(a.new.mean, b.new.mean, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(a.new.var, b.new.var, rtol=1e-12)
+    # Without shrinkage the one-batch route is exact: equal to streaming level by level.
+    # With it, the in-graph pass applies upstream shifts unshrunk while measuring the
+    # downstream levels (docs/recalibration.md §8.1), so only level 0 stays equal.
+    for shrink in (0.0, 2.0):
+        config = _Config("relative", "mean", False, shrink)
+        runs = {
+            auto: recalibrate(
+                float_model=clean, sim_model=nb, data=data, config=config, auto_batch=auto
+            )
+            for auto in (True, False)
+        }
+        auto, streamed = runs[True], runs[False]
+        assert auto.batches is not None and auto.batches.one_batch and auto.batches.samples == 14
+        assert "batches" in auto.report and "batches" not in streamed.report
+        assert auto.batchnorm is not None and streamed.batchnorm is not None
+        assert (auto.batchnorm.passes, streamed.batchnorm.passes) == (2, 3)
+        for a, b in zip(auto.batchnorm.updates, streamed.batchnorm.updates, strict=True):
+            assert a.name == b.name and a.level == b.level
+            if shrink and a.level > 0:
+                continue
+            np.testing.assert_allclose(a.new.mean, b.new.mean, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(a.new.var, b.new.var, rtol=1e-12)
+            if shrink:
+                assert a.shrink is not None and b.shrink is not None
+                np.testing.assert_allclose(a.shrink, b.shrink, rtol=1e-9, atol=1e-12)
 
 
 def test_variance_bound_of_the_config_reaches_relative(nbsmt_library: str) -> None:
