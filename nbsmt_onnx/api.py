@@ -392,7 +392,7 @@ def _run_with_stats(
     with Progress("NB-SMT statistics", total, enabled=config.progress) as bar:
         totals: dict[str, np.ndarray] = (executor or LocalExecutor()).run(
             Job(probe, data, reducer, max_batches=max_batches, what="simulation model"),
-            bar.update,
+            lambda done, _total: bar.update(done),  # the total is the Progress's (max_batches)
         )
     return totals if config.collect_stats else None
 
