@@ -361,6 +361,7 @@ def _recalibrate(
             float_model,
             heldout,
             blocks=rc.guard_blocks,
+            margin=rc.guard_margin,
             progress=step,
         )
         bar.update(evaluations)

@@ -133,7 +133,8 @@ _HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("Recalibration", (
         "recalibrate", "strategy", "fold", "correction", "variance_bound", "recal_samples",
-        "recal_memory", "shrink", "guard", "guard_fraction", "guard_blocks", "guard_data",
+        "recal_memory", "shrink", "guard", "guard_fraction", "guard_blocks", "guard_margin",
+        "guard_data",
         "sensitivity_recal",
     )),
     ("Evaluation, gate and search", (
@@ -434,6 +435,14 @@ _recalibration_options = _options(
         show_default=True,
         help="Corrections are kept or rejected in this many contiguous blocks (graph order).",
     ),
+    click.option(
+        "--guard-margin",
+        type=click.FloatRange(min=0.0),
+        default=_RC.guard_margin,
+        show_default=True,
+        help="Keep recalibration only if it lowers the held-out loss by more than this many "
+        "paired standard errors.",
+    ),
 )
 
 
@@ -464,6 +473,7 @@ def _recalibration_config(kw: dict[str, Any], enabled: bool = True) -> Recalibra
         guard=bool(kw.pop("guard")),
         guard_fraction=float(kw.pop("guard_fraction")),
         guard_blocks=int(kw.pop("guard_blocks")),
+        guard_margin=float(kw.pop("guard_margin")),
     )
 
 

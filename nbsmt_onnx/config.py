@@ -178,7 +178,9 @@ class RecalibrationConfig:
     to the float model's (``calibration.guard``): ``guard_fraction`` of the
     calibration samples (seeded) are held out from estimation for that, unless
     the caller gives separate guard data; ``guard_blocks`` is how many
-    contiguous blocks of corrections are accepted or rejected one by one.
+    contiguous blocks of corrections the prefixes are made of; the best prefix
+    is kept only if it beats no correction by more than ``guard_margin``
+    standard errors of the paired per-sample differences.
     """
 
     enabled: bool = True
@@ -192,6 +194,7 @@ class RecalibrationConfig:
     guard: bool = True
     guard_fraction: float = 0.25
     guard_blocks: int = 8
+    guard_margin: float = 2.0
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGY_CHOICES)
@@ -227,6 +230,13 @@ class RecalibrationConfig:
             or not 0 < fraction < 1
         ):
             raise ConfigError(f"--guard-fraction must be between 0 and 1; got {fraction!r}")
+        margin = self.guard_margin
+        if (
+            isinstance(margin, bool)
+            or not isinstance(margin, (int, float))
+            or not (math.isfinite(margin) and margin >= 0)
+        ):
+            raise ConfigError(f"--guard-margin must be a finite number >= 0; got {margin!r}")
         if not _positive_int(self.guard_blocks):
             raise ConfigError(
                 f"--guard-blocks must be a positive integer; got {self.guard_blocks!r}"
