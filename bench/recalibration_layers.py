@@ -54,7 +54,12 @@ from recalibration_table import (
 import nbsmt_onnx as nb
 from nbsmt_onnx.calibration.recalibrate import recalibrate
 from nbsmt_onnx.config import RecalibrationConfig, TransformConfig
-from nbsmt_onnx.graph.fold import ChannelAffine, apply_channel_corrections
+from nbsmt_onnx.graph.bn import BatchNormStatistics
+from nbsmt_onnx.graph.fold import (
+    ChannelAffine,
+    apply_channel_corrections,
+    write_batchnorm_statistics,
+)
 
 
 def _one_batch(feed: dict[str, np.ndarray]) -> Any:
@@ -128,48 +133,63 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     full = run_recal(calib)
-    base = full.batchnorm.model  # BN statistics recalibrated (if any), nothing corrected yet
+    bns = list(full.batchnorm.updates)
     corrs = list(full.correction.corrections) if full.correction else []
     names = [c.name for c in corrs]
     half = num_calib // 2
     part_a = run_recal(_slice(calib, slice(0, half)))
     part_b = run_recal(_slice(calib, slice(half, 2 * half)))
     oracle = run_recal(feeds)
-    by_name = {
-        key: {c.name: c for c in (r.correction.corrections if r.correction else ())}
-        for key, r in (("a", part_a), ("b", part_b), ("oracle", oracle))
-    }
+    runs = {"a": part_a, "b": part_b, "oracle": oracle}
     print(
-        f"[{spec.name} T={args.threads}] {len(full.batchnorm.updates)} BN recalibrated, "
+        f"[{spec.name} T={args.threads}] {len(bns)} BN recalibrated, "
         f"{len(corrs)} layers corrected; recalibration runs {time.time() - t0:.0f} s",
         flush=True,
     )
+
+    def unit_shift(r: Any, kind: str, name: str) -> np.ndarray:
+        """Per-channel shift of one unit: BN new - old mean, or the correction's shift."""
+        if kind == "bn":
+            u = {u.name: u for u in r.batchnorm.updates}[name]
+            return np.asarray(u.new.mean - u.old.mean, dtype=np.float64)
+        c = {c.name: c for c in (r.correction.corrections if r.correction else ())}[name]
+        return _shift(c)
+
+    shrunk_bn: dict[str, BatchNormStatistics] = {}
     shrunk: dict[str, ChannelAffine] = {}
-    for c in corrs:
-        d = _shift(c)
-        std = np.sqrt(c.reference.variance + 1e-12)
-        da, db = _shift(by_name["a"][c.name]), _shift(by_name["b"][c.name])
-        do = _shift(by_name["oracle"][c.name])
+    units = [("bn", u.name, u.level, np.sqrt(u.old.var + u.epsilon)) for u in bns] + [
+        ("corr", c.name, c.level, np.sqrt(c.reference.variance + 1e-12)) for c in corrs
+    ]
+    for ukind, name, level, std in units:
+        d = unit_shift(full, ukind, name)
+        da, db = unit_shift(part_a, ukind, name), unit_shift(part_b, ukind, name)
+        do = unit_shift(oracle, ukind, name)
         rms = float(np.sqrt(np.mean((d / std) ** 2)))
         se_c = (da - db) / 2.0  # one draw per channel of the full estimate's error
-        se = float(np.sqrt(np.mean(se_c**2)))  # pooled per layer (in output units)
+        se = float(np.sqrt(np.mean(se_c**2)))  # pooled per unit (output units)
         noise = float(np.sqrt(np.mean((se_c / std) ** 2))) / max(rms, 1e-12)
         transfer = float(np.corrcoef(d, do)[0, 1]) if d.size > 1 and np.std(d) > 0 else float("nan")
         gain = np.maximum(0.0, 1.0 - se**2 / np.maximum(d**2, 1e-30))
-        shrunk[c.name] = ChannelAffine(c.correction.scale, d * gain)
-        entry = {
-            "name": c.name,
-            "level": c.level,
-            "channels": int(d.size),
-            "mean_shift_rms_std": rms,
-            "split_half_noise_ratio": noise,
-            "oracle_corr": transfer,
-            "oracle_rms_std": float(np.sqrt(np.mean((do / std) ** 2))),
-            "calib_minus_oracle_rms_std": float(np.sqrt(np.mean(((d - do) / std) ** 2))),
-            "shrink_kept_fraction": float(np.mean(gain)),
-            "clean_mean_abs_over_std": float(np.mean(np.abs(c.reference.mean) / std)),
-        }
-        out["layers"].append(entry)
+        if ukind == "bn":
+            u = {u.name: u for u in bns}[name]
+            shrunk_bn[name] = BatchNormStatistics(u.old.mean + d * gain, u.new.var)
+        else:
+            c = {c.name: c for c in corrs}[name]
+            shrunk[name] = ChannelAffine(c.correction.scale, d * gain)
+        out["layers"].append(
+            {
+                "kind": ukind,
+                "name": name,
+                "level": level,
+                "channels": int(d.size),
+                "mean_shift_rms_std": rms,
+                "split_half_noise_ratio": noise,
+                "oracle_corr": transfer,
+                "oracle_rms_std": float(np.sqrt(np.mean((do / std) ** 2))),
+                "calib_minus_oracle_rms_std": float(np.sqrt(np.mean(((d - do) / std) ** 2))),
+                "shrink_kept_fraction": float(np.mean(gain)),
+            }
+        )
     write()
 
     def evaluate(label: str, model: onnx.ModelProto, layers: list[str] | None) -> None:
@@ -184,44 +204,74 @@ def main(argv: list[str] | None = None) -> int:
         write()
         print(f"  {label:40s} " + " ".join(f"{k}={v:.4f}" for k, v in res.items()), flush=True)
 
+    def with_bns(selected: list[str], stats: dict[str, BatchNormStatistics] | None = None) -> Any:
+        new = stats or {u.name: u.new for u in bns}
+        return write_batchnorm_statistics(sim0, {n: new[n] for n in selected})
+
+    all_bn = [u.name for u in bns]
+    base = with_bns(all_bn)  # every BN recalibrated, nothing corrected yet
+    affine = full.correction.affine if full.correction else {}
     evaluate("none", sim0, [])
-    if full.batchnorm.updates:
-        evaluate("BN only", base, [])
-    evaluate("all (default)", apply_channel_corrections(base, full.correction.affine), names)
+    evaluate("all (default)", apply_channel_corrections(base, affine), all_bn + names)
+    if bns and corrs:
+        evaluate("BN only", base, all_bn)
+        evaluate("corrections only", apply_channel_corrections(sim0, affine), names)
+    if len(bns) > 1:
+        for u in bns:
+            evaluate(
+                f"only BN {u.name} (L{u.level}, shift {u.mean_shift:.2f})",
+                with_bns([u.name]),
+                [u.name],
+            )
+            rest = [n for n in all_bn if n != u.name]
+            evaluate(
+                f"all but BN {u.name}",
+                apply_channel_corrections(with_bns(rest), affine),
+                rest + names,
+            )
     levels = sorted({c.level for c in corrs})
-    cuts = sorted(
-        {
-            levels[min(len(levels) - 1, round(i * (len(levels) - 1) / args.cuts))]
-            for i in range(args.cuts)
-        }
+    if levels:
+        cuts = sorted(
+            {
+                levels[min(len(levels) - 1, round(i * (len(levels) - 1) / args.cuts))]
+                for i in range(args.cuts)
+            }
+        )
+        for cut in cuts:
+            sel = {c.name: c.correction for c in corrs if c.level <= cut}
+            evaluate(
+                f"levels <= {cut} ({len(sel)} layers)",
+                apply_channel_corrections(base, sel),
+                list(sel),
+            )
+        for c in sorted(corrs, key=lambda c: -c.mean_shift)[: args.single]:
+            evaluate(
+                f"only {c.name} (L{c.level}, shift {c.mean_shift:.2f})",
+                apply_channel_corrections(base, {c.name: c.correction}),
+                [c.name],
+            )
+        for lev in levels[::-1][: args.leave_out]:
+            sel = {c.name: c.correction for c in corrs if c.level != lev}
+            evaluate(f"all but level {lev}", apply_channel_corrections(base, sel), list(sel))
+    evaluate(
+        "all, shrunk by split-half SE",
+        apply_channel_corrections(with_bns(all_bn, shrunk_bn), shrunk),
+        all_bn + names,
     )
-    for cut in cuts:
-        sel = {c.name: c.correction for c in corrs if c.level <= cut}
-        evaluate(
-            f"levels <= {cut} ({len(sel)} layers)", apply_channel_corrections(base, sel), list(sel)
-        )
-    for c in sorted(corrs, key=lambda c: -c.mean_shift)[: args.single]:
-        evaluate(
-            f"only {c.name} (L{c.level}, shift {c.mean_shift:.2f})",
-            apply_channel_corrections(base, {c.name: c.correction}),
-            [c.name],
-        )
-    for lev in levels[::-1][: args.leave_out]:
-        sel = {c.name: c.correction for c in corrs if c.level != lev}
-        evaluate(f"all but level {lev}", apply_channel_corrections(base, sel), list(sel))
-    evaluate("all, shrunk by split-half SE", apply_channel_corrections(base, shrunk), names)
     oracle_affine = oracle.correction.affine if oracle.correction else {}
     evaluate(
         "oracle (estimated on held-out)",
         apply_channel_corrections(oracle.batchnorm.model, oracle_affine),
-        names,
+        all_bn + names,
     )
+    del runs
     out["seconds"] = time.time() - t0
     write()
-    print("\n| layer | level | C | shift (RMS, std units) | split-half noise | corr with oracle |")
-    print("|---|---|---|---|---|---|")
+    print("\n| unit | layer | level | C | shift (RMS, std) | split-half noise | corr w/ oracle |")
+    print("|---|---|---|---|---|---|---|")
     for e in out["layers"]:
         print(
+            f"| {e['kind']} "
             f"| {e['name']} | {e['level']} | {e['channels']} | {e['mean_shift_rms_std']:.3f} | "
             f"{e['split_half_noise_ratio']:.2f} | {e['oracle_corr']:.2f} |"
         )
