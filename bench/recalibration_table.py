@@ -527,7 +527,7 @@ def measure_model(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--data", type=Path, required=True, help="folder with fm/, mnv2/ and pp/ (module docstring)"
+        "--data", type=Path, default=None, help="folder with fm/, mnv2/ and pp/ (module docstring)"
     )
     parser.add_argument(
         "--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}"
@@ -556,7 +556,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON written after every row")
     parser.add_argument("--resume", action="store_true", help="skip rows already in --out")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only print the markdown table of these JSON files (rows merged in order)",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        rows = [r for f in args.render for r in json.loads(f.read_text())["rows"]]
+        print(markdown(rows))
+        return 0
+    if args.data is None:
+        parser.error("--data is required")
     args.threads = [int(t) for t in args.threads.split(",") if t]
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in MODELS]
