@@ -12,6 +12,7 @@
 #include <memory>
 
 #include "attributes.h"
+#include "nbsmt/direct_conv.h"
 #include "nbsmt/kernels.h"
 #include "nbsmt/pack.h"
 #include "op_common.h"
@@ -123,14 +124,33 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     const Im2Col plan = make_im2col(geo, layout, Cg, group);
 
     const OrtParallel par(api, ctx);
-    // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq.
-    const std::shared_ptr<const PreparedSet> prepared = weights.get(w, [&] {
-      return prepare_weight_groups(cfg, layout, w, "Wq", M, K, 1, group, label, par.get());
+    // Depthwise and narrow grouped convs run through the direct kernel
+    // (direct_conv.h) unless the node asks for statistics (the GEMM path counts them).
+    const bool direct = stats.counters() == nullptr && direct_conv_preferred(group, Cg, Mg, KS);
+    // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq
+    // (the choice of path is fixed per node: it depends on shapes and outputs only).
+    const std::shared_ptr<const PreparedSet> prepared = weights.get(w, [&](PreparedSet& set) {
+      if (direct) {
+        set.direct = prepare_direct_conv(cfg, layout, static_cast<const int8_t*>(w.data), M,
+                                         group, Cg);
+        if (set.direct == nullptr) {
+          throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
+        }
+      } else {
+        set.groups = prepare_weight_groups(cfg, layout, w, "Wq", M, K, 1, group, label, par.get());
+      }
     });
     const float* w_scale = static_cast<const float*>(ws.data);
     const float* bias = b.present() ? static_cast<const float*>(b.data) : nullptr;
     std::vector<float> scale(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) scale[m] = x_scale * w_scale[m];
+    const float* xdata = static_cast<const float*>(x.data);
+    if (prepared->direct != nullptr || prepared->groups.empty()) {
+      if (prepared->direct == nullptr) throw OpError(label + ": internal error: no prepared weights");
+      direct_conv(*prepared->direct, geo, N, xdata, x_scale, scale.data(), bias, y, par.get());
+      stats.write();
+      return;
+    }
 
     // Rows are (image, output position) pairs, processed in chunks of whole
     // images; a chunk may hold several small images (late layers) so that the
@@ -145,7 +165,6 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     std::vector<int16_t> xq(static_cast<size_t>(chunk_images * image_entries), 0);
     std::vector<int32_t> acc(static_cast<size_t>(chunk_images * P * Mg));
     const bool act_signed = cfg.act_signed;
-    const float* xdata = static_cast<const float*>(x.data);
     for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
       const int64_t images = std::min(chunk_images, N - n0);
       const int64_t rows = images * P;

@@ -83,8 +83,8 @@ void MatMulKernel::compute(OrtKernelContext* ctx) const {
     const OrtParallel par(api, ctx);
     // The layout depends only on Bq's shape and the attributes: the cache is keyed by Bq.
     // Bq is [K, N]: weight row n (output column n) is element k at k * N + n.
-    const std::shared_ptr<const PreparedSet> prepared = weights.get(bq, [&] {
-      return prepare_weight_groups(cfg, layout, bq, "Bq", N, 1, N, 1, label, par.get());
+    const std::shared_ptr<const PreparedSet> prepared = weights.get(bq, [&](PreparedSet& set) {
+      set.groups = prepare_weight_groups(cfg, layout, bq, "Bq", N, 1, N, 1, label, par.get());
     });
     const float* b_scale = static_cast<const float*>(bs.data);
     const float* bias = bias_t.present() ? static_cast<const float*>(bias_t.data) : nullptr;
