@@ -22,9 +22,9 @@ so that load from other processes hits all of them alike:
   weights (BN fused, SiLU, C2f blocks, SPPF, an upsampling neck and decoupled
   3x3 heads at three scales; all convolutions dense), batch 1, 320x320.
 
-The simulation models are made by ``nbsmt_onnx.transform`` at T = 1 from a few
-calibration samples (no recalibration: it does not change the arithmetic's
-cost), then set to T = 2 / 4 with ``evaluate.with_nbsmt_settings``.
+The simulation models are made by ``nbsmt_onnx.transform`` (default settings:
+recalibration with BN folded into the ops) at T = 1 from a few calibration
+samples, then set to T = 2 / 4 with ``evaluate.with_nbsmt_settings``.
 
 Printed per intra-op thread count: milliseconds (min and median of ``--reps``
 runs) and the ratios NB-SMT / float by the minimum (median in parentheses);
@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_ops import kernel_isa  # noqa: E402
 
 import nbsmt_onnx as nb  # noqa: E402
-from nbsmt_onnx.config import RecalibrationConfig, TransformConfig  # noqa: E402
+from nbsmt_onnx.config import TransformConfig  # noqa: E402
 from nbsmt_onnx.evaluate import with_nbsmt_settings  # noqa: E402
 from nbsmt_onnx.runtime.session import SessionOptions, create_session  # noqa: E402
 
@@ -243,7 +243,6 @@ def simulation_models(bench: BenchModel) -> dict[int, onnx.ModelProto]:
         threads=1,
         num_samples=len(next(iter(bench.calib.values()))),
         batch_size=8,
-        recalibration=RecalibrationConfig(enabled=False),
         collect_stats=False,
     )
     sim = nb.transform(bench.model, bench.calib, config).sim_model

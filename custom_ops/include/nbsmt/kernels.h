@@ -99,6 +99,21 @@ std::shared_ptr<const PreparedWeights> prepare_weights(const SmtConfig& cfg, int
 struct RowSource {
   void* ctx = nullptr;
   void (*fill)(void* ctx, int64_t p0, int64_t p1, int16_t* out) = nullptr;
+  // The producer writes every slot of its rows (idle ones as 0): `out` is then
+  // not zero-filled before the call.
+  bool writes_every_slot = false;
+};
+
+// Float outputs written by the kernels' tile writer instead of int32
+// accumulators (docs/ops.md §4.5, no second pass over the output): for row r and
+// column m, y[(r / rows_per_image) * image_stride + (r % rows_per_image) * row_stride
+// + m * col_stride] = float32(scale[m] * float32(acc)), then + bias[m] if bias
+// is not null (each operation rounded to float32, no FMA).
+struct FloatOutput {
+  float* y = nullptr;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  int64_t rows_per_image = 1, image_stride = 0, row_stride = 0, col_stride = 1;
 };
 
 // accumulate() with prepared weights (cfg, M and steps come from `w`), rows
@@ -109,6 +124,11 @@ void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, 
 void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
                          int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
                          SmtStats* stats, const Parallel& parallel);
+// The same with the output scaling fused into the tile writer (FloatOutput).
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, int64_t x_stride,
+                         const FloatOutput& out, SmtStats* stats, const Parallel& parallel);
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
+                         const FloatOutput& out, SmtStats* stats, const Parallel& parallel);
 
 // Kernel implementation used by accumulate(): "generic" (portable C++), "avx2" or
 // "avx512" (AVX-512 BW/VL/VNNI). By default the best one the CPU supports; the

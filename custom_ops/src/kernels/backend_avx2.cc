@@ -221,6 +221,83 @@ NBSMT_AVX2 void gather_gemm(const GatherEntry* e, int64_t n, const uint8_t* slic
 
 }  // namespace
 
+// 8 x 8 blocks: rows r..r+7 of columns m..m+7 are loaded as 8 row vectors and,
+// for a channel-major output (row_stride 1), transposed so that each column's 8
+// rows are one contiguous store. Tails go through the portable code.
+NBSMT_AVX2 void avx2_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
+                                const int32_t* colcorr, const int32_t* rowcorr,
+                                const float* scale, const float* bias, float* y,
+                                int64_t row_stride, int64_t col_stride) {
+  const int64_t r8 = row_stride == 1 ? rows / 8 * 8 : 0;
+  const int64_t m8 = cols / 8 * 8;
+  if (col_stride == 1) {  // row-major output: a row of 8 columns at a time
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256i rc = _mm256_set1_epi32(rowcorr != nullptr ? rowcorr[r] : 0);
+      int64_t m = 0;
+      for (; m < m8; m += 8) {
+        __m256i acc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc + m));
+        acc = _mm256_add_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colcorr + m)));
+        acc = _mm256_add_epi32(acc, rc);
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(scale + m), _mm256_cvtepi32_ps(acc));
+        if (bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + m));
+        _mm256_storeu_ps(y + r * row_stride + m, v);
+      }
+      if (m < cols) {
+        generic_float_tile(c + r * ldc + m, ldc, 1, cols - m, colcorr + m,
+                           rowcorr != nullptr ? rowcorr + r : nullptr, scale + m,
+                           bias != nullptr ? bias + m : nullptr, y + r * row_stride + m, row_stride, 1);
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < r8; r += 8) {
+    __m256i rc = _mm256_setzero_si256();
+    if (rowcorr != nullptr) rc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rowcorr + r));
+    for (int64_t m = 0; m < m8; m += 8) {
+      __m256i t[8];
+      for (int i = 0; i < 8; ++i) {
+        t[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + (r + i) * ldc + m));
+      }
+      // 8 x 8 int32 transpose: t[i] = row i -> u[j] = column j (rows r..r+7).
+      const __m256i a0 = _mm256_unpacklo_epi32(t[0], t[1]), a1 = _mm256_unpackhi_epi32(t[0], t[1]);
+      const __m256i a2 = _mm256_unpacklo_epi32(t[2], t[3]), a3 = _mm256_unpackhi_epi32(t[2], t[3]);
+      const __m256i a4 = _mm256_unpacklo_epi32(t[4], t[5]), a5 = _mm256_unpackhi_epi32(t[4], t[5]);
+      const __m256i a6 = _mm256_unpacklo_epi32(t[6], t[7]), a7 = _mm256_unpackhi_epi32(t[6], t[7]);
+      const __m256i b0 = _mm256_unpacklo_epi64(a0, a2), b1 = _mm256_unpackhi_epi64(a0, a2);
+      const __m256i b2 = _mm256_unpacklo_epi64(a1, a3), b3 = _mm256_unpackhi_epi64(a1, a3);
+      const __m256i b4 = _mm256_unpacklo_epi64(a4, a6), b5 = _mm256_unpackhi_epi64(a4, a6);
+      const __m256i b6 = _mm256_unpacklo_epi64(a5, a7), b7 = _mm256_unpackhi_epi64(a5, a7);
+      __m256i u[8];
+      u[0] = _mm256_permute2x128_si256(b0, b4, 0x20);
+      u[1] = _mm256_permute2x128_si256(b1, b5, 0x20);
+      u[2] = _mm256_permute2x128_si256(b2, b6, 0x20);
+      u[3] = _mm256_permute2x128_si256(b3, b7, 0x20);
+      u[4] = _mm256_permute2x128_si256(b0, b4, 0x31);
+      u[5] = _mm256_permute2x128_si256(b1, b5, 0x31);
+      u[6] = _mm256_permute2x128_si256(b2, b6, 0x31);
+      u[7] = _mm256_permute2x128_si256(b3, b7, 0x31);
+      for (int j = 0; j < 8; ++j) {
+        const int64_t mm = m + j;
+        const __m256i acc = _mm256_add_epi32(_mm256_add_epi32(u[j], _mm256_set1_epi32(colcorr[mm])), rc);
+        __m256 v = _mm256_mul_ps(_mm256_set1_ps(scale[mm]), _mm256_cvtepi32_ps(acc));
+        if (bias != nullptr) v = _mm256_add_ps(v, _mm256_set1_ps(bias[mm]));
+        _mm256_storeu_ps(y + r + mm * col_stride, v);
+      }
+    }
+    if (m8 < cols) {
+      generic_float_tile(c + r * ldc + m8, ldc, 8, cols - m8, colcorr + m8,
+                         rowcorr != nullptr ? rowcorr + r : nullptr, scale + m8,
+                         bias != nullptr ? bias + m8 : nullptr, y + r + m8 * col_stride,
+                         row_stride, col_stride);
+    }
+  }
+  if (r8 < rows) {
+    generic_float_tile(c + r8 * ldc, ldc, rows - r8, cols, colcorr,
+                       rowcorr != nullptr ? rowcorr + r8 : nullptr, scale, bias,
+                       y + r8 * row_stride, row_stride, col_stride);
+  }
+}
+
 const Backend& avx2_backend() {
   static const Backend be{Isa::kAvx2,
                           dense_transform,
@@ -230,7 +307,8 @@ const Backend& avx2_backend() {
                           generic_gather_entries,
                           gather_expand,
                           gather_gemm,
-                          generic_stats_rows};
+                          generic_stats_rows,
+                          avx2_float_tile};
   return be;
 }
 

@@ -179,6 +179,21 @@ void gather_gemm(const GatherEntry* e, int64_t n, const uint8_t* table, int nv, 
 
 }  // namespace
 
+void generic_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
+                        const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
+                        const float* bias, float* y, int64_t row_stride, int64_t col_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t rc = rowcorr != nullptr ? static_cast<uint32_t>(rowcorr[r]) : 0u;
+    for (int64_t m = 0; m < cols; ++m) {
+      const auto acc = static_cast<int32_t>(static_cast<uint32_t>(c[r * ldc + m]) +
+                                            static_cast<uint32_t>(colcorr[m]) + rc);
+      float v = scale[m] * static_cast<float>(acc);
+      if (bias != nullptr) v = v + bias[m];
+      y[r * row_stride + m * col_stride] = v;
+    }
+  }
+}
+
 const Backend& generic_backend() {
   static const Backend be{Isa::kGeneric,
                           dense_transform,
@@ -188,7 +203,8 @@ const Backend& generic_backend() {
                           generic_gather_entries,
                           gather_expand,
                           gather_gemm,
-                          generic_stats_rows};
+                          generic_stats_rows,
+                          generic_float_tile};
   return be;
 }
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "direct_conv_impl.h"
@@ -228,9 +229,11 @@ Isa pick_isa() {
   return {detail::dc_quantize_generic, detail::dc_reduce_generic, detail::dc_channel_generic};
 }
 
-// Fills phase plane `ph` of one channel (x: the channel's [in] floats).
-void fill_plane(const ConvGeometry& geo, const Planes& p, int64_t ph, const float* x, float scale,
-                bool sgn, QuantizeFn quantize, float* out) {
+// Fills phase plane `ph` of one channel. Stride 1 along the last axis: quantizes
+// the runs of x (the channel's [in] floats) straight into the plane; otherwise
+// copies them from q (the channel already quantized, [in] floats).
+void fill_plane(const ConvGeometry& geo, const Planes& p, int64_t ph, const float* x,
+                const float* q, float scale, bool sgn, QuantizeFn quantize, float* out) {
   const int64_t b[3] = {ph / (p.s[1] * p.s[2]), (ph / p.s[2]) % p.s[1], ph % p.s[2]};
   const int64_t s2 = p.s[2], q2 = p.q[2];
   // Valid i2: 0 <= i2 * s2 + b2 - pb2 < in2.
@@ -249,8 +252,12 @@ void fill_plane(const ConvGeometry& geo, const Planes& p, int64_t ph, const floa
         continue;
       }
       std::fill(row, row + lo, 0.0f);
-      quantize(x + (j0 * geo.in[1] + j1) * geo.in[2] + lo * s2 + first, hi - lo, s2, scale, sgn,
-               row + lo);
+      const int64_t src = (j0 * geo.in[1] + j1) * geo.in[2] + lo * s2 + first;
+      if (s2 == 1) {
+        quantize(x + src, hi - lo, 1, scale, sgn, row + lo);
+      } else {
+        for (int64_t i = lo; i < hi; ++i) row[i] = q[src + (i - lo) * s2];
+      }
       std::fill(row + hi, row + q2, 0.0f);
     }
   }
@@ -281,10 +288,16 @@ void quantize_task(const Job& j, int64_t task) {
   const Planes& p = *j.planes;
   const int64_t in = j.geo->in_size();
   const bool sgn = j.w->cfg.act_signed;
+  const float* xc = j.x + (img * j.C + c) * in;
+  std::vector<float> q;
+  if (p.s[2] > 1) {  // strided runs: quantize the channel once, contiguously
+    q.resize(static_cast<size_t>(in));
+    j.isa.quantize(xc, in, 1, j.x_scale, sgn, q.data());
+  }
   for (int64_t ph = 0; ph < p.nph; ++ph) {
     if (!p.used[ph]) continue;
     float* plane = j.buf + img * j.image_floats + (c * p.nph + ph) * p.size;
-    fill_plane(*j.geo, p, ph, j.x + (img * j.C + c) * in, j.x_scale, sgn, j.isa.quantize, plane);
+    fill_plane(*j.geo, p, ph, xc, q.data(), j.x_scale, sgn, j.isa.quantize, plane);
     if (j.need_reduced) j.isa.reduce(plane, p.size, sgn, plane + j.reduced_delta);
   }
 }
@@ -348,7 +361,8 @@ void direct_conv(const DirectConvWeights& w, const ConvGeometry& geo, int64_t N,
   const int64_t image_floats = plane_floats * (need_reduced ? 2 : 1);
   const int64_t chunk = std::clamp<int64_t>(
       kChunkBudgetBytes / std::max<int64_t>(1, image_floats * 4), 1, N);
-  std::vector<float> buf(static_cast<size_t>(chunk * image_floats));
+  // Not zero-filled: quantize_task writes every plane the channel tasks read.
+  const std::unique_ptr<float[]> buf(new float[static_cast<size_t>(chunk * image_floats)]);
 
   Job job{};
   job.w = &w;
@@ -358,7 +372,7 @@ void direct_conv(const DirectConvWeights& w, const ConvGeometry& geo, int64_t N,
   job.C = C;
   job.x_scale = x_scale;
   job.need_reduced = need_reduced;
-  job.buf = buf.data();
+  job.buf = buf.get();
   job.image_floats = image_floats;
   job.reduced_delta = plane_floats;
   job.exact = &exact;

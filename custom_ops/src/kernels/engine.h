@@ -187,7 +187,24 @@ struct Backend {
   // Statistics of rows [0, nrows), added to *out (active, collisions, reduced).
   void (*stats_rows)(const Plan& plan, const StatsSummary& s, const int16_t* x, int64_t x_stride,
                      int64_t nrows, SmtStats* out);
+  // Float outputs of a tile (FloatOutput, kernels.h) whose rows lie in one image:
+  // for r < rows, m < cols, with acc = c[r * ldc + m] + colcorr[m] (+ rowcorr[r])
+  // (int32, wrapping), y[r * row_stride + m * col_stride] =
+  // float32(scale[m] * float32(acc)) (+ bias[m] if bias is not null).
+  void (*float_tile)(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
+                     const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
+                     const float* bias, float* y, int64_t row_stride, int64_t col_stride);
 };
+
+// Portable float_tile; the AVX2 one is also used by the AVX-512 backend.
+void generic_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
+                        const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
+                        const float* bias, float* y, int64_t row_stride, int64_t col_stride);
+#if defined(__x86_64__) || defined(_M_X64)
+void avx2_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
+                     const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
+                     const float* bias, float* y, int64_t row_stride, int64_t col_stride);
+#endif
 
 const Backend& generic_backend();
 #if defined(__x86_64__) || defined(_M_X64)

@@ -324,14 +324,35 @@ struct Run {
   const RowSource* source;
   int32_t* acc;
   int64_t ars, acs;
+  const FloatOutput* fout;  // non-null: float outputs instead of acc
   const detail::StatsSummary* summary;  // null: no statistics
   int64_t rows_per_task, row_tasks, panels_per_task;
   SmtStats* parts;
   ScratchPool* pool;
 };
 
+// The float outputs of a tile (FloatOutput), one image's run of rows at a time.
+void store_float_tile(const Run& j, int64_t p0, int64_t rows, int64_t m0, int64_t m1,
+                      const int32_t* c, int64_t ldc, const int32_t* rowcorr) {
+  const FloatOutput& o = *j.fout;
+  for (int64_t r = 0; r < rows;) {
+    const int64_t p = p0 + r, img = p / o.rows_per_image, pos = p % o.rows_per_image;
+    const int64_t n = std::min(rows - r, o.rows_per_image - pos);
+    j.be->float_tile(c + r * ldc, ldc, n, m1 - m0, j.pw->colcorr.data() + m0,
+                     rowcorr != nullptr ? rowcorr + r : nullptr, o.scale + m0,
+                     o.bias != nullptr ? o.bias + m0 : nullptr,
+                     o.y + img * o.image_stride + pos * o.row_stride + m0 * o.col_stride,
+                     o.row_stride, o.col_stride);
+    r += n;
+  }
+}
+
 void store_tile(const Run& j, int64_t p0, int64_t rows, int64_t m0, int64_t m1,
                 const int32_t* c, int64_t ldc, const int32_t* rowcorr) {
+  if (j.fout != nullptr) {
+    store_float_tile(j, p0, rows, m0, m1, c, ldc, rowcorr);
+    return;
+  }
   const int32_t* colcorr = j.pw->colcorr.data();
   if (j.ars != 1 || j.acs == 1) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -428,7 +449,9 @@ void run_task(const Run& j, int64_t task) {
   int64_t xs = j.x_stride;
   if (j.source != nullptr) {
     int16_t* filled = scratch->x.get<int16_t>(rows * plan.K);
-    std::memset(filled, 0, static_cast<size_t>(rows * plan.K) * sizeof(int16_t));
+    if (!j.source->writes_every_slot) {
+      std::memset(filled, 0, static_cast<size_t>(rows * plan.K) * sizeof(int16_t));
+    }
     j.source->fill(j.source->ctx, p0, p0 + rows, filled);
     x = filled;
     xs = plan.K;
@@ -445,13 +468,22 @@ void run_task(const Run& j, int64_t task) {
 }
 
 void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_stride,
-         const RowSource* source, int32_t* acc, int64_t ars, int64_t acs, SmtStats* stats,
-         const Parallel& parallel) {
+         const RowSource* source, int32_t* acc, int64_t ars, int64_t acs,
+         const FloatOutput* fout, SmtStats* stats, const Parallel& parallel) {
   const Plan& plan = pw.plan;
   if (P <= 0 || plan.M <= 0) return;
   if (plan.steps <= 0) {
     for (int64_t p = 0; p < P; ++p) {
-      for (int64_t m = 0; m < plan.M; ++m) acc[p * ars + m * acs] = 0;
+      for (int64_t m = 0; m < plan.M; ++m) {
+        if (fout == nullptr) {
+          acc[p * ars + m * acs] = 0;
+          continue;
+        }
+        float v = fout->scale[m] * 0.0f;
+        if (fout->bias != nullptr) v = v + fout->bias[m];
+        fout->y[(p / fout->rows_per_image) * fout->image_stride +
+                (p % fout->rows_per_image) * fout->row_stride + m * fout->col_stride] = v;
+      }
     }
     return;
   }
@@ -465,6 +497,7 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
   j.acc = acc;
   j.ars = ars;
   j.acs = acs;
+  j.fout = fout;
   j.summary = stats != nullptr ? &pw.stats_summary(parallel) : nullptr;
   // Row tiles (multiples of 8) and panel groups: at least kTargetTasks tasks
   // when the shape allows, without tiles so small that per-tile work (the
@@ -512,13 +545,23 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
 void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, int64_t x_stride,
                          int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
                          SmtStats* stats, const Parallel& parallel) {
-  run(w, P, x, x_stride, nullptr, acc, acc_row_stride, acc_col_stride, stats, parallel);
+  run(w, P, x, x_stride, nullptr, acc, acc_row_stride, acc_col_stride, nullptr, stats, parallel);
 }
 
 void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
                          int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
                          SmtStats* stats, const Parallel& parallel) {
-  run(w, P, nullptr, 0, &rows, acc, acc_row_stride, acc_col_stride, stats, parallel);
+  run(w, P, nullptr, 0, &rows, acc, acc_row_stride, acc_col_stride, nullptr, stats, parallel);
+}
+
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, int64_t x_stride,
+                         const FloatOutput& out, SmtStats* stats, const Parallel& parallel) {
+  run(w, P, x, x_stride, nullptr, nullptr, 0, 0, &out, stats, parallel);
+}
+
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
+                         const FloatOutput& out, SmtStats* stats, const Parallel& parallel) {
+  run(w, P, nullptr, 0, &rows, nullptr, 0, 0, &out, stats, parallel);
 }
 
 void accumulate(const SmtConfig& cfg, int64_t P, int64_t M, int64_t steps,

@@ -5,7 +5,7 @@
 // quantized once (pixel-major, a bounded chunk of images at a time); the kernel
 // tasks im2col the packed rows they need on demand (RowSource) and accumulate
 // them against the prepared weights; the result is scaled to float
-// (scale_accumulators, op_kernel.h):
+// by the kernels' tile writer (FloatOutput, kernels.h; direct_conv.h likewise):
 //   Y[n, m, p] = float32(x_scale * w_scale[m]) * float32(acc) (+ B[m])
 // each operation rounded to float32 (the build forbids FMA contraction).
 #include <algorithm>
@@ -48,7 +48,16 @@ struct Im2ColSource {
       r += count;
     }
   }
-  RowSource row_source() { return RowSource{this, fill}; }
+  // im2col writes every slot when each kernel position is one contiguous run and
+  // the runs tile the row (Im2Col::contiguous, group_width * KS == row_length).
+  RowSource row_source() {
+    const int64_t KS = plan->geo.kernel_size(), gw = plan->group_width;
+    bool every = plan->contiguous && gw * KS == plan->row_length;
+    for (int64_t kpos = 0; every && kpos < KS; ++kpos) {
+      every = plan->dest_by_kpos[kpos * gw] == kpos * gw;
+    }
+    return RowSource{this, fill, every};
+  }
 };
 
 struct ConvKernel {
@@ -158,13 +167,20 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     // pixel-major); their packed rows are made by im2col inside the kernel tasks
     // (RowSource), a few rows at a time, and never stored for the whole chunk.
     const int64_t image_entries = static_cast<int64_t>(plan.image_entries());
-    const int64_t image_bytes = image_entries * static_cast<int64_t>(sizeof(int16_t)) +
-                                P * Mg * static_cast<int64_t>(sizeof(int32_t));
+    const int64_t image_bytes = image_entries * static_cast<int64_t>(sizeof(int16_t));
     const int64_t chunk_images = std::clamp<int64_t>(kChunkBudgetBytes / image_bytes, 1, N);
-    // Zero once: entries that hold no channel are never written.
-    std::vector<int16_t> xq(static_cast<size_t>(chunk_images * image_entries), 0);
-    std::vector<int32_t> acc(static_cast<size_t>(chunk_images * P * Mg));
+    // Entries that hold no channel are never written: zero them once, if there are any.
+    const size_t xq_entries = static_cast<size_t>(chunk_images * image_entries);
+    const std::unique_ptr<int16_t[]> xq_buffer(new int16_t[xq_entries]);
+    int16_t* const xq = xq_buffer.get();
+    if (plan.pixel_stride > C) std::fill(xq, xq + xq_entries, int16_t{0});
     const bool act_signed = cfg.act_signed;
+    // A 1x1 conv with stride 1 and no padding whose pixel entries are exactly the
+    // packed row (group = 1): the quantized image's pixels are the rows, no im2col.
+    bool pixels_are_rows = group == 1 && KS == 1 && in_size == P &&
+                           plan.pixel_stride == plan.row_length && plan.contiguous &&
+                           plan.dest_by_kpos[0] == 0;
+    for (int d = 0; d < 3; ++d) pixels_are_rows &= geo.pad_begin[d] == 0 && geo.stride[d] == 1;
     for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
       const int64_t images = std::min(chunk_images, N - n0);
       const int64_t rows = images * P;
@@ -174,23 +190,29 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
                          const int64_t img = i / in_size, s0 = i % in_size;
                          const int64_t s1 = std::min(in_size, s0 + (b - i));
                          quantize_image(plan, xdata + (n0 + img) * C * in_size, s0, s1,
-                                        x_scale, act_signed, xq.data() + img * image_entries);
+                                        x_scale, act_signed, xq + img * image_entries);
                          i += s1 - s0;
                        }
                      });
       for (int64_t g = 0; g < group; ++g) {
-        Im2ColSource source{&plan, xq.data(), image_entries, P, g};
-        // acc column-major (acc[m * rows + r]): the scaling below reads runs of rows.
-        accumulate_prepared(*prepared->groups[g], rows, source.row_source(), acc.data(), 1, rows,
+        // Outputs scaled and written by the kernels' tile writer: row r is output
+        // position r % P of image r / P; column m is output channel g * Mg + m.
+        FloatOutput out;
+        out.y = y + (n0 * M + g * Mg) * P;
+        out.scale = scale.data() + g * Mg;
+        out.bias = bias != nullptr ? bias + g * Mg : nullptr;
+        out.rows_per_image = P;
+        out.image_stride = M * P;
+        out.row_stride = 1;
+        out.col_stride = P;
+        if (pixels_are_rows) {
+          accumulate_prepared(*prepared->groups[g], rows, xq, plan.pixel_stride, out,
+                              stats.counters(), par.get());
+          continue;
+        }
+        Im2ColSource source{&plan, xq, image_entries, P, g};
+        accumulate_prepared(*prepared->groups[g], rows, source.row_source(), out,
                             stats.counters(), par.get());
-        par.for_ranges(images * Mg, grain_for(images * Mg, 4), [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) {
-            const int64_t img = i / Mg, m = i % Mg, oc = g * Mg + m;
-            scale_accumulators<false>(acc.data() + m * rows + img * P, P, &scale[oc],
-                                      bias != nullptr ? &bias[oc] : nullptr,
-                                      y + ((n0 + img) * M + oc) * P);
-          }
-        });
       }
     }
   }
