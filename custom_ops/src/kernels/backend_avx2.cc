@@ -1,10 +1,10 @@
 // AVX2 implementation of the per-ISA pieces (engine.h), for x86-64 CPUs without
-// AVX-512 VNNI. Same packed byte layouts as the other backends; the u8 x s8
-// four-way dot product is emulated exactly: bytes are widened to int16 and
-// multiplied pairwise with vpmaddwd (|a * b| <= 255 * 128, pair sums fit int32),
-// accumulating (k0 k1) and (k2 k3) partial sums per column that are added once
-// at the end. Pieces that are not hot (weight preparation, statistics) use the
-// portable versions.
+// AVX-512 VNNI. The dense method (T = 1, 2) uses int16 operands (Plan::wide):
+// x and w values are stored as int16 pairs, so vpmaddwd multiplies them with no
+// widening or offsets in the inner loop (|a * b| <= 255 * 128, pair sums fit
+// int32). The gather method (T = 4) keeps the shared u8 x s8 layout, emulating
+// the four-way dot product with widened bytes. Pieces that are not hot (weight
+// preparation, statistics) use the portable versions.
 #include "engine.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -35,49 +35,98 @@ NBSMT_AVX2_INLINE __m256i reduce16(__m256i v, bool is_signed) {
   return _mm256_blendv_epi8(_mm256_slli_epi16(q, 4), v, keep);
 }
 
-// int16 lanes -> bytes (truncating), 16 lanes -> 16 bytes.
-NBSMT_AVX2_INLINE __m128i to_bytes(__m256i v) {
-  const __m256i lowbytes = _mm256_and_si256(v, _mm256_set1_epi16(0xff));
-  return _mm_packus_epi16(_mm256_castsi256_si128(lowbytes), _mm256_extracti128_si256(lowbytes, 1));
-}
+// ---- dense (int16 pairs, Plan::wide) ------------------------------------------
 
-// ---- dense ------------------------------------------------------------------
-
+// x side of block b: term 0 = x itself, term 1 (T = 2) = the correction operand
+// D(x) nz(x_partner) (reduce=activations) or x nz(x_partner) (weights), as int16.
 NBSMT_AVX2 void dense_transform(const Plan& plan, int64_t b, const int16_t* x, int64_t x_stride,
                                 int64_t nrows, uint8_t* a, int64_t lda) {
   const int T = plan.T;
-  const int64_t seg = plan.seg_bytes(b);
+  const int64_t seg = plan.seg_bytes(b) / 2;  // int16 elements of one term
   const int64_t n = T * plan.block_len(b);
   const bool sgn = plan.cfg.act_signed;
   const bool act = plan.cfg.reduce == Reduce::kActivations;
-  const __m256i off0 = _mm256_set1_epi16(static_cast<int16_t>(plan.x_offset[0]));
-  const __m256i off1 = _mm256_set1_epi16(static_cast<int16_t>(plan.x_offset[1]));
   const __m256i zero = _mm256_setzero_si256();
   alignas(32) int16_t tail[16];
-  alignas(16) uint8_t bytes[16];
   for (int64_t r = 0; r < nrows; ++r) {
     const int16_t* xr = x + r * x_stride + plan.block_step0(b) * T;
-    uint8_t* out = a + r * lda;
-    for (int64_t l = 0; l < seg; l += 16) {
+    int16_t* out = reinterpret_cast<int16_t*>(a + r * lda);
+    std::memcpy(out, xr, static_cast<size_t>(n) * sizeof(int16_t));
+    for (int64_t l = n; l < seg; ++l) out[l] = 0;
+    if (T != 2) continue;
+    int16_t* out1 = out + seg;  // n == seg for T = 2
+    for (int64_t l = 0; l < n; l += 16) {
       __m256i v;
-      if (l + 16 <= n) {
+      const bool full = l + 16 <= n;
+      if (full) {
         v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + l));
       } else {
         for (int i = 0; i < 16; ++i) tail[i] = l + i < n ? xr[l + i] : 0;
         v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
       }
-      const int64_t count = seg - l < 16 ? seg - l : 16;
-      _mm_store_si128(reinterpret_cast<__m128i*>(bytes), to_bytes(_mm256_add_epi16(v, off0)));
-      std::memcpy(out + l, bytes, static_cast<size_t>(count));
-      if (T == 2) {
-        // Partner slot: swap the int16 halves of every dword (steps start even).
-        const __m256i vp = _mm256_or_si256(_mm256_slli_epi32(v, 16), _mm256_srli_epi32(v, 16));
-        const __m256i pnz = _mm256_xor_si256(_mm256_cmpeq_epi16(vp, zero), _mm256_set1_epi16(-1));
-        const __m256i t1 = act ? _mm256_sub_epi16(reduce16(v, sgn), v) : v;
-        const __m256i val = _mm256_add_epi16(_mm256_and_si256(t1, pnz), off1);
-        _mm_store_si128(reinterpret_cast<__m128i*>(bytes), to_bytes(val));
-        std::memcpy(out + seg + l, bytes, static_cast<size_t>(count));
+      // Partner slot: swap the int16 halves of every dword (steps start even).
+      const __m256i vp = _mm256_or_si256(_mm256_slli_epi32(v, 16), _mm256_srli_epi32(v, 16));
+      const __m256i pnz = _mm256_xor_si256(_mm256_cmpeq_epi16(vp, zero), _mm256_set1_epi16(-1));
+      const __m256i t1 = act ? _mm256_sub_epi16(reduce16(v, sgn), v) : v;
+      const __m256i val = _mm256_and_si256(t1, pnz);
+      if (full) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out1 + l), val);
+      } else {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tail), val);
+        for (int64_t i = 0; i < n - l; ++i) out1[l + i] = tail[i];
       }
+    }
+  }
+}
+
+// MR rows x 16 columns: per dword q, two vectors of 8 columns x (w_k, w_k+1) and
+// one broadcast (x_k, x_k+1) per row; vpmaddwd gives the pair sums per column.
+template <int MR>
+NBSMT_AVX2 void dense_micro(int64_t kq, const uint8_t* a, int64_t lda, const uint8_t* panel,
+                            int64_t row_bytes, int32_t* c, int64_t ldc, bool first) {
+  __m256i lo[MR], hi[MR];
+  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+  for (int64_t q = 0; q < kq; ++q) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * row_bytes));
+    const __m256i b1 =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * row_bytes + 32));
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 4 * q, 4);
+      const __m256i av = _mm256_set1_epi32(pair);
+      lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(av, b0));
+      hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(av, b1));
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    __m256i* dst = reinterpret_cast<__m256i*>(c + r * ldc);
+    __m256i s0 = lo[r], s1 = hi[r];
+    if (!first) {
+      s0 = _mm256_add_epi32(s0, _mm256_loadu_si256(dst));
+      s1 = _mm256_add_epi32(s1, _mm256_loadu_si256(dst + 1));
+    }
+    _mm256_storeu_si256(dst, s0);
+    _mm256_storeu_si256(dst + 1, s1);
+  }
+}
+
+NBSMT_AVX2 void dense_gemm(int64_t kq, const uint8_t* a, int64_t lda, int64_t nrows,
+                           const uint8_t* panel, int nv, int32_t* c, int64_t ldc, bool first) {
+  const int64_t row_bytes = static_cast<int64_t>(nv) * 64;
+  for (int64_t g = 0; g < nv; ++g) {  // groups of 16 columns
+    const uint8_t* pg = panel + g * 64;
+    int32_t* cg = c + g * 16;
+    int64_t r = 0;
+    for (; r + 6 <= nrows; r += 6) {
+      dense_micro<6>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first);
+    }
+    switch (nrows - r) {
+      case 5: dense_micro<5>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first); break;
+      case 4: dense_micro<4>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first); break;
+      case 3: dense_micro<3>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first); break;
+      case 2: dense_micro<2>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first); break;
+      case 1: dense_micro<1>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first); break;
+      default: break;
     }
   }
 }
@@ -95,42 +144,6 @@ NBSMT_AVX2_INLINE __m256i broadcast_s8x4(int32_t d) {
 // Pair sums (k0 k1, k2 k3) of columns 0-3 (lo) and 4-7 (hi) -> 8 column sums.
 NBSMT_AVX2_INLINE __m256i finish8(__m256i lo, __m256i hi) {
   return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xd8);
-}
-
-// MR rows x 8 columns (one ymm of 32 bytes per kq); panel row stride W * 4 bytes.
-template <int MR>
-NBSMT_AVX2 void dense_micro(int64_t kq, const uint8_t* a, int64_t lda, const uint8_t* panel,
-                            int64_t row_bytes, int32_t* c, int64_t ldc, bool first) {
-  __m256i lo[MR], hi[MR];
-  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
-  for (int64_t q = 0; q < kq; ++q) {
-    const __m256i bb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * row_bytes));
-    const __m256i b_lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bb));
-    const __m256i b_hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bb, 1));
-    for (int r = 0; r < MR; ++r) {
-      const __m256i av = broadcast_u8x4(a + r * lda + 4 * q);
-      lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(av, b_lo));
-      hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(av, b_hi));
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    __m256i sum = finish8(lo[r], hi[r]);
-    __m256i* dst = reinterpret_cast<__m256i*>(c + r * ldc);
-    if (!first) sum = _mm256_add_epi32(sum, _mm256_loadu_si256(dst));
-    _mm256_storeu_si256(dst, sum);
-  }
-}
-
-NBSMT_AVX2 void dense_gemm(int64_t kq, const uint8_t* a, int64_t lda, int64_t nrows,
-                           const uint8_t* panel, int nv, int32_t* c, int64_t ldc, bool first) {
-  const int64_t row_bytes = static_cast<int64_t>(nv) * 64;
-  for (int64_t g = 0; g < 2 * nv; ++g) {  // groups of 8 columns
-    const uint8_t* pg = panel + g * 32;
-    int32_t* cg = c + g * 8;
-    int64_t r = 0;
-    for (; r + 4 <= nrows; r += 4) dense_micro<4>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first);
-    for (; r < nrows; ++r) dense_micro<1>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first);
-  }
 }
 
 // ---- gather -----------------------------------------------------------------
@@ -300,6 +313,7 @@ NBSMT_AVX2 void avx2_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int
 
 const Backend& avx2_backend() {
   static const Backend be{Isa::kAvx2,
+                          true,
                           dense_transform,
                           generic_dense_weight_row,
                           dense_gemm,

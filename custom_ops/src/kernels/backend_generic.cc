@@ -35,6 +35,18 @@ int32_t generic_dense_weight_row(const Plan& plan, int64_t b, const int8_t* w, i
   const int64_t seg = plan.seg_bytes(b);
   const int64_t n = T * plan.block_len(b);
   uint32_t corr = 0;
+  if (plan.wide) {  // int16 elements, no offsets
+    for (int term = 0; term < plan.nterms; ++term) {
+      int8_t* dst = out + term * seg;
+      for (int64_t l = 0; l < seg / 2; ++l) {
+        const int16_t v = l < n ? static_cast<int16_t>(
+                                      dense_w_value(plan, term, w[l], T == 2 ? w[l ^ 1] : 0))
+                                : int16_t{0};
+        std::memcpy(dst + 2 * l, &v, 2);
+      }
+    }
+    return 0;
+  }
   for (int term = 0; term < plan.nterms; ++term) {
     int8_t* dst = out + term * seg;
     for (int64_t l = 0; l < n; ++l) {
@@ -196,6 +208,7 @@ void generic_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t col
 
 const Backend& generic_backend() {
   static const Backend be{Isa::kGeneric,
+                          false,
                           dense_transform,
                           generic_dense_weight_row,
                           dense_gemm,

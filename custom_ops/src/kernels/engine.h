@@ -85,9 +85,13 @@ struct Plan {
   // Rows per task (a task is a row tile x a group of panels).
   int64_t rows_per_task = 0;
 
-  // Dense method.
+  // Dense method. Elements are u8 (x side) x s8 (w side) in groups of 4 per dword,
+  // or, with `wide` (the AVX2 backend), int16 x int16 in pairs per dword: every
+  // x-side value then fits as it is (no offsets) and the AVX2 kernel multiplies
+  // pairs with one vpmaddwd and no widening in the inner loop.
+  bool wide = false;
   int nterms = 1;
-  int x_offset[2] = {0, 0};                 // u8 offsets of the x-side terms
+  int x_offset[2] = {0, 0};                 // u8 offsets of the x-side terms (0 if wide)
   int64_t seg_bytes(int64_t b) const;       // bytes of one term in block b (multiple of 4)
   int64_t block_bytes(int64_t b) const { return nterms * seg_bytes(b); }
   int64_t max_block_bytes = 0;
@@ -100,7 +104,7 @@ struct Plan {
   int64_t slice_bytes() const { return block_steps * kGatherDwords * panel_nv * 16 * 4; }
 };
 
-Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M);
+Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M, bool wide);
 
 // Per-step w-side sums for the statistics (stats.cc).
 struct StatsSummary {
@@ -120,11 +124,14 @@ inline int changed_by_reduce(int v, bool is_signed) {
   return !(window || grid);
 }
 
+struct Backend;
+
 }  // namespace detail
 
 // The public opaque type (kernels.h).
 struct PreparedWeights {
   detail::Plan plan;
+  const detail::Backend* be = nullptr;  // the backend the bytes were laid out for
   std::vector<uint8_t> bytes;    // dense: [block][panel][kq][W][4]; gather: compact source
   std::vector<int32_t> colcorr;  // dense: M entries added to every output of column m
   std::vector<int8_t> w;         // the weights (M x K), for the statistics summary
@@ -159,6 +166,7 @@ inline int dense_w_value(const Plan& plan, int term, int w, int wp) {
 
 struct Backend {
   Isa isa;
+  bool wide_dense;  // dense method on int16 pairs (Plan::wide)
   // Dense x side: bytes of block b for rows [0, nrows) (row r at x + r * x_stride)
   // to a + r * lda.
   void (*dense_transform)(const Plan& plan, int64_t b, const int16_t* x, int64_t x_stride,

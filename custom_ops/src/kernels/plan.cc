@@ -38,10 +38,13 @@ int64_t Plan::block_len(int64_t b) const {
   return len < block_steps ? len : block_steps;
 }
 
-int64_t Plan::seg_bytes(int64_t b) const { return round_up(T * block_len(b), 4); }
+int64_t Plan::seg_bytes(int64_t b) const {
+  return wide ? round_up(T * block_len(b), 2) * 2 : round_up(T * block_len(b), 4);
+}
 
-Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M) {
+Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M, bool wide) {
   Plan plan;
+  plan.wide = wide && cfg.threads != 4;
   plan.cfg = cfg;
   plan.T = cfg.threads;
   plan.gather = cfg.threads == 4;
@@ -59,9 +62,11 @@ Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M) {
     plan.block_steps = round_up(ceil_div(std::max<int64_t>(steps, 1), nb), 8);
   } else {
     plan.nterms = plan.T == 1 ? 1 : 2;
-    plan.x_offset[0] = cfg.act_signed ? 128 : 0;
-    plan.x_offset[1] = cfg.reduce == Reduce::kActivations ? 16 : (cfg.act_signed ? 128 : 0);
-    const int64_t per_step = plan.nterms * plan.T;
+    if (!plan.wide) {
+      plan.x_offset[0] = cfg.act_signed ? 128 : 0;
+      plan.x_offset[1] = cfg.reduce == Reduce::kActivations ? 16 : (cfg.act_signed ? 128 : 0);
+    }
+    const int64_t per_step = plan.nterms * plan.T * (plan.wide ? 2 : 1);
     const int64_t target = std::max<int64_t>(32, kDenseBlockBytes / per_step / 32 * 32);
     const int64_t nb = std::max<int64_t>(1, ceil_div(steps, target));
     plan.block_steps = round_up(ceil_div(std::max<int64_t>(steps, 1), nb), 32);
@@ -277,7 +282,9 @@ std::shared_ptr<const PreparedWeights> prepare_weights(const SmtConfig& cfg, int
                                                        int64_t w_stride,
                                                        const Parallel& parallel) {
   auto pw = std::make_shared<PreparedWeights>();
-  pw->plan = detail::make_plan(cfg, steps, M);
+  const Backend* be = &detail::selected_backend();
+  pw->be = be;
+  pw->plan = detail::make_plan(cfg, steps, M, be->wide_dense);
   const Plan& plan = pw->plan;
   const int64_t K = plan.K;
   pw->w.resize(static_cast<size_t>(M * K));
@@ -288,7 +295,7 @@ std::shared_ptr<const PreparedWeights> prepare_weights(const SmtConfig& cfg, int
   } else {
     pw->bytes.assign(static_cast<size_t>(plan.b_bytes), 0);
   }
-  PrepareJob job{&detail::selected_backend(), pw.get(), pw->w.data(), K};
+  PrepareJob job{be, pw.get(), pw->w.data(), K};
   if (M > 0 && steps > 0) {
     parallel(
         [](void* data, size_t i) {
@@ -386,12 +393,21 @@ void dense_task(const Run& j, TaskScratch& scratch, const int16_t* x, int64_t xs
   const int64_t lda = plan.max_block_bytes;
   uint8_t* a = scratch.a.get<uint8_t>(rows * lda);
   int32_t* c = scratch.c.get<int32_t>(rows * ldc);
+  // int16 pairs at T = 1 are the packed rows themselves (every block even long).
+  const bool in_place = plan.wide && plan.T == 1 && plan.steps % 2 == 0;
   for (int64_t b = 0; b < plan.nblocks; ++b) {
-    j.be->dense_transform(plan, b, x, xs, rows, a, lda);
+    const uint8_t* ab = a;
+    int64_t ldab = lda;
+    if (in_place) {
+      ab = reinterpret_cast<const uint8_t*>(x + plan.block_step0(b));
+      ldab = xs * static_cast<int64_t>(sizeof(int16_t));
+    } else {
+      j.be->dense_transform(plan, b, x, xs, rows, a, lda);
+    }
     const int64_t bytes = plan.block_bytes(b);
     const uint8_t* block = j.pw->bytes.data() + plan.b_block_offset[b];
     for (int64_t p = pan0; p < pan1; ++p) {
-      j.be->dense_gemm(bytes / 4, a, lda, rows, block + bytes * plan.panel_col0(p),
+      j.be->dense_gemm(bytes / 4, ab, ldab, rows, block + bytes * plan.panel_col0(p),
                        plan.panel_vectors(p), c + (plan.panel_col0(p) - c0), ldc, b == 0);
     }
   }
@@ -489,7 +505,7 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
   }
   Run j{};
   j.pw = &pw;
-  j.be = &detail::selected_backend();
+  j.be = pw.be;  // the backend the weights were laid out for
   j.P = P;
   j.x = x;
   j.x_stride = x_stride;
