@@ -10,7 +10,11 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
+
+#include "nbsmt/pack.h"
 
 #define NBSMT_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
 #define NBSMT_AVX2_INLINE __attribute__((target("avx2,fma,bmi,bmi2,popcnt"), always_inline)) inline
@@ -234,6 +238,26 @@ NBSMT_AVX2 void gather_gemm(const GatherEntry* e, int64_t n, const uint8_t* slic
 
 }  // namespace
 
+// 8 x 8 int32 transpose: t[i] = row i -> u[j] = column j.
+NBSMT_AVX2_INLINE void transpose8x8(const __m256i* t, __m256i* u) {
+  const __m256i a0 = _mm256_unpacklo_epi32(t[0], t[1]), a1 = _mm256_unpackhi_epi32(t[0], t[1]);
+  const __m256i a2 = _mm256_unpacklo_epi32(t[2], t[3]), a3 = _mm256_unpackhi_epi32(t[2], t[3]);
+  const __m256i a4 = _mm256_unpacklo_epi32(t[4], t[5]), a5 = _mm256_unpackhi_epi32(t[4], t[5]);
+  const __m256i a6 = _mm256_unpacklo_epi32(t[6], t[7]), a7 = _mm256_unpackhi_epi32(t[6], t[7]);
+  const __m256i b0 = _mm256_unpacklo_epi64(a0, a2), b1 = _mm256_unpackhi_epi64(a0, a2);
+  const __m256i b2 = _mm256_unpacklo_epi64(a1, a3), b3 = _mm256_unpackhi_epi64(a1, a3);
+  const __m256i b4 = _mm256_unpacklo_epi64(a4, a6), b5 = _mm256_unpackhi_epi64(a4, a6);
+  const __m256i b6 = _mm256_unpacklo_epi64(a5, a7), b7 = _mm256_unpackhi_epi64(a5, a7);
+  u[0] = _mm256_permute2x128_si256(b0, b4, 0x20);
+  u[1] = _mm256_permute2x128_si256(b1, b5, 0x20);
+  u[2] = _mm256_permute2x128_si256(b2, b6, 0x20);
+  u[3] = _mm256_permute2x128_si256(b3, b7, 0x20);
+  u[4] = _mm256_permute2x128_si256(b0, b4, 0x31);
+  u[5] = _mm256_permute2x128_si256(b1, b5, 0x31);
+  u[6] = _mm256_permute2x128_si256(b2, b6, 0x31);
+  u[7] = _mm256_permute2x128_si256(b3, b7, 0x31);
+}
+
 // 8 x 8 blocks: rows r..r+7 of columns m..m+7 are loaded as 8 row vectors and,
 // for a channel-major output (row_stride 1), transposed so that each column's 8
 // rows are one contiguous store. Tails go through the portable code.
@@ -271,24 +295,8 @@ NBSMT_AVX2 void avx2_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int
       for (int i = 0; i < 8; ++i) {
         t[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + (r + i) * ldc + m));
       }
-      // 8 x 8 int32 transpose: t[i] = row i -> u[j] = column j (rows r..r+7).
-      const __m256i a0 = _mm256_unpacklo_epi32(t[0], t[1]), a1 = _mm256_unpackhi_epi32(t[0], t[1]);
-      const __m256i a2 = _mm256_unpacklo_epi32(t[2], t[3]), a3 = _mm256_unpackhi_epi32(t[2], t[3]);
-      const __m256i a4 = _mm256_unpacklo_epi32(t[4], t[5]), a5 = _mm256_unpackhi_epi32(t[4], t[5]);
-      const __m256i a6 = _mm256_unpacklo_epi32(t[6], t[7]), a7 = _mm256_unpackhi_epi32(t[6], t[7]);
-      const __m256i b0 = _mm256_unpacklo_epi64(a0, a2), b1 = _mm256_unpackhi_epi64(a0, a2);
-      const __m256i b2 = _mm256_unpacklo_epi64(a1, a3), b3 = _mm256_unpackhi_epi64(a1, a3);
-      const __m256i b4 = _mm256_unpacklo_epi64(a4, a6), b5 = _mm256_unpackhi_epi64(a4, a6);
-      const __m256i b6 = _mm256_unpacklo_epi64(a5, a7), b7 = _mm256_unpackhi_epi64(a5, a7);
       __m256i u[8];
-      u[0] = _mm256_permute2x128_si256(b0, b4, 0x20);
-      u[1] = _mm256_permute2x128_si256(b1, b5, 0x20);
-      u[2] = _mm256_permute2x128_si256(b2, b6, 0x20);
-      u[3] = _mm256_permute2x128_si256(b3, b7, 0x20);
-      u[4] = _mm256_permute2x128_si256(b0, b4, 0x31);
-      u[5] = _mm256_permute2x128_si256(b1, b5, 0x31);
-      u[6] = _mm256_permute2x128_si256(b2, b6, 0x31);
-      u[7] = _mm256_permute2x128_si256(b3, b7, 0x31);
+      transpose8x8(t, u);
       for (int j = 0; j < 8; ++j) {
         const int64_t mm = m + j;
         const __m256i acc = _mm256_add_epi32(_mm256_add_epi32(u[j], _mm256_set1_epi32(colcorr[mm])), rc);
@@ -308,6 +316,62 @@ NBSMT_AVX2 void avx2_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int
     generic_float_tile(c + r8 * ldc, ldc, rows - r8, cols, colcorr,
                        rowcorr != nullptr ? rowcorr + r8 : nullptr, scale, bias,
                        y + r8 * row_stride, row_stride, col_stride);
+  }
+}
+
+// quantize_image (pack.h): the pixel's entries are made 8 at a time. The 8
+// channels (or none: an entry without a channel stays 0) of 8 consecutive
+// entries are quantized for 8 pixels (float32 division, NaN -> 0, clip, round
+// half to even by vcvtps2dq in the default rounding mode), transposed, and
+// stored as 8 int16 per pixel. Pixel tails go through quantize_activation.
+NBSMT_AVX2 void avx2_quantize_image(const Im2Col& plan, const float* x, int64_t s0, int64_t s1,
+                                    float scale, bool act_signed, int16_t* xq) {
+  const int64_t C = static_cast<int64_t>(plan.channel_pos.size());
+  const int64_t S = plan.geo.in_size();
+  const int64_t ps = plan.pixel_stride;
+  std::vector<int64_t> channel_at(static_cast<size_t>(ps), -1);  // entry -> channel
+  for (int64_t c = 0; c < C; ++c) channel_at[plan.channel_pos[c]] = c;
+  const __m256 sv = _mm256_set1_ps(scale);
+  const __m256 lo = _mm256_set1_ps(act_signed ? -127.0f : 0.0f);
+  const __m256 hi = _mm256_set1_ps(act_signed ? 127.0f : 255.0f);
+  const int64_t s8 = s0 + (s1 - s0) / 8 * 8;
+  alignas(16) int16_t part[8];
+  for (int64_t e0 = 0; e0 < ps; e0 += 8) {
+    const int ne = static_cast<int>(std::min<int64_t>(8, ps - e0));
+    const int64_t* ch = channel_at.data() + e0;
+    bool any = false;
+    for (int j = 0; j < ne; ++j) any |= ch[j] >= 0;
+    if (!any) continue;  // entries without channels: already 0
+    for (int64_t s = s0; s < s8; s += 8) {
+      __m256i t[8], u[8];
+      for (int j = 0; j < 8; ++j) {
+        if (j >= ne || ch[j] < 0) {
+          t[j] = _mm256_setzero_si256();
+          continue;
+        }
+        __m256 q = _mm256_div_ps(_mm256_loadu_ps(x + ch[j] * S + s), sv);
+        q = _mm256_and_ps(q, _mm256_cmp_ps(q, q, _CMP_ORD_Q));  // NaN -> 0
+        t[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi));
+      }
+      transpose8x8(t, u);
+      for (int i = 0; i < 8; ++i) {
+        const __m128i v = _mm_packs_epi32(_mm256_castsi256_si128(u[i]),
+                                          _mm256_extracti128_si256(u[i], 1));
+        int16_t* dst = xq + (s + i) * ps + e0;
+        if (ne == 8) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), v);
+        } else {
+          _mm_store_si128(reinterpret_cast<__m128i*>(part), v);
+          std::memcpy(dst, part, static_cast<size_t>(ne) * sizeof(int16_t));
+        }
+      }
+    }
+    for (int j = 0; j < ne; ++j) {
+      if (ch[j] < 0) continue;
+      for (int64_t s = s8; s < s1; ++s) {
+        xq[s * ps + e0 + j] = quantize_activation(x[ch[j] * S + s], scale, act_signed);
+      }
+    }
   }
 }
 

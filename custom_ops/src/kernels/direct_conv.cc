@@ -229,11 +229,10 @@ Isa pick_isa() {
   return {detail::dc_quantize_generic, detail::dc_reduce_generic, detail::dc_channel_generic};
 }
 
-// Fills phase plane `ph` of one channel. Stride 1 along the last axis: quantizes
-// the runs of x (the channel's [in] floats) straight into the plane; otherwise
-// copies them from q (the channel already quantized, [in] floats).
-void fill_plane(const ConvGeometry& geo, const Planes& p, int64_t ph, const float* x,
-                const float* q, float scale, bool sgn, QuantizeFn quantize, float* out) {
+// Fills phase plane `ph` of one channel from q, the channel's [in] activations
+// already quantized (zero outside the image).
+void fill_plane(const ConvGeometry& geo, const Planes& p, int64_t ph, const float* q,
+                float* out) {
   const int64_t b[3] = {ph / (p.s[1] * p.s[2]), (ph / p.s[2]) % p.s[1], ph % p.s[2]};
   const int64_t s2 = p.s[2], q2 = p.q[2];
   // Valid i2: 0 <= i2 * s2 + b2 - pb2 < in2.
@@ -252,11 +251,11 @@ void fill_plane(const ConvGeometry& geo, const Planes& p, int64_t ph, const floa
         continue;
       }
       std::fill(row, row + lo, 0.0f);
-      const int64_t src = (j0 * geo.in[1] + j1) * geo.in[2] + lo * s2 + first;
+      const float* src = q + (j0 * geo.in[1] + j1) * geo.in[2] + lo * s2 + first;
       if (s2 == 1) {
-        quantize(x + src, hi - lo, 1, scale, sgn, row + lo);
+        std::memcpy(row + lo, src, static_cast<size_t>(hi - lo) * sizeof(float));
       } else {
-        for (int64_t i = lo; i < hi; ++i) row[i] = q[src + (i - lo) * s2];
+        for (int64_t i = lo; i < hi; ++i) row[i] = src[(i - lo) * s2];
       }
       std::fill(row + hi, row + q2, 0.0f);
     }
@@ -288,16 +287,14 @@ void quantize_task(const Job& j, int64_t task) {
   const Planes& p = *j.planes;
   const int64_t in = j.geo->in_size();
   const bool sgn = j.w->cfg.act_signed;
-  const float* xc = j.x + (img * j.C + c) * in;
-  std::vector<float> q;
-  if (p.s[2] > 1) {  // strided runs: quantize the channel once, contiguously
-    q.resize(static_cast<size_t>(in));
-    j.isa.quantize(xc, in, 1, j.x_scale, sgn, q.data());
-  }
+  // The channel quantized once, contiguously, then laid out into its phase planes.
+  thread_local std::vector<float> q;
+  if (q.size() < static_cast<size_t>(in)) q.resize(static_cast<size_t>(in));
+  j.isa.quantize(j.x + (img * j.C + c) * in, in, 1, j.x_scale, sgn, q.data());
   for (int64_t ph = 0; ph < p.nph; ++ph) {
     if (!p.used[ph]) continue;
     float* plane = j.buf + img * j.image_floats + (c * p.nph + ph) * p.size;
-    fill_plane(*j.geo, p, ph, xc, q.data(), j.x_scale, sgn, j.isa.quantize, plane);
+    fill_plane(*j.geo, p, ph, q.data(), plane);
     if (j.need_reduced) j.isa.reduce(plane, p.size, sgn, plane + j.reduced_delta);
   }
 }

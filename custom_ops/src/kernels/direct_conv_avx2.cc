@@ -126,7 +126,15 @@ NBSMT_DC_AVX2 void dc_quantize_avx2(const float* x, int64_t n, int64_t stride, f
     q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
     _mm256_storeu_ps(out + i, _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  if (i < n) dc_quantize_generic(x + i, n - i, 1, scale, sgn, out + i);
+  if (i < n) {  // masked lanes read 0 (quantized to 0) and are not stored
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 q = _mm256_div_ps(_mm256_maskload_ps(x + i, mask), s);
+    q = _mm256_and_ps(q, _mm256_cmp_ps(q, q, _CMP_ORD_Q));
+    q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+    _mm256_maskstore_ps(out + i, mask,
+                        _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
 }
 
 NBSMT_DC_AVX2 void dc_reduce_avx2(const float* q, int64_t n, bool sgn, float* out) {

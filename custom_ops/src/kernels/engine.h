@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "nbsmt/kernels.h"
+#include "nbsmt/pack.h"
 
 namespace nbsmt {
 namespace detail {
@@ -209,6 +210,8 @@ void generic_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t col
                         const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
                         const float* bias, float* y, int64_t row_stride, int64_t col_stride);
 #if defined(__x86_64__) || defined(_M_X64)
+void avx2_quantize_image(const Im2Col& plan, const float* x, int64_t s0, int64_t s1, float scale,
+                         bool act_signed, int16_t* xq);
 void avx2_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
                      const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
                      const float* bias, float* y, int64_t row_stride, int64_t col_stride);

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "engine.h"
 #include "nbsmt/kernels.h"
 
 namespace nbsmt {
@@ -169,6 +170,12 @@ Im2Col make_im2col(const ConvGeometry& geo, const PackLayout& layout, int64_t ch
 
 void quantize_image(const Im2Col& plan, const float* x, int64_t s0, int64_t s1, float scale,
                     bool act_signed, int16_t* xq) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (detail::selected_backend().isa != detail::Isa::kGeneric) {
+    detail::avx2_quantize_image(plan, x, s0, s1, scale, act_signed, xq);
+    return;
+  }
+#endif
   const int64_t C = static_cast<int64_t>(plan.channel_pos.size());
   const int64_t S = plan.geo.in_size();
   const int64_t ps = plan.pixel_stride;
