@@ -152,6 +152,109 @@ NBSMT_AVX2_INLINE __m256i finish8(__m256i lo, __m256i hi) {
 
 // ---- gather -----------------------------------------------------------------
 
+// int16 lanes -> bytes (truncating), 16 lanes -> 16 bytes.
+NBSMT_AVX2_INLINE __m128i to_bytes(__m256i v) {
+  const __m256i lowbytes = _mm256_and_si256(v, _mm256_set1_epi16(0xff));
+  return _mm_packus_epi16(_mm256_castsi256_si128(lowbytes), _mm256_extracti128_si256(lowbytes, 1));
+}
+
+// Per x-side pattern pi: the pshufb control that compacts a step's bytes
+// [x0 x1 x2 x3 r0 r1 r2 r3] (r = R(x)) into its one or two entry dwords (engine.h:
+// x byte of the j-th active slot at j, its R(x) byte at 2 + j or 4 + j).
+struct EntryControls {
+  alignas(16) uint64_t ctrl[16];
+};
+
+const EntryControls& entry_controls() {
+  static const EntryControls controls = [] {
+    EntryControls l{};
+    for (int pi = 0; pi < 16; ++pi) {
+      uint8_t c[8];
+      for (int i = 0; i < 8; ++i) c[i] = 0x80;
+      int slots[4], ns = 0;
+      for (int t = 0; t < 4; ++t) {
+        if (pi >> t & 1) slots[ns++] = t;
+      }
+      for (int j = 0; j < ns; ++j) {
+        c[j] = static_cast<uint8_t>(slots[j]);
+        c[(ns <= 2 ? 2 : 4) + j] = static_cast<uint8_t>(4 + slots[j]);
+      }
+      std::memcpy(&l.ctrl[pi], c, 8);
+    }
+    return l;
+  }();
+  return controls;
+}
+
+// The entries of one row for the steps of block b, 4 steps (16 slots) per vector:
+// non-zero pattern from a compare mask, x and R(x) bytes compacted per step by
+// pshufb, entries written in step order (as the portable code does).
+NBSMT_AVX2 int64_t gather_entries(const Plan& plan, int64_t b, const int16_t* x, GatherEntry* out,
+                                  int32_t* byte_sum) {
+  const bool sgn = plan.cfg.act_signed;
+  const int64_t s0 = plan.block_step0(b);
+  const int64_t len = plan.block_len(b);
+  const uint64_t* ctrl = entry_controls().ctrl;
+  const int16_t* xs = x + s0 * 4;
+  const __m256i zero = _mm256_setzero_si256(), ones16 = _mm256_set1_epi16(1);
+  __m256i sumv = zero;
+  alignas(32) int16_t tail[16];
+  alignas(16) uint64_t packed[4];
+  int64_t n = 0;
+  for (int64_t i = 0; i < len; i += 4) {
+    __m256i v;
+    if (i + 4 <= len) {
+      v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + 4 * i));
+    } else {
+      for (int l = 0; l < 16; ++l) tail[l] = l < 4 * (len - i) ? xs[4 * i + l] : 0;
+      v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    }
+    // Two mask bits per int16 slot; set where the slot is non-zero.
+    const uint32_t nzm = ~static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi16(v, zero)));
+    if (nzm == 0) continue;
+    const __m256i rv = reduce16(v, sgn);
+    if (sgn) sumv = _mm256_add_epi32(sumv, _mm256_madd_epi16(_mm256_add_epi16(v, rv), ones16));
+    const __m128i xb = to_bytes(v), rb = to_bytes(rv);
+    int pi[4];
+    for (int st = 0; st < 4; ++st) {
+      const uint32_t m = (nzm >> (8 * st)) & 0x55u;
+      pi[st] = static_cast<int>((m & 1u) | ((m >> 1) & 2u) | ((m >> 2) & 4u) | ((m >> 3) & 8u));
+    }
+    // Step pairs as qwords (x dword, R(x) dword); pshufb indexes the whole
+    // 16 bytes, so the second step's control points 8 bytes further.
+    const __m128i q01 = _mm_unpacklo_epi32(xb, rb), q23 = _mm_unpackhi_epi32(xb, rb);
+    const __m128i second = _mm_set_epi64x(0x0808080808080808ll, 0);
+    const auto control = [&](int a, int b2) {
+      return _mm_add_epi8(_mm_set_epi64x(static_cast<int64_t>(ctrl[b2]), static_cast<int64_t>(ctrl[a])),
+                          second);
+    };
+    _mm_store_si128(reinterpret_cast<__m128i*>(packed), _mm_shuffle_epi8(q01, control(pi[0], pi[1])));
+    _mm_store_si128(reinterpret_cast<__m128i*>(packed + 2),
+                    _mm_shuffle_epi8(q23, control(pi[2], pi[3])));
+    for (int st = 0; st < 4; ++st) {
+      const int p = pi[st];
+      if (p == 0) continue;
+      const auto index = static_cast<int32_t>((i + st) * kGatherDwords + kGatherBase[p]);
+      out[n].index = index;
+      out[n].bytes = static_cast<int32_t>(static_cast<uint32_t>(packed[st]));
+      ++n;
+      if (kGatherCount[p] == 2) {
+        out[n].index = index + 1;
+        out[n].bytes = static_cast<int32_t>(static_cast<uint32_t>(packed[st] >> 32));
+        ++n;
+      }
+    }
+  }
+  if (sgn) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sumv);
+    uint32_t total = 0;
+    for (int l = 0; l < 8; ++l) total += static_cast<uint32_t>(lanes[l]);
+    *byte_sum = static_cast<int32_t>(static_cast<uint32_t>(*byte_sum) + total);
+  }
+  return n;
+}
+
 // Dword lanes picked from a 16-entry table by bw (0..15) in every lane.
 NBSMT_AVX2_INLINE __m256i lookup16(const uint32_t* table, __m256i bw, __m256i high) {
   const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(table)), bw);
@@ -382,7 +485,7 @@ const Backend& avx2_backend() {
                           generic_dense_weight_row,
                           dense_gemm,
                           generic_gather_weight_column,
-                          generic_gather_entries,
+                          gather_entries,
                           gather_expand,
                           gather_gemm,
                           generic_stats_rows,
