@@ -83,6 +83,31 @@ NBSMT_AVX2 void dense_transform(const Plan& plan, int64_t b, const int16_t* x, i
   }
 }
 
+}  // namespace
+
+// correction_operands (kernels.h), 16 slots per vector (n even: pairs never split).
+NBSMT_AVX2 void avx2_correction_operands(const SmtConfig& cfg, const int16_t* x, int64_t n,
+                                         int16_t* out) {
+  const bool sgn = cfg.act_signed;
+  const bool act = cfg.reduce == Reduce::kActivations;
+  const __m256i zero = _mm256_setzero_si256();
+  int64_t l = 0;
+  for (; l + 16 <= n; l += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + l));
+    const __m256i vp = _mm256_or_si256(_mm256_slli_epi32(v, 16), _mm256_srli_epi32(v, 16));
+    const __m256i pnz = _mm256_xor_si256(_mm256_cmpeq_epi16(vp, zero), _mm256_set1_epi16(-1));
+    const __m256i t1 = act ? _mm256_sub_epi16(reduce16(v, sgn), v) : v;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + l), _mm256_and_si256(t1, pnz));
+  }
+  for (; l < n; ++l) {
+    const int v = x[l];
+    const int value = act ? (sgn ? reduce_signed(v) : reduce_unsigned(v)) - v : v;
+    out[l] = static_cast<int16_t>(x[l ^ 1] != 0 ? value : 0);
+  }
+}
+
+namespace {
+
 // MR rows x 16 columns: per dword q, two vectors of 8 columns x (w_k, w_k+1) and
 // one broadcast (x_k, x_k+1) per row; vpmaddwd gives the pair sums per column.
 template <int MR>
@@ -130,6 +155,65 @@ NBSMT_AVX2 void dense_gemm(int64_t kq, const uint8_t* a, int64_t lda, int64_t nr
       case 3: dense_micro<3>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first); break;
       case 2: dense_micro<2>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first); break;
       case 1: dense_micro<1>(kq, a + r * lda, lda, pg, row_bytes, cg + r * ldc, ldc, first); break;
+      default: break;
+    }
+  }
+}
+
+// dense_micro with rows given as runs (Backend::dense_gemm_runs): the same
+// arithmetic, the x pairs read in place from each row's runs.
+template <int MR>
+NBSMT_AVX2 void runs_micro(int nterms, int64_t runs, int64_t kq_run, const int16_t* const* ptrs,
+                           int64_t term1_offset, const uint8_t* panel, int64_t row_bytes,
+                           int32_t* c, int64_t ldc) {
+  __m256i lo[MR], hi[MR];
+  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+  const uint8_t* b = panel;
+  for (int t = 0; t < nterms; ++t) {
+    for (int64_t k = 0; k < runs; ++k) {
+      const int16_t* a[MR];
+      for (int r = 0; r < MR; ++r) a[r] = ptrs[r * runs + k] + t * term1_offset;
+      for (int64_t q = 0; q < kq_run; ++q, b += row_bytes) {
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
+        for (int r = 0; r < MR; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, a[r] + 2 * q, 4);
+          const __m256i av = _mm256_set1_epi32(pair);
+          lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(av, b0));
+          hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(av, b1));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    __m256i* dst = reinterpret_cast<__m256i*>(c + r * ldc);
+    _mm256_storeu_si256(dst, lo[r]);
+    _mm256_storeu_si256(dst + 1, hi[r]);
+  }
+}
+
+NBSMT_AVX2 void dense_gemm_runs(int nterms, int64_t runs, int64_t kq_run,
+                                const int16_t* const* ptrs, int64_t term1_offset, int64_t nrows,
+                                const uint8_t* panel, int nv, int32_t* c, int64_t ldc) {
+  const int64_t row_bytes = static_cast<int64_t>(nv) * 64;
+  for (int64_t g = 0; g < nv; ++g) {
+    const uint8_t* pg = panel + g * 64;
+    int32_t* cg = c + g * 16;
+    int64_t r = 0;
+    for (; r + 6 <= nrows; r += 6) {
+      runs_micro<6>(nterms, runs, kq_run, ptrs + r * runs, term1_offset, pg, row_bytes,
+                    cg + r * ldc, ldc);
+    }
+    const int64_t left = nrows - r;
+    const int16_t* const* pr = ptrs + r * runs;
+    int32_t* cr = cg + r * ldc;
+    switch (left) {
+      case 5: runs_micro<5>(nterms, runs, kq_run, pr, term1_offset, pg, row_bytes, cr, ldc); break;
+      case 4: runs_micro<4>(nterms, runs, kq_run, pr, term1_offset, pg, row_bytes, cr, ldc); break;
+      case 3: runs_micro<3>(nterms, runs, kq_run, pr, term1_offset, pg, row_bytes, cr, ldc); break;
+      case 2: runs_micro<2>(nterms, runs, kq_run, pr, term1_offset, pg, row_bytes, cr, ldc); break;
+      case 1: runs_micro<1>(nterms, runs, kq_run, pr, term1_offset, pg, row_bytes, cr, ldc); break;
       default: break;
     }
   }
@@ -489,7 +573,8 @@ const Backend& avx2_backend() {
                           gather_expand,
                           gather_gemm,
                           generic_stats_rows,
-                          avx2_float_tile};
+                          avx2_float_tile,
+                          dense_gemm_runs};
   return be;
 }
 

@@ -491,7 +491,7 @@ const Backend& avx512_backend() {
   static const Backend be{Isa::kAvx512,        false,        dense_transform, dense_weight_row,
                           dense_gemm,          gather_weight_column, gather_entries,
                           gather_expand,       gather_gemm,      stats_rows,
-                          avx2_float_tile};
+                          avx2_float_tile,     nullptr};
   return be;
 }
 

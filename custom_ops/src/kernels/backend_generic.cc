@@ -217,7 +217,8 @@ const Backend& generic_backend() {
                           gather_expand,
                           gather_gemm,
                           generic_stats_rows,
-                          generic_float_tile};
+                          generic_float_tile,
+                          nullptr};
   return be;
 }
 

@@ -203,6 +203,13 @@ struct Backend {
   void (*float_tile)(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
                      const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
                      const float* bias, float* y, int64_t row_stride, int64_t col_stride);
+  // Wide dense method, one block, rows as runs (RunSource): c[r][0 .. 16*nv) =
+  // sum over terms t < nterms, runs k, dwords q < kq_run of the pair at
+  // ptrs[r * runs + k] + t * term1_offset + 2q times panel row
+  // (t * runs + k) * kq_run + q. Null if the backend has no such kernel.
+  void (*dense_gemm_runs)(int nterms, int64_t runs, int64_t kq_run, const int16_t* const* ptrs,
+                          int64_t term1_offset, int64_t nrows, const uint8_t* panel, int nv,
+                          int32_t* c, int64_t ldc);
 };
 
 // Portable float_tile; the AVX2 one is also used by the AVX-512 backend.
@@ -210,6 +217,7 @@ void generic_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t col
                         const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
                         const float* bias, float* y, int64_t row_stride, int64_t col_stride);
 #if defined(__x86_64__) || defined(_M_X64)
+void avx2_correction_operands(const SmtConfig& cfg, const int16_t* x, int64_t n, int16_t* out);
 void avx2_quantize_image(const Im2Col& plan, const float* x, int64_t s0, int64_t s1, float scale,
                          bool act_signed, int16_t* xq);
 void avx2_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,

@@ -67,7 +67,9 @@ Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M, bool wide) {
       plan.x_offset[1] = cfg.reduce == Reduce::kActivations ? 16 : (cfg.act_signed ? 128 : 0);
     }
     const int64_t per_step = plan.nterms * plan.T * (plan.wide ? 2 : 1);
-    const int64_t target = std::max<int64_t>(32, kDenseBlockBytes / per_step / 32 * 32);
+    // int16 blocks twice as many bytes: the same steps per block as the u8 layout.
+    const int64_t block_bytes = plan.wide ? 2 * kDenseBlockBytes : kDenseBlockBytes;
+    const int64_t target = std::max<int64_t>(32, block_bytes / per_step / 32 * 32);
     const int64_t nb = std::max<int64_t>(1, ceil_div(steps, target));
     plan.block_steps = round_up(ceil_div(std::max<int64_t>(steps, 1), nb), 32);
   }
@@ -329,6 +331,7 @@ struct Run {
   const int16_t* x;
   int64_t x_stride;
   const RowSource* source;
+  const RunSource* runs;  // non-null: rows read in place (dense_gemm_runs)
   int32_t* acc;
   int64_t ars, acs;
   const FloatOutput* fout;  // non-null: float outputs instead of acc
@@ -414,6 +417,27 @@ void dense_task(const Run& j, TaskScratch& scratch, const int16_t* x, int64_t xs
   store_tile(j, p0, rows, c0, std::min(c1, plan.M), c, ldc, nullptr);
 }
 
+// Rows read in place from their runs (RunSource): one block, no transform.
+void runs_task(const Run& j, TaskScratch& scratch, int64_t p0, int64_t rows, int64_t pan0,
+               int64_t pan1) {
+  const Plan& plan = j.pw->plan;
+  const RunSource& src = *j.runs;
+  const int64_t c0 = plan.panel_col0(pan0);
+  const int64_t c1 = std::min(plan.panel_col0(pan1), plan.mpad16);
+  const int64_t ldc = c1 - c0;
+  const auto** ptrs = scratch.a.get<const int16_t*>(rows * src.runs);
+  int32_t* c = scratch.c.get<int32_t>(rows * ldc);
+  src.fill(src.ctx, p0, p0 + rows, ptrs);
+  const int64_t bytes = plan.block_bytes(0);
+  const uint8_t* block = j.pw->bytes.data() + plan.b_block_offset[0];
+  for (int64_t p = pan0; p < pan1; ++p) {
+    j.be->dense_gemm_runs(plan.nterms, src.runs, src.run_length / 2, ptrs, src.term1_offset,
+                          rows, block + bytes * plan.panel_col0(p), plan.panel_vectors(p),
+                          c + (plan.panel_col0(p) - c0), ldc);
+  }
+  store_tile(j, p0, rows, c0, std::min(c1, plan.M), c, ldc, nullptr);
+}
+
 void gather_task(const Run& j, TaskScratch& scratch, const int16_t* x, int64_t xs, int64_t p0,
                  int64_t rows, int64_t pan0, int64_t pan1) {
   const Plan& plan = j.pw->plan;
@@ -461,6 +485,11 @@ void run_task(const Run& j, int64_t task) {
   const int64_t pan0 = ct * j.panels_per_task;
   const int64_t pan1 = std::min(pan0 + j.panels_per_task, plan.npanels);
   TaskScratch* scratch = j.pool->acquire();
+  if (j.runs != nullptr) {
+    runs_task(j, *scratch, p0, rows, pan0, pan1);
+    j.pool->release(scratch);
+    return;
+  }
   const int16_t* x = j.x + p0 * j.x_stride;
   int64_t xs = j.x_stride;
   if (j.source != nullptr) {
@@ -484,8 +513,8 @@ void run_task(const Run& j, int64_t task) {
 }
 
 void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_stride,
-         const RowSource* source, int32_t* acc, int64_t ars, int64_t acs,
-         const FloatOutput* fout, SmtStats* stats, const Parallel& parallel) {
+         const RowSource* source, const RunSource* runs, int32_t* acc, int64_t ars,
+         int64_t acs, const FloatOutput* fout, SmtStats* stats, const Parallel& parallel) {
   const Plan& plan = pw.plan;
   if (P <= 0 || plan.M <= 0) return;
   if (plan.steps <= 0) {
@@ -510,6 +539,12 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
   j.x = x;
   j.x_stride = x_stride;
   j.source = source;
+  // Runs are read in place only by a backend with that kernel, for the dense
+  // method in one block, without statistics (stats_rows reads whole rows).
+  const bool in_place = runs != nullptr && stats == nullptr && reads_runs(pw, runs->run_length) &&
+                        runs->runs * runs->run_length == plan.K &&
+                        (plan.T == 1 || runs->term1_offset != 0);
+  j.runs = in_place ? runs : nullptr;
   j.acc = acc;
   j.ars = ars;
   j.acs = acs;
@@ -526,7 +561,7 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
     rows = std::max<int64_t>(std::min<int64_t>(P, plan.gather ? 256 : 8),
                              round_up(ceil_div(P, want_row_tasks), 8));
   }
-  if (source != nullptr) {
+  if (source != nullptr && j.runs == nullptr) {
     // Rows made by a RowSource live in a per-task buffer: bound it for long rows.
     constexpr int64_t kRowBufferBytes = int64_t{8} << 20;
     const int64_t row_bytes = plan.K * static_cast<int64_t>(sizeof(int16_t));
@@ -561,23 +596,54 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
 void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, int64_t x_stride,
                          int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
                          SmtStats* stats, const Parallel& parallel) {
-  run(w, P, x, x_stride, nullptr, acc, acc_row_stride, acc_col_stride, nullptr, stats, parallel);
+  run(w, P, x, x_stride, nullptr, nullptr, acc, acc_row_stride, acc_col_stride, nullptr, stats,
+      parallel);
 }
 
 void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
                          int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
                          SmtStats* stats, const Parallel& parallel) {
-  run(w, P, nullptr, 0, &rows, acc, acc_row_stride, acc_col_stride, nullptr, stats, parallel);
+  run(w, P, nullptr, 0, &rows, nullptr, acc, acc_row_stride, acc_col_stride, nullptr, stats,
+      parallel);
 }
 
 void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, int64_t x_stride,
                          const FloatOutput& out, SmtStats* stats, const Parallel& parallel) {
-  run(w, P, x, x_stride, nullptr, nullptr, 0, 0, &out, stats, parallel);
+  run(w, P, x, x_stride, nullptr, nullptr, nullptr, 0, 0, &out, stats, parallel);
 }
 
 void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
                          const FloatOutput& out, SmtStats* stats, const Parallel& parallel) {
-  run(w, P, nullptr, 0, &rows, nullptr, 0, 0, &out, stats, parallel);
+  run(w, P, nullptr, 0, &rows, nullptr, nullptr, 0, 0, &out, stats, parallel);
+}
+
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
+                         const RunSource& runs, const FloatOutput& out, SmtStats* stats,
+                         const Parallel& parallel) {
+  run(w, P, nullptr, 0, &rows, &runs, nullptr, 0, 0, &out, stats, parallel);
+}
+
+bool reads_runs(const PreparedWeights& w, int64_t run_length) {
+  const Plan& plan = w.plan;
+  return w.be != nullptr && w.be->dense_gemm_runs != nullptr && plan.wide && !plan.gather &&
+         plan.nblocks == 1 && run_length > 0 && run_length % 2 == 0 &&
+         plan.K % run_length == 0 && plan.seg_bytes(0) == plan.K * 2;
+}
+
+void correction_operands(const SmtConfig& cfg, const int16_t* x, int64_t n, int16_t* out) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (detail::selected_backend().isa != detail::Isa::kGeneric) {
+    detail::avx2_correction_operands(cfg, x, n, out);
+    return;
+  }
+#endif
+  const bool act = cfg.reduce == Reduce::kActivations;
+  for (int64_t i = 0; i < n; ++i) {
+    const int v = x[i];
+    const int partner = x[i ^ 1];
+    const int value = act ? (cfg.act_signed ? reduce_signed(v) : reduce_unsigned(v)) - v : v;
+    out[i] = static_cast<int16_t>(partner != 0 ? value : 0);
+  }
 }
 
 void accumulate(const SmtConfig& cfg, int64_t P, int64_t M, int64_t steps,

@@ -60,6 +60,44 @@ struct Im2ColSource {
   }
 };
 
+// The same rows as runs read in place (RunSource, kernels.h): run k of row r is
+// group g's entries of the input pixel under kernel position k, or a zero run
+// where that position is in the padding.
+struct Im2ColRuns {
+  const Im2Col* plan;
+  const int16_t* xq;    // the chunk's images, image_entries each
+  const int16_t* zero;  // run_length zeros (and zeros at + term1_offset)
+  int64_t image_entries, P, group;
+
+  static void fill(void* ctx, int64_t r0, int64_t r1, const int16_t** out) {
+    const auto& s = *static_cast<const Im2ColRuns*>(ctx);
+    const ConvGeometry& geo = s.plan->geo;
+    const int64_t ps = s.plan->pixel_stride, gw = s.plan->group_width;
+    const int64_t KS = geo.kernel_size();
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t img = r / s.P, p = r % s.P;
+      const int64_t o2 = p % geo.out[2], o1 = (p / geo.out[2]) % geo.out[1];
+      const int64_t o0 = p / (geo.out[2] * geo.out[1]);
+      const int16_t* base = s.xq + img * s.image_entries + s.group * gw;
+      const int16_t** dst = out + (r - r0) * KS;
+      int64_t kpos = 0;
+      for (int64_t k0 = 0; k0 < geo.kernel[0]; ++k0) {
+        const int64_t i0 = o0 * geo.stride[0] - geo.pad_begin[0] + k0 * geo.dilation[0];
+        const bool v0 = i0 >= 0 && i0 < geo.in[0];
+        for (int64_t k1 = 0; k1 < geo.kernel[1]; ++k1) {
+          const int64_t i1 = o1 * geo.stride[1] - geo.pad_begin[1] + k1 * geo.dilation[1];
+          const bool v1 = v0 && i1 >= 0 && i1 < geo.in[1];
+          for (int64_t k2 = 0; k2 < geo.kernel[2]; ++k2, ++kpos) {
+            const int64_t i2 = o2 * geo.stride[2] - geo.pad_begin[2] + k2 * geo.dilation[2];
+            const bool valid = v1 && i2 >= 0 && i2 < geo.in[2];
+            dst[kpos] = valid ? base + ((i0 * geo.in[1] + i1) * geo.in[2] + i2) * ps : s.zero;
+          }
+        }
+      }
+    }
+  }
+};
+
 struct ConvKernel {
   static constexpr const char* kOpType = "NbSmtConv";
   ConvKernel(const OrtApi* api_, const OrtKernelInfo* info)
@@ -169,11 +207,26 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     const int64_t image_entries = static_cast<int64_t>(plan.image_entries());
     const int64_t image_bytes = image_entries * static_cast<int64_t>(sizeof(int16_t));
     const int64_t chunk_images = std::clamp<int64_t>(kChunkBudgetBytes / image_bytes, 1, N);
-    // Entries that hold no channel are never written: zero them once, if there are any.
-    const size_t xq_entries = static_cast<size_t>(chunk_images * image_entries);
+    // Rows as runs read in place (no im2col) where the kernels can: each kernel
+    // position is one contiguous run of a pixel's group entries.
+    const int64_t gw = plan.group_width;
+    bool runs_ok = stats.counters() == nullptr && plan.contiguous && gw * KS == plan.row_length &&
+                   reads_runs(*prepared->groups[0], gw);
+    for (int64_t kpos = 0; runs_ok && kpos < KS; ++kpos) {
+      runs_ok = plan.dest_by_kpos[kpos * gw] == kpos * gw;
+    }
+    const bool two_terms = runs_ok && cfg.threads == 2;
+    // Buffer: the quantized images (E entries), a zero run; with T = 2 the same
+    // again for the correction operands (RunSource::term1_offset = E + Z).
+    const int64_t E = chunk_images * image_entries, Z = runs_ok ? gw : 0;
+    const int64_t term1_offset = two_terms ? E + Z : 0;
+    const size_t xq_entries = static_cast<size_t>((E + Z) * (two_terms ? 2 : 1));
     const std::unique_ptr<int16_t[]> xq_buffer(new int16_t[xq_entries]);
     int16_t* const xq = xq_buffer.get();
-    if (plan.pixel_stride > C) std::fill(xq, xq + xq_entries, int16_t{0});
+    // Entries that hold no channel are never written: zero them once, if there are any.
+    if (plan.pixel_stride > C) std::fill(xq, xq + E, int16_t{0});
+    std::fill(xq + E, xq + E + Z, int16_t{0});
+    if (two_terms) std::fill(xq + term1_offset + E, xq + term1_offset + E + Z, int16_t{0});
     const bool act_signed = cfg.act_signed;
     // A 1x1 conv with stride 1 and no padding whose pixel entries are exactly the
     // packed row (group = 1): the quantized image's pixels are the rows, no im2col.
@@ -189,8 +242,14 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
                        for (int64_t i = a; i < b;) {
                          const int64_t img = i / in_size, s0 = i % in_size;
                          const int64_t s1 = std::min(in_size, s0 + (b - i));
+                         int16_t* xi = xq + img * image_entries;
                          quantize_image(plan, xdata + (n0 + img) * C * in_size, s0, s1,
-                                        x_scale, act_signed, xq + img * image_entries);
+                                        x_scale, act_signed, xi);
+                         if (two_terms) {
+                           const int64_t ps = plan.pixel_stride;
+                           correction_operands(cfg, xi + s0 * ps, (s1 - s0) * ps,
+                                               xi + term1_offset + s0 * ps);
+                         }
                          i += s1 - s0;
                        }
                      });
@@ -205,12 +264,19 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
         out.image_stride = M * P;
         out.row_stride = 1;
         out.col_stride = P;
-        if (pixels_are_rows) {
+        if (pixels_are_rows && !runs_ok) {
           accumulate_prepared(*prepared->groups[g], rows, xq, plan.pixel_stride, out,
                               stats.counters(), par.get());
           continue;
         }
         Im2ColSource source{&plan, xq, image_entries, P, g};
+        if (runs_ok) {
+          Im2ColRuns runs{&plan, xq, xq + E, image_entries, P, g};
+          const RunSource run_source{&runs, Im2ColRuns::fill, KS, gw, term1_offset};
+          accumulate_prepared(*prepared->groups[g], rows, source.row_source(), run_source, out,
+                              stats.counters(), par.get());
+          continue;
+        }
         accumulate_prepared(*prepared->groups[g], rows, source.row_source(), out,
                             stats.counters(), par.get());
       }
