@@ -243,8 +243,9 @@ def large_matmul_case(seed: int) -> Case:
 def grouped_conv_case(seed: int) -> Case:
     """A depthwise or narrow grouped conv (fewer than 16 outputs per group), mostly without
     stats: the shapes the direct kernel (custom_ops/include/nbsmt/direct_conv.h) runs,
-    with wide rows (vector tails), strides, dilations and padding of every kind; a few
-    have C/group * kernel size > 512 or ask for stats and take the GEMM path instead."""
+    with wide rows (vector tails), strides, dilations and padding of every kind; some
+    have 16 or more outputs per group, C/group * kernel size > 512 or ask for stats and
+    take the (grouped) GEMM path instead."""
     rng = np.random.default_rng([seed, 5])
     rank = int(rng.choice([1, 2, 2, 2, 3]))
     max_k = {1: 6, 2: 6, 3: 3}[rank]
@@ -258,7 +259,7 @@ def grouped_conv_case(seed: int) -> Case:
     c_g = int(rng.choice([1, 1, 1, 2, 3, 5, 8]))
     if rng.random() < 0.05:
         c_g = 60  # K > 512 for 3x3 kernels: GEMM path
-    m_g = int(rng.choice([1, 1, 1, 2, 3, 15]))
+    m_g = int(rng.choice([1, 1, 1, 2, 3, 15, 18]))  # 18: grouped GEMM path
     attrs: dict[str, Any] = {"strides": strides, "dilations": dilations, "group": group}
     auto_pad = str(rng.choice(schema.AUTO_PAD_CHOICES))
     if auto_pad != "NOTSET" or rng.random() < 0.5:

@@ -88,8 +88,9 @@ def test_grouped_cases_cover_the_direct_kernel() -> None:
         x, wq = c.inputs[0], c.inputs[1]
         a = c.attributes
         c_g, ks = wq.shape[1], math.prod(wq.shape[2:])  # type: ignore[union-attr]
-        if c.with_stats or c_g * ks > 512:
+        if c.with_stats or c_g * ks > 512 or wq.shape[0] >= 16 * a["group"]:  # type: ignore[union-attr]
             seen["gemm path"] += 1
+            seen["grouped gemm without stats"] += not c.with_stats and a["group"] > 1
             continue
         seen[f"T={a['threads']} {a['mapping']} {a['reduce']} signed={a['act_signed']}"] += 1
         seen["depthwise" if c_g == 1 else "grouped"] += 1
@@ -100,7 +101,7 @@ def test_grouped_cases_cover_the_direct_kernel() -> None:
         seen["outputs per group > 1"] += wq.shape[0] > a["group"]  # type: ignore[union-attr]
     required = [f"T={s['threads']} {s['mapping']} {s['reduce']} signed={s['act_signed']}"
                 for s in all_settings()]  # fmt: skip
-    required += ["gemm path", "depthwise", "grouped", "rank1", "rank2", "rank3", "strided"]
+    required += ["gemm path", "grouped gemm without stats", "depthwise", "grouped", "rank1", "rank2", "rank3", "strided"]
     required += ["dilated", "padded", "outputs per group > 1"]
     missing = [r for r in required if seen[r] == 0]
     assert not missing, f"never generated: {missing}"
