@@ -28,7 +28,7 @@
 // stride, dilation and padding. Output scaling (docs/ops.md §4.5) is fused into
 // the kernel's store: y = float32(scale[m] * acc) (+ bias[m]).
 //
-// Statistics (SPEC §3.4 counters) are not produced here: a node that asks for
+// Statistics (the counters of docs/spec.md §3.4) are not produced here: a node that asks for
 // them runs through the GEMM path.
 #pragma once
 
