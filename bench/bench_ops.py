@@ -1,6 +1,6 @@
 """Speed of the NB-SMT custom ops against ONNX Runtime's own float32 Conv / MatMul.
 
-Issue #2 item 6: every ratio is measured in the same run, against the float
+Every ratio is measured in the same run, against the float
 operator on the same shapes and the same intra-op thread count. Shapes: the
 3x3 conv layers of ResNet-18 at 224x224, batch 8 (plus the strided and 1x1
 ones with ``--all``) and a 128x768 @ 768x768 MatMul; inputs are ReLU-like
@@ -147,7 +147,7 @@ class Quantized:
 
 
 def quantize(layer: Layer, w: np.ndarray, x: np.ndarray) -> Quantized:
-    """SPEC §2 quantization: per-output-channel weights, unsigned activations (ReLU-like)."""
+    """docs/spec.md §2 quantization: per-output-channel weights, unsigned activations (ReLU-like)."""
     axis = 1 if layer.kind == "matmul" else 0
     wq, w_scale = reference.quantize_weights(w, axis=axis)
     return Quantized(wq, w_scale.astype(np.float32), np.float32(float(x.max()) / 255.0))

@@ -240,6 +240,54 @@ def large_matmul_case(seed: int) -> Case:
     )
 
 
+def grouped_conv_case(seed: int) -> Case:
+    """A depthwise or narrow grouped conv (fewer than 16 outputs per group), mostly without
+    stats: the shapes the direct kernel (custom_ops/include/nbsmt/direct_conv.h) runs,
+    with wide rows (vector tails), strides, dilations and padding of every kind; some
+    have 16 or more outputs per group, C/group * kernel size > 512 or ask for stats and
+    take the (grouped) GEMM path instead."""
+    rng = np.random.default_rng([seed, 5])
+    rank = int(rng.choice([1, 2, 2, 2, 3]))
+    max_k = {1: 6, 2: 6, 3: 3}[rank]
+    kernel = [int(k) for k in rng.integers(1, max_k, rank)]
+    dilations = [int(d) for d in rng.choice([1, 1, 2, 3], rank)]
+    strides = [int(s) for s in rng.choice([1, 1, 2, 3], rank)]
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    extra = {1: 40, 2: 20, 3: 6}[rank]
+    spatial = [e + int(rng.integers(0, extra)) for e in extent]
+    group = int(rng.choice([2, 3, 7, 16, 17, 33]))
+    c_g = int(rng.choice([1, 1, 1, 2, 3, 5, 8]))
+    if rng.random() < 0.05:
+        c_g = 60  # K > 512 for 3x3 kernels: GEMM path
+    m_g = int(rng.choice([1, 1, 1, 2, 3, 15, 18]))  # 18: grouped GEMM path
+    attrs: dict[str, Any] = {"strides": strides, "dilations": dilations, "group": group}
+    auto_pad = str(rng.choice(schema.AUTO_PAD_CHOICES))
+    if auto_pad != "NOTSET" or rng.random() < 0.5:
+        attrs["auto_pad"] = auto_pad
+    if auto_pad == "NOTSET":
+        attrs["pads"] = [int(p) for p in rng.integers(0, 4, 2 * rank)]
+    attrs.update(_smt(rng))
+    kind = str(rng.choice(DATA_KINDS, p=[0.45, 0.2, 0.05, 0.1, 0.1, 0.1]))
+    x_scale = _scale(rng, kind)
+    x = _activations(rng, [int(rng.choice([1, 1, 2, 3])), group * c_g, *spatial], kind, x_scale)
+    w_scale, bias = _vectors(rng, group * m_g)
+    return Case(
+        op=schema.CONV,
+        seed=seed,
+        inputs=[
+            x,
+            _weights(rng, [group * m_g, c_g, *kernel]),
+            np.array(x_scale, np.float32),
+            w_scale,
+            bias,
+        ],
+        attributes=attrs,
+        with_stats=bool(rng.random() < 0.15),
+        kind=kind,
+        runtime_weights=bool(rng.random() < 0.1),
+    )
+
+
 # ----------------------------------------------------------------------------- models
 
 

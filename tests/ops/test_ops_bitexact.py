@@ -20,6 +20,7 @@ from ops_cases import (
     check_cases,
     chunks,
     conv_case,
+    grouped_conv_case,
     large_conv_case,
     large_matmul_case,
     matmul_case,
@@ -34,6 +35,7 @@ CONV_CASES = 3000
 MATMUL_CASES = 2000
 LARGE_CONV_CASES = 300
 LARGE_MATMUL_CASES = 400
+GROUPED_CONV_CASES = 1000
 CHUNK = 100
 
 
@@ -64,6 +66,45 @@ def test_large_conv_random(seeds: range) -> None:
 )
 def test_large_matmul_random(seeds: range) -> None:
     check_cases([large_matmul_case(s) for s in seeds], intra_op_threads=2)
+
+
+@pytest.mark.parametrize(
+    "seeds", chunks(0, GROUPED_CONV_CASES, CHUNK), ids=lambda r: f"seeds{r.start}-{r.stop - 1}"
+)
+def test_grouped_conv_random(seeds: range) -> None:
+    # depthwise / grouped convs: the direct kernel (or the GEMM path with stats or K > 512)
+    check_cases(
+        [grouped_conv_case(s) for s in seeds], intra_op_threads=1 + (seeds.start // CHUNK) % 2
+    )
+
+
+def test_grouped_cases_cover_the_direct_kernel() -> None:
+    """The grouped generator reaches every setting on the direct kernel (no stats,
+    K <= 512), depthwise and grouped, strided, dilated and padded, and also the GEMM
+    fallbacks (stats requested, K > 512)."""
+    seen: collections.Counter[str] = collections.Counter()
+    for seed in range(GROUPED_CONV_CASES):
+        c = grouped_conv_case(seed)
+        x, wq = c.inputs[0], c.inputs[1]
+        a = c.attributes
+        c_g, ks = wq.shape[1], math.prod(wq.shape[2:])  # type: ignore[union-attr]
+        if c.with_stats or c_g * ks > 512 or wq.shape[0] >= 16 * a["group"]:  # type: ignore[union-attr]
+            seen["gemm path"] += 1
+            seen["grouped gemm without stats"] += not c.with_stats and a["group"] > 1
+            continue
+        seen[f"T={a['threads']} {a['mapping']} {a['reduce']} signed={a['act_signed']}"] += 1
+        seen["depthwise" if c_g == 1 else "grouped"] += 1
+        seen[f"rank{x.ndim - 2}"] += 1  # type: ignore[union-attr]
+        seen["strided"] += any(v > 1 for v in a["strides"])
+        seen["dilated"] += any(v > 1 for v in a["dilations"])
+        seen["padded"] += any(v > 0 for v in a.get("pads", [0]))
+        seen["outputs per group > 1"] += wq.shape[0] > a["group"]  # type: ignore[union-attr]
+    required = [f"T={s['threads']} {s['mapping']} {s['reduce']} signed={s['act_signed']}"
+                for s in all_settings()]  # fmt: skip
+    required += ["gemm path", "grouped gemm without stats", "depthwise", "grouped", "rank1", "rank2", "rank3", "strided"]
+    required += ["dilated", "padded", "outputs per group > 1"]
+    missing = [r for r in required if seen[r] == 0]
+    assert not missing, f"never generated: {missing}"
 
 
 def test_random_cases_cover_every_feature() -> None:

@@ -99,6 +99,43 @@ std::shared_ptr<const PreparedWeights> prepare_weights(const SmtConfig& cfg, int
 struct RowSource {
   void* ctx = nullptr;
   void (*fill)(void* ctx, int64_t p0, int64_t p1, int16_t* out) = nullptr;
+  // The producer writes every slot of its rows (idle ones as 0): `out` is then
+  // not zero-filled before the call.
+  bool writes_every_slot = false;
+};
+
+// Packed rows given as runs of already quantized data (an "indirect" GEMM: no
+// im2col copy). Row p is the concatenation of `runs` runs of `run_length` slots;
+// fill(ctx, p0, p1, out) writes, for rows [p0, p1), the start of run k of row p
+// at out[(p - p0) * runs + k] (run_length int16 there). With T = 2 the kernels
+// also read the slots' correction operands (correction_operands()) at
+// ptr + term1_offset. Used only by kernels that support it (AVX2, T = 1 and 2,
+// no stats, the reduction in one block); otherwise the RowSource is used.
+struct RunSource {
+  void* ctx = nullptr;
+  void (*fill)(void* ctx, int64_t p0, int64_t p1, const int16_t** out) = nullptr;
+  int64_t runs = 0, run_length = 0, term1_offset = 0;
+};
+
+// Whether accumulate_prepared() reads a RunSource with runs of `run_length`
+// slots in place for these weights (and then, for T = 2, its correction operands).
+bool reads_runs(const PreparedWeights& w, int64_t run_length);
+
+// The T = 2 correction operand of each slot of packed data (pairs of slots
+// (2i, 2i + 1) are the two threads of a step): reduce=activations
+// (R(x) - x) * [partner != 0], reduce=weights x * [partner != 0]. n even.
+void correction_operands(const SmtConfig& cfg, const int16_t* x, int64_t n, int16_t* out);
+
+// Float outputs written by the kernels' tile writer instead of int32
+// accumulators (docs/ops.md §4.5, no second pass over the output): for row r and
+// column m, y[(r / rows_per_image) * image_stride + (r % rows_per_image) * row_stride
+// + m * col_stride] = float32(scale[m] * float32(acc)), then + bias[m] if bias
+// is not null (each operation rounded to float32, no FMA).
+struct FloatOutput {
+  float* y = nullptr;
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  int64_t rows_per_image = 1, image_stride = 0, row_stride = 0, col_stride = 1;
 };
 
 // accumulate() with prepared weights (cfg, M and steps come from `w`), rows
@@ -109,6 +146,16 @@ void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, 
 void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
                          int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
                          SmtStats* stats, const Parallel& parallel);
+// The same with the output scaling fused into the tile writer (FloatOutput).
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, int64_t x_stride,
+                         const FloatOutput& out, SmtStats* stats, const Parallel& parallel);
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
+                         const FloatOutput& out, SmtStats* stats, const Parallel& parallel);
+// Rows from `runs` where the kernels can read them in place (see RunSource),
+// else from `rows`; identical results.
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
+                         const RunSource& runs, const FloatOutput& out, SmtStats* stats,
+                         const Parallel& parallel);
 
 // Kernel implementation used by accumulate(): "generic" (portable C++), "avx2" or
 // "avx512" (AVX-512 BW/VL/VNNI). By default the best one the CPU supports; the

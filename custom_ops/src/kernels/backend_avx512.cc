@@ -488,9 +488,10 @@ NBSMT_AVX512 void stats_rows(const Plan& plan, const StatsSummary& s, const int1
 }  // namespace
 
 const Backend& avx512_backend() {
-  static const Backend be{Isa::kAvx512,        dense_transform, dense_weight_row,
+  static const Backend be{Isa::kAvx512,        false,        dense_transform, dense_weight_row,
                           dense_gemm,          gather_weight_column, gather_entries,
-                          gather_expand,       gather_gemm,      stats_rows};
+                          gather_expand,       gather_gemm,      stats_rows,
+                          avx2_float_tile,     nullptr};
   return be;
 }
 

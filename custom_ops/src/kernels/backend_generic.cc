@@ -35,6 +35,18 @@ int32_t generic_dense_weight_row(const Plan& plan, int64_t b, const int8_t* w, i
   const int64_t seg = plan.seg_bytes(b);
   const int64_t n = T * plan.block_len(b);
   uint32_t corr = 0;
+  if (plan.wide) {  // int16 elements, no offsets
+    for (int term = 0; term < plan.nterms; ++term) {
+      int8_t* dst = out + term * seg;
+      for (int64_t l = 0; l < seg / 2; ++l) {
+        const int16_t v = l < n ? static_cast<int16_t>(
+                                      dense_w_value(plan, term, w[l], T == 2 ? w[l ^ 1] : 0))
+                                : int16_t{0};
+        std::memcpy(dst + 2 * l, &v, 2);
+      }
+    }
+    return 0;
+  }
   for (int term = 0; term < plan.nterms; ++term) {
     int8_t* dst = out + term * seg;
     for (int64_t l = 0; l < n; ++l) {
@@ -179,8 +191,24 @@ void gather_gemm(const GatherEntry* e, int64_t n, const uint8_t* table, int nv, 
 
 }  // namespace
 
+void generic_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
+                        const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
+                        const float* bias, float* y, int64_t row_stride, int64_t col_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t rc = rowcorr != nullptr ? static_cast<uint32_t>(rowcorr[r]) : 0u;
+    for (int64_t m = 0; m < cols; ++m) {
+      const auto acc = static_cast<int32_t>(static_cast<uint32_t>(c[r * ldc + m]) +
+                                            static_cast<uint32_t>(colcorr[m]) + rc);
+      float v = scale[m] * static_cast<float>(acc);
+      if (bias != nullptr) v = v + bias[m];
+      y[r * row_stride + m * col_stride] = v;
+    }
+  }
+}
+
 const Backend& generic_backend() {
   static const Backend be{Isa::kGeneric,
+                          false,
                           dense_transform,
                           generic_dense_weight_row,
                           dense_gemm,
@@ -188,7 +216,9 @@ const Backend& generic_backend() {
                           generic_gather_entries,
                           gather_expand,
                           gather_gemm,
-                          generic_stats_rows};
+                          generic_stats_rows,
+                          generic_float_tile,
+                          nullptr};
   return be;
 }
 

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "nbsmt/kernels.h"
+#include "nbsmt/pack.h"
 
 namespace nbsmt {
 namespace detail {
@@ -85,9 +86,13 @@ struct Plan {
   // Rows per task (a task is a row tile x a group of panels).
   int64_t rows_per_task = 0;
 
-  // Dense method.
+  // Dense method. Elements are u8 (x side) x s8 (w side) in groups of 4 per dword,
+  // or, with `wide` (the AVX2 backend), int16 x int16 in pairs per dword: every
+  // x-side value then fits as it is (no offsets) and the AVX2 kernel multiplies
+  // pairs with one vpmaddwd and no widening in the inner loop.
+  bool wide = false;
   int nterms = 1;
-  int x_offset[2] = {0, 0};                 // u8 offsets of the x-side terms
+  int x_offset[2] = {0, 0};                 // u8 offsets of the x-side terms (0 if wide)
   int64_t seg_bytes(int64_t b) const;       // bytes of one term in block b (multiple of 4)
   int64_t block_bytes(int64_t b) const { return nterms * seg_bytes(b); }
   int64_t max_block_bytes = 0;
@@ -100,7 +105,7 @@ struct Plan {
   int64_t slice_bytes() const { return block_steps * kGatherDwords * panel_nv * 16 * 4; }
 };
 
-Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M);
+Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M, bool wide);
 
 // Per-step w-side sums for the statistics (stats.cc).
 struct StatsSummary {
@@ -120,11 +125,14 @@ inline int changed_by_reduce(int v, bool is_signed) {
   return !(window || grid);
 }
 
+struct Backend;
+
 }  // namespace detail
 
 // The public opaque type (kernels.h).
 struct PreparedWeights {
   detail::Plan plan;
+  const detail::Backend* be = nullptr;  // the backend the bytes were laid out for
   std::vector<uint8_t> bytes;    // dense: [block][panel][kq][W][4]; gather: compact source
   std::vector<int32_t> colcorr;  // dense: M entries added to every output of column m
   std::vector<int8_t> w;         // the weights (M x K), for the statistics summary
@@ -159,6 +167,7 @@ inline int dense_w_value(const Plan& plan, int term, int w, int wp) {
 
 struct Backend {
   Isa isa;
+  bool wide_dense;  // dense method on int16 pairs (Plan::wide)
   // Dense x side: bytes of block b for rows [0, nrows) (row r at x + r * x_stride)
   // to a + r * lda.
   void (*dense_transform)(const Plan& plan, int64_t b, const int16_t* x, int64_t x_stride,
@@ -187,7 +196,34 @@ struct Backend {
   // Statistics of rows [0, nrows), added to *out (active, collisions, reduced).
   void (*stats_rows)(const Plan& plan, const StatsSummary& s, const int16_t* x, int64_t x_stride,
                      int64_t nrows, SmtStats* out);
+  // Float outputs of a tile (FloatOutput, kernels.h) whose rows lie in one image:
+  // for r < rows, m < cols, with acc = c[r * ldc + m] + colcorr[m] (+ rowcorr[r])
+  // (int32, wrapping), y[r * row_stride + m * col_stride] =
+  // float32(scale[m] * float32(acc)) (+ bias[m] if bias is not null).
+  void (*float_tile)(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
+                     const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
+                     const float* bias, float* y, int64_t row_stride, int64_t col_stride);
+  // Wide dense method, one block, rows as runs (RunSource): c[r][0 .. 16*nv) =
+  // sum over terms t < nterms, runs k, dwords q < kq_run of the pair at
+  // ptrs[r * runs + k] + t * term1_offset + 2q times panel row
+  // (t * runs + k) * kq_run + q. Null if the backend has no such kernel.
+  void (*dense_gemm_runs)(int nterms, int64_t runs, int64_t kq_run, const int16_t* const* ptrs,
+                          int64_t term1_offset, int64_t nrows, const uint8_t* panel, int nv,
+                          int32_t* c, int64_t ldc);
 };
+
+// Portable float_tile; the AVX2 one is also used by the AVX-512 backend.
+void generic_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
+                        const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
+                        const float* bias, float* y, int64_t row_stride, int64_t col_stride);
+#if defined(__x86_64__) || defined(_M_X64)
+void avx2_correction_operands(const SmtConfig& cfg, const int16_t* x, int64_t n, int16_t* out);
+void avx2_quantize_image(const Im2Col& plan, const float* x, int64_t s0, int64_t s1, float scale,
+                         bool act_signed, int16_t* xq);
+void avx2_float_tile(const int32_t* c, int64_t ldc, int64_t rows, int64_t cols,
+                     const int32_t* colcorr, const int32_t* rowcorr, const float* scale,
+                     const float* bias, float* y, int64_t row_stride, int64_t col_stride);
+#endif
 
 const Backend& generic_backend();
 #if defined(__x86_64__) || defined(_M_X64)

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "engine.h"
 #include "nbsmt/kernels.h"
 
 namespace nbsmt {
@@ -169,6 +170,12 @@ Im2Col make_im2col(const ConvGeometry& geo, const PackLayout& layout, int64_t ch
 
 void quantize_image(const Im2Col& plan, const float* x, int64_t s0, int64_t s1, float scale,
                     bool act_signed, int16_t* xq) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (detail::selected_backend().isa != detail::Isa::kGeneric) {
+    detail::avx2_quantize_image(plan, x, s0, s1, scale, act_signed, xq);
+    return;
+  }
+#endif
   const int64_t C = static_cast<int64_t>(plan.channel_pos.size());
   const int64_t S = plan.geo.in_size();
   const int64_t ps = plan.pixel_stride;
@@ -182,6 +189,37 @@ void quantize_image(const Im2Col& plan, const float* x, int64_t s0, int64_t s1, 
     }
   }
 }
+
+namespace {
+
+// Copies / clears runs of a few dozen bytes: inlined fixed-size moves instead of
+// a libc call per kernel position (most runs are one group's channels of a pixel).
+inline void copy_run(int16_t* dst, const int16_t* src, size_t bytes) {
+  auto* d = reinterpret_cast<char*>(dst);
+  const auto* s = reinterpret_cast<const char*>(src);
+  for (; bytes >= 32; bytes -= 32, d += 32, s += 32) __builtin_memcpy(d, s, 32);
+  if (bytes >= 16) {
+    __builtin_memcpy(d, s, 16);
+    d += 16, s += 16, bytes -= 16;
+  }
+  if (bytes >= 8) {
+    __builtin_memcpy(d, s, 8);
+    d += 8, s += 8, bytes -= 8;
+  }
+  if (bytes >= 4) {
+    __builtin_memcpy(d, s, 4);
+    d += 4, s += 4, bytes -= 4;
+  }
+  if (bytes >= 2) __builtin_memcpy(d, s, 2);
+}
+
+inline void clear_run(int16_t* dst, size_t bytes) {
+  auto* d = reinterpret_cast<char*>(dst);
+  for (; bytes >= 32; bytes -= 32, d += 32) __builtin_memset(d, 0, 32);
+  if (bytes > 0) __builtin_memset(d, 0, bytes);
+}
+
+}  // namespace
 
 void im2col_rows(const Im2Col& plan, const int16_t* xq, int64_t g, int64_t p0, int64_t p1,
                  int16_t* out) {
@@ -218,12 +256,12 @@ void im2col_rows(const Im2Col& plan, const int16_t* xq, int64_t g, int64_t p0, i
           if (valid) {
             const int16_t* src = base + ((i0 * geo.in[1] + i1) * geo.in[2] + i2) * ps;
             if (contiguous) {
-              std::memcpy(row + dst[0], src, run_bytes);
+              copy_run(row + dst[0], src, run_bytes);
             } else {
               for (int64_t i = 0; i < gw; ++i) row[dst[i]] = src[i];
             }
           } else if (contiguous) {
-            std::memset(row + dst[0], 0, run_bytes);
+            clear_run(row + dst[0], run_bytes);
           } else {
             for (int64_t i = 0; i < gw; ++i) row[dst[i]] = 0;
           }

@@ -38,10 +38,13 @@ int64_t Plan::block_len(int64_t b) const {
   return len < block_steps ? len : block_steps;
 }
 
-int64_t Plan::seg_bytes(int64_t b) const { return round_up(T * block_len(b), 4); }
+int64_t Plan::seg_bytes(int64_t b) const {
+  return wide ? round_up(T * block_len(b), 2) * 2 : round_up(T * block_len(b), 4);
+}
 
-Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M) {
+Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M, bool wide) {
   Plan plan;
+  plan.wide = wide && cfg.threads != 4;
   plan.cfg = cfg;
   plan.T = cfg.threads;
   plan.gather = cfg.threads == 4;
@@ -59,10 +62,14 @@ Plan make_plan(const SmtConfig& cfg, int64_t steps, int64_t M) {
     plan.block_steps = round_up(ceil_div(std::max<int64_t>(steps, 1), nb), 8);
   } else {
     plan.nterms = plan.T == 1 ? 1 : 2;
-    plan.x_offset[0] = cfg.act_signed ? 128 : 0;
-    plan.x_offset[1] = cfg.reduce == Reduce::kActivations ? 16 : (cfg.act_signed ? 128 : 0);
-    const int64_t per_step = plan.nterms * plan.T;
-    const int64_t target = std::max<int64_t>(32, kDenseBlockBytes / per_step / 32 * 32);
+    if (!plan.wide) {
+      plan.x_offset[0] = cfg.act_signed ? 128 : 0;
+      plan.x_offset[1] = cfg.reduce == Reduce::kActivations ? 16 : (cfg.act_signed ? 128 : 0);
+    }
+    const int64_t per_step = plan.nterms * plan.T * (plan.wide ? 2 : 1);
+    // int16 blocks twice as many bytes: the same steps per block as the u8 layout.
+    const int64_t block_bytes = plan.wide ? 2 * kDenseBlockBytes : kDenseBlockBytes;
+    const int64_t target = std::max<int64_t>(32, block_bytes / per_step / 32 * 32);
     const int64_t nb = std::max<int64_t>(1, ceil_div(steps, target));
     plan.block_steps = round_up(ceil_div(std::max<int64_t>(steps, 1), nb), 32);
   }
@@ -277,7 +284,9 @@ std::shared_ptr<const PreparedWeights> prepare_weights(const SmtConfig& cfg, int
                                                        int64_t w_stride,
                                                        const Parallel& parallel) {
   auto pw = std::make_shared<PreparedWeights>();
-  pw->plan = detail::make_plan(cfg, steps, M);
+  const Backend* be = &detail::selected_backend();
+  pw->be = be;
+  pw->plan = detail::make_plan(cfg, steps, M, be->wide_dense);
   const Plan& plan = pw->plan;
   const int64_t K = plan.K;
   pw->w.resize(static_cast<size_t>(M * K));
@@ -288,7 +297,7 @@ std::shared_ptr<const PreparedWeights> prepare_weights(const SmtConfig& cfg, int
   } else {
     pw->bytes.assign(static_cast<size_t>(plan.b_bytes), 0);
   }
-  PrepareJob job{&detail::selected_backend(), pw.get(), pw->w.data(), K};
+  PrepareJob job{be, pw.get(), pw->w.data(), K};
   if (M > 0 && steps > 0) {
     parallel(
         [](void* data, size_t i) {
@@ -322,16 +331,38 @@ struct Run {
   const int16_t* x;
   int64_t x_stride;
   const RowSource* source;
+  const RunSource* runs;  // non-null: rows read in place (dense_gemm_runs)
   int32_t* acc;
   int64_t ars, acs;
+  const FloatOutput* fout;  // non-null: float outputs instead of acc
   const detail::StatsSummary* summary;  // null: no statistics
   int64_t rows_per_task, row_tasks, panels_per_task;
   SmtStats* parts;
   ScratchPool* pool;
 };
 
+// The float outputs of a tile (FloatOutput), one image's run of rows at a time.
+void store_float_tile(const Run& j, int64_t p0, int64_t rows, int64_t m0, int64_t m1,
+                      const int32_t* c, int64_t ldc, const int32_t* rowcorr) {
+  const FloatOutput& o = *j.fout;
+  for (int64_t r = 0; r < rows;) {
+    const int64_t p = p0 + r, img = p / o.rows_per_image, pos = p % o.rows_per_image;
+    const int64_t n = std::min(rows - r, o.rows_per_image - pos);
+    j.be->float_tile(c + r * ldc, ldc, n, m1 - m0, j.pw->colcorr.data() + m0,
+                     rowcorr != nullptr ? rowcorr + r : nullptr, o.scale + m0,
+                     o.bias != nullptr ? o.bias + m0 : nullptr,
+                     o.y + img * o.image_stride + pos * o.row_stride + m0 * o.col_stride,
+                     o.row_stride, o.col_stride);
+    r += n;
+  }
+}
+
 void store_tile(const Run& j, int64_t p0, int64_t rows, int64_t m0, int64_t m1,
                 const int32_t* c, int64_t ldc, const int32_t* rowcorr) {
+  if (j.fout != nullptr) {
+    store_float_tile(j, p0, rows, m0, m1, c, ldc, rowcorr);
+    return;
+  }
   const int32_t* colcorr = j.pw->colcorr.data();
   if (j.ars != 1 || j.acs == 1) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -365,14 +396,44 @@ void dense_task(const Run& j, TaskScratch& scratch, const int16_t* x, int64_t xs
   const int64_t lda = plan.max_block_bytes;
   uint8_t* a = scratch.a.get<uint8_t>(rows * lda);
   int32_t* c = scratch.c.get<int32_t>(rows * ldc);
+  // int16 pairs at T = 1 are the packed rows themselves (every block even long).
+  const bool in_place = plan.wide && plan.T == 1 && plan.steps % 2 == 0;
   for (int64_t b = 0; b < plan.nblocks; ++b) {
-    j.be->dense_transform(plan, b, x, xs, rows, a, lda);
+    const uint8_t* ab = a;
+    int64_t ldab = lda;
+    if (in_place) {
+      ab = reinterpret_cast<const uint8_t*>(x + plan.block_step0(b));
+      ldab = xs * static_cast<int64_t>(sizeof(int16_t));
+    } else {
+      j.be->dense_transform(plan, b, x, xs, rows, a, lda);
+    }
     const int64_t bytes = plan.block_bytes(b);
     const uint8_t* block = j.pw->bytes.data() + plan.b_block_offset[b];
     for (int64_t p = pan0; p < pan1; ++p) {
-      j.be->dense_gemm(bytes / 4, a, lda, rows, block + bytes * plan.panel_col0(p),
+      j.be->dense_gemm(bytes / 4, ab, ldab, rows, block + bytes * plan.panel_col0(p),
                        plan.panel_vectors(p), c + (plan.panel_col0(p) - c0), ldc, b == 0);
     }
+  }
+  store_tile(j, p0, rows, c0, std::min(c1, plan.M), c, ldc, nullptr);
+}
+
+// Rows read in place from their runs (RunSource): one block, no transform.
+void runs_task(const Run& j, TaskScratch& scratch, int64_t p0, int64_t rows, int64_t pan0,
+               int64_t pan1) {
+  const Plan& plan = j.pw->plan;
+  const RunSource& src = *j.runs;
+  const int64_t c0 = plan.panel_col0(pan0);
+  const int64_t c1 = std::min(plan.panel_col0(pan1), plan.mpad16);
+  const int64_t ldc = c1 - c0;
+  const auto** ptrs = scratch.a.get<const int16_t*>(rows * src.runs);
+  int32_t* c = scratch.c.get<int32_t>(rows * ldc);
+  src.fill(src.ctx, p0, p0 + rows, ptrs);
+  const int64_t bytes = plan.block_bytes(0);
+  const uint8_t* block = j.pw->bytes.data() + plan.b_block_offset[0];
+  for (int64_t p = pan0; p < pan1; ++p) {
+    j.be->dense_gemm_runs(plan.nterms, src.runs, src.run_length / 2, ptrs, src.term1_offset,
+                          rows, block + bytes * plan.panel_col0(p), plan.panel_vectors(p),
+                          c + (plan.panel_col0(p) - c0), ldc);
   }
   store_tile(j, p0, rows, c0, std::min(c1, plan.M), c, ldc, nullptr);
 }
@@ -424,11 +485,18 @@ void run_task(const Run& j, int64_t task) {
   const int64_t pan0 = ct * j.panels_per_task;
   const int64_t pan1 = std::min(pan0 + j.panels_per_task, plan.npanels);
   TaskScratch* scratch = j.pool->acquire();
+  if (j.runs != nullptr) {
+    runs_task(j, *scratch, p0, rows, pan0, pan1);
+    j.pool->release(scratch);
+    return;
+  }
   const int16_t* x = j.x + p0 * j.x_stride;
   int64_t xs = j.x_stride;
   if (j.source != nullptr) {
     int16_t* filled = scratch->x.get<int16_t>(rows * plan.K);
-    std::memset(filled, 0, static_cast<size_t>(rows * plan.K) * sizeof(int16_t));
+    if (!j.source->writes_every_slot) {
+      std::memset(filled, 0, static_cast<size_t>(rows * plan.K) * sizeof(int16_t));
+    }
     j.source->fill(j.source->ctx, p0, p0 + rows, filled);
     x = filled;
     xs = plan.K;
@@ -445,26 +513,42 @@ void run_task(const Run& j, int64_t task) {
 }
 
 void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_stride,
-         const RowSource* source, int32_t* acc, int64_t ars, int64_t acs, SmtStats* stats,
-         const Parallel& parallel) {
+         const RowSource* source, const RunSource* runs, int32_t* acc, int64_t ars,
+         int64_t acs, const FloatOutput* fout, SmtStats* stats, const Parallel& parallel) {
   const Plan& plan = pw.plan;
   if (P <= 0 || plan.M <= 0) return;
   if (plan.steps <= 0) {
     for (int64_t p = 0; p < P; ++p) {
-      for (int64_t m = 0; m < plan.M; ++m) acc[p * ars + m * acs] = 0;
+      for (int64_t m = 0; m < plan.M; ++m) {
+        if (fout == nullptr) {
+          acc[p * ars + m * acs] = 0;
+          continue;
+        }
+        float v = fout->scale[m] * 0.0f;
+        if (fout->bias != nullptr) v = v + fout->bias[m];
+        fout->y[(p / fout->rows_per_image) * fout->image_stride +
+                (p % fout->rows_per_image) * fout->row_stride + m * fout->col_stride] = v;
+      }
     }
     return;
   }
   Run j{};
   j.pw = &pw;
-  j.be = &detail::selected_backend();
+  j.be = pw.be;  // the backend the weights were laid out for
   j.P = P;
   j.x = x;
   j.x_stride = x_stride;
   j.source = source;
+  // Runs are read in place only by a backend with that kernel, for the dense
+  // method in one block, without statistics (stats_rows reads whole rows).
+  const bool in_place = runs != nullptr && stats == nullptr && reads_runs(pw, runs->run_length) &&
+                        runs->runs * runs->run_length == plan.K &&
+                        (plan.T == 1 || runs->term1_offset != 0);
+  j.runs = in_place ? runs : nullptr;
   j.acc = acc;
   j.ars = ars;
   j.acs = acs;
+  j.fout = fout;
   j.summary = stats != nullptr ? &pw.stats_summary(parallel) : nullptr;
   // Row tiles (multiples of 8) and panel groups: at least kTargetTasks tasks
   // when the shape allows, without tiles so small that per-tile work (the
@@ -477,7 +561,7 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
     rows = std::max<int64_t>(std::min<int64_t>(P, plan.gather ? 256 : 8),
                              round_up(ceil_div(P, want_row_tasks), 8));
   }
-  if (source != nullptr) {
+  if (source != nullptr && j.runs == nullptr) {
     // Rows made by a RowSource live in a per-task buffer: bound it for long rows.
     constexpr int64_t kRowBufferBytes = int64_t{8} << 20;
     const int64_t row_bytes = plan.K * static_cast<int64_t>(sizeof(int16_t));
@@ -512,13 +596,54 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
 void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, int64_t x_stride,
                          int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
                          SmtStats* stats, const Parallel& parallel) {
-  run(w, P, x, x_stride, nullptr, acc, acc_row_stride, acc_col_stride, stats, parallel);
+  run(w, P, x, x_stride, nullptr, nullptr, acc, acc_row_stride, acc_col_stride, nullptr, stats,
+      parallel);
 }
 
 void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
                          int32_t* acc, int64_t acc_row_stride, int64_t acc_col_stride,
                          SmtStats* stats, const Parallel& parallel) {
-  run(w, P, nullptr, 0, &rows, acc, acc_row_stride, acc_col_stride, stats, parallel);
+  run(w, P, nullptr, 0, &rows, nullptr, acc, acc_row_stride, acc_col_stride, nullptr, stats,
+      parallel);
+}
+
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const int16_t* x, int64_t x_stride,
+                         const FloatOutput& out, SmtStats* stats, const Parallel& parallel) {
+  run(w, P, x, x_stride, nullptr, nullptr, nullptr, 0, 0, &out, stats, parallel);
+}
+
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
+                         const FloatOutput& out, SmtStats* stats, const Parallel& parallel) {
+  run(w, P, nullptr, 0, &rows, nullptr, nullptr, 0, 0, &out, stats, parallel);
+}
+
+void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& rows,
+                         const RunSource& runs, const FloatOutput& out, SmtStats* stats,
+                         const Parallel& parallel) {
+  run(w, P, nullptr, 0, &rows, &runs, nullptr, 0, 0, &out, stats, parallel);
+}
+
+bool reads_runs(const PreparedWeights& w, int64_t run_length) {
+  const Plan& plan = w.plan;
+  return w.be != nullptr && w.be->dense_gemm_runs != nullptr && plan.wide && !plan.gather &&
+         plan.nblocks == 1 && run_length > 0 && run_length % 2 == 0 &&
+         plan.K % run_length == 0 && plan.seg_bytes(0) == plan.K * 2;
+}
+
+void correction_operands(const SmtConfig& cfg, const int16_t* x, int64_t n, int16_t* out) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (detail::selected_backend().isa != detail::Isa::kGeneric) {
+    detail::avx2_correction_operands(cfg, x, n, out);
+    return;
+  }
+#endif
+  const bool act = cfg.reduce == Reduce::kActivations;
+  for (int64_t i = 0; i < n; ++i) {
+    const int v = x[i];
+    const int partner = x[i ^ 1];
+    const int value = act ? (cfg.act_signed ? reduce_signed(v) : reduce_unsigned(v)) - v : v;
+    out[i] = static_cast<int16_t>(partner != 0 ? value : 0);
+  }
 }
 
 void accumulate(const SmtConfig& cfg, int64_t P, int64_t M, int64_t steps,

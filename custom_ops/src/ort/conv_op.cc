@@ -5,13 +5,14 @@
 // quantized once (pixel-major, a bounded chunk of images at a time); the kernel
 // tasks im2col the packed rows they need on demand (RowSource) and accumulate
 // them against the prepared weights; the result is scaled to float
-// (scale_accumulators, op_kernel.h):
+// by the kernels' tile writer (FloatOutput, kernels.h; direct_conv.h likewise):
 //   Y[n, m, p] = float32(x_scale * w_scale[m]) * float32(acc) (+ B[m])
 // each operation rounded to float32 (the build forbids FMA contraction).
 #include <algorithm>
 #include <memory>
 
 #include "attributes.h"
+#include "nbsmt/direct_conv.h"
 #include "nbsmt/kernels.h"
 #include "nbsmt/pack.h"
 #include "op_common.h"
@@ -47,7 +48,54 @@ struct Im2ColSource {
       r += count;
     }
   }
-  RowSource row_source() { return RowSource{this, fill}; }
+  // im2col writes every slot when each kernel position is one contiguous run and
+  // the runs tile the row (Im2Col::contiguous, group_width * KS == row_length).
+  RowSource row_source() {
+    const int64_t KS = plan->geo.kernel_size(), gw = plan->group_width;
+    bool every = plan->contiguous && gw * KS == plan->row_length;
+    for (int64_t kpos = 0; every && kpos < KS; ++kpos) {
+      every = plan->dest_by_kpos[kpos * gw] == kpos * gw;
+    }
+    return RowSource{this, fill, every};
+  }
+};
+
+// The same rows as runs read in place (RunSource, kernels.h): run k of row r is
+// group g's entries of the input pixel under kernel position k, or a zero run
+// where that position is in the padding.
+struct Im2ColRuns {
+  const Im2Col* plan;
+  const int16_t* xq;    // the chunk's images, image_entries each
+  const int16_t* zero;  // run_length zeros (and zeros at + term1_offset)
+  int64_t image_entries, P, group;
+
+  static void fill(void* ctx, int64_t r0, int64_t r1, const int16_t** out) {
+    const auto& s = *static_cast<const Im2ColRuns*>(ctx);
+    const ConvGeometry& geo = s.plan->geo;
+    const int64_t ps = s.plan->pixel_stride, gw = s.plan->group_width;
+    const int64_t KS = geo.kernel_size();
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t img = r / s.P, p = r % s.P;
+      const int64_t o2 = p % geo.out[2], o1 = (p / geo.out[2]) % geo.out[1];
+      const int64_t o0 = p / (geo.out[2] * geo.out[1]);
+      const int16_t* base = s.xq + img * s.image_entries + s.group * gw;
+      const int16_t** dst = out + (r - r0) * KS;
+      int64_t kpos = 0;
+      for (int64_t k0 = 0; k0 < geo.kernel[0]; ++k0) {
+        const int64_t i0 = o0 * geo.stride[0] - geo.pad_begin[0] + k0 * geo.dilation[0];
+        const bool v0 = i0 >= 0 && i0 < geo.in[0];
+        for (int64_t k1 = 0; k1 < geo.kernel[1]; ++k1) {
+          const int64_t i1 = o1 * geo.stride[1] - geo.pad_begin[1] + k1 * geo.dilation[1];
+          const bool v1 = v0 && i1 >= 0 && i1 < geo.in[1];
+          for (int64_t k2 = 0; k2 < geo.kernel[2]; ++k2, ++kpos) {
+            const int64_t i2 = o2 * geo.stride[2] - geo.pad_begin[2] + k2 * geo.dilation[2];
+            const bool valid = v1 && i2 >= 0 && i2 < geo.in[2];
+            dst[kpos] = valid ? base + ((i0 * geo.in[1] + i1) * geo.in[2] + i2) * ps : s.zero;
+          }
+        }
+      }
+    }
+  }
 };
 
 struct ConvKernel {
@@ -123,14 +171,33 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     const Im2Col plan = make_im2col(geo, layout, Cg, group);
 
     const OrtParallel par(api, ctx);
-    // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq.
-    const std::shared_ptr<const PreparedSet> prepared = weights.get(w, [&] {
-      return prepare_weight_groups(cfg, layout, w, "Wq", M, K, 1, group, label, par.get());
+    // Depthwise and narrow grouped convs run through the direct kernel
+    // (direct_conv.h) unless the node asks for statistics (the GEMM path counts them).
+    const bool direct = stats.counters() == nullptr && direct_conv_preferred(group, Cg, Mg, KS);
+    // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq
+    // (the choice of path is fixed per node: it depends on shapes and outputs only).
+    const std::shared_ptr<const PreparedSet> prepared = weights.get(w, [&](PreparedSet& set) {
+      if (direct) {
+        set.direct = prepare_direct_conv(cfg, layout, static_cast<const int8_t*>(w.data), M,
+                                         group, Cg);
+        if (set.direct == nullptr) {
+          throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
+        }
+      } else {
+        set.groups = prepare_weight_groups(cfg, layout, w, "Wq", M, K, 1, group, label, par.get());
+      }
     });
     const float* w_scale = static_cast<const float*>(ws.data);
     const float* bias = b.present() ? static_cast<const float*>(b.data) : nullptr;
     std::vector<float> scale(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) scale[m] = x_scale * w_scale[m];
+    const float* xdata = static_cast<const float*>(x.data);
+    if (prepared->direct != nullptr || prepared->groups.empty()) {
+      if (prepared->direct == nullptr) throw OpError(label + ": internal error: no prepared weights");
+      direct_conv(*prepared->direct, geo, N, xdata, x_scale, scale.data(), bias, y, par.get());
+      stats.write();
+      return;
+    }
 
     // Rows are (image, output position) pairs, processed in chunks of whole
     // images; a chunk may hold several small images (late layers) so that the
@@ -138,14 +205,35 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     // pixel-major); their packed rows are made by im2col inside the kernel tasks
     // (RowSource), a few rows at a time, and never stored for the whole chunk.
     const int64_t image_entries = static_cast<int64_t>(plan.image_entries());
-    const int64_t image_bytes = image_entries * static_cast<int64_t>(sizeof(int16_t)) +
-                                P * Mg * static_cast<int64_t>(sizeof(int32_t));
+    const int64_t image_bytes = image_entries * static_cast<int64_t>(sizeof(int16_t));
     const int64_t chunk_images = std::clamp<int64_t>(kChunkBudgetBytes / image_bytes, 1, N);
-    // Zero once: entries that hold no channel are never written.
-    std::vector<int16_t> xq(static_cast<size_t>(chunk_images * image_entries), 0);
-    std::vector<int32_t> acc(static_cast<size_t>(chunk_images * P * Mg));
+    // Rows as runs read in place (no im2col) where the kernels can: each kernel
+    // position is one contiguous run of a pixel's group entries.
+    const int64_t gw = plan.group_width;
+    bool runs_ok = stats.counters() == nullptr && plan.contiguous && gw * KS == plan.row_length &&
+                   reads_runs(*prepared->groups[0], gw);
+    for (int64_t kpos = 0; runs_ok && kpos < KS; ++kpos) {
+      runs_ok = plan.dest_by_kpos[kpos * gw] == kpos * gw;
+    }
+    const bool two_terms = runs_ok && cfg.threads == 2;
+    // Buffer: the quantized images (E entries), a zero run; with T = 2 the same
+    // again for the correction operands (RunSource::term1_offset = E + Z).
+    const int64_t E = chunk_images * image_entries, Z = runs_ok ? gw : 0;
+    const int64_t term1_offset = two_terms ? E + Z : 0;
+    const size_t xq_entries = static_cast<size_t>((E + Z) * (two_terms ? 2 : 1));
+    const std::unique_ptr<int16_t[]> xq_buffer(new int16_t[xq_entries]);
+    int16_t* const xq = xq_buffer.get();
+    // Entries that hold no channel are never written: zero them once, if there are any.
+    if (plan.pixel_stride > C) std::fill(xq, xq + E, int16_t{0});
+    std::fill(xq + E, xq + E + Z, int16_t{0});
+    if (two_terms) std::fill(xq + term1_offset + E, xq + term1_offset + E + Z, int16_t{0});
     const bool act_signed = cfg.act_signed;
-    const float* xdata = static_cast<const float*>(x.data);
+    // A 1x1 conv with stride 1 and no padding whose pixel entries are exactly the
+    // packed row (group = 1): the quantized image's pixels are the rows, no im2col.
+    bool pixels_are_rows = group == 1 && KS == 1 && in_size == P &&
+                           plan.pixel_stride == plan.row_length && plan.contiguous &&
+                           plan.dest_by_kpos[0] == 0;
+    for (int d = 0; d < 3; ++d) pixels_are_rows &= geo.pad_begin[d] == 0 && geo.stride[d] == 1;
     for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
       const int64_t images = std::min(chunk_images, N - n0);
       const int64_t rows = images * P;
@@ -154,24 +242,43 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
                        for (int64_t i = a; i < b;) {
                          const int64_t img = i / in_size, s0 = i % in_size;
                          const int64_t s1 = std::min(in_size, s0 + (b - i));
+                         int16_t* xi = xq + img * image_entries;
                          quantize_image(plan, xdata + (n0 + img) * C * in_size, s0, s1,
-                                        x_scale, act_signed, xq.data() + img * image_entries);
+                                        x_scale, act_signed, xi);
+                         if (two_terms) {
+                           const int64_t ps = plan.pixel_stride;
+                           correction_operands(cfg, xi + s0 * ps, (s1 - s0) * ps,
+                                               xi + term1_offset + s0 * ps);
+                         }
                          i += s1 - s0;
                        }
                      });
       for (int64_t g = 0; g < group; ++g) {
-        Im2ColSource source{&plan, xq.data(), image_entries, P, g};
-        // acc column-major (acc[m * rows + r]): the scaling below reads runs of rows.
-        accumulate_prepared(*prepared->groups[g], rows, source.row_source(), acc.data(), 1, rows,
+        // Outputs scaled and written by the kernels' tile writer: row r is output
+        // position r % P of image r / P; column m is output channel g * Mg + m.
+        FloatOutput out;
+        out.y = y + (n0 * M + g * Mg) * P;
+        out.scale = scale.data() + g * Mg;
+        out.bias = bias != nullptr ? bias + g * Mg : nullptr;
+        out.rows_per_image = P;
+        out.image_stride = M * P;
+        out.row_stride = 1;
+        out.col_stride = P;
+        if (pixels_are_rows && !runs_ok) {
+          accumulate_prepared(*prepared->groups[g], rows, xq, plan.pixel_stride, out,
+                              stats.counters(), par.get());
+          continue;
+        }
+        Im2ColSource source{&plan, xq, image_entries, P, g};
+        if (runs_ok) {
+          Im2ColRuns runs{&plan, xq, xq + E, image_entries, P, g};
+          const RunSource run_source{&runs, Im2ColRuns::fill, KS, gw, term1_offset};
+          accumulate_prepared(*prepared->groups[g], rows, source.row_source(), run_source, out,
+                              stats.counters(), par.get());
+          continue;
+        }
+        accumulate_prepared(*prepared->groups[g], rows, source.row_source(), out,
                             stats.counters(), par.get());
-        par.for_ranges(images * Mg, grain_for(images * Mg, 4), [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) {
-            const int64_t img = i / Mg, m = i % Mg, oc = g * Mg + m;
-            scale_accumulators<false>(acc.data() + m * rows + img * P, P, &scale[oc],
-                                      bias != nullptr ? &bias[oc] : nullptr,
-                                      y + ((n0 + img) * M + oc) * P);
-          }
-        });
       }
     }
   }

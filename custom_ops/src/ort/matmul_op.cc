@@ -3,7 +3,7 @@
 // The columns of Bq are packed and prepared for the kernels once for as long as
 // Bq's bytes stay the same (the kernel object keeps them). The rows of A (all
 // leading dims flattened) are quantized and packed in bounded chunks,
-// accumulated against them, and scaled (scale_accumulators, op_kernel.h):
+// accumulated against them, and scaled by the kernels' tile writer (FloatOutput):
 //   Y[r, n] = float32(a_scale * b_scale[n]) * float32(acc) (+ bias[n]).
 #include <algorithm>
 #include <memory>
@@ -83,22 +83,20 @@ void MatMulKernel::compute(OrtKernelContext* ctx) const {
     const OrtParallel par(api, ctx);
     // The layout depends only on Bq's shape and the attributes: the cache is keyed by Bq.
     // Bq is [K, N]: weight row n (output column n) is element k at k * N + n.
-    const std::shared_ptr<const PreparedSet> prepared = weights.get(bq, [&] {
-      return prepare_weight_groups(cfg, layout, bq, "Bq", N, 1, N, 1, label, par.get());
+    const std::shared_ptr<const PreparedSet> prepared = weights.get(bq, [&](PreparedSet& set) {
+      set.groups = prepare_weight_groups(cfg, layout, bq, "Bq", N, 1, N, 1, label, par.get());
     });
     const float* b_scale = static_cast<const float*>(bs.data);
     const float* bias = bias_t.present() ? static_cast<const float*>(bias_t.data) : nullptr;
     std::vector<float> scale(static_cast<size_t>(N));
     for (int64_t n = 0; n < N; ++n) scale[n] = a_scale * b_scale[n];
 
-    // Rows in chunks: packed activations and accumulators of a chunk stay within
-    // the budget (at least one row), whatever the number of rows.
-    const int64_t row_bytes = RL * static_cast<int64_t>(sizeof(int16_t)) +
-                              N * static_cast<int64_t>(sizeof(int32_t));
+    // Rows in chunks: packed activations of a chunk stay within the budget (at
+    // least one row), whatever the number of rows.
+    const int64_t row_bytes = RL * static_cast<int64_t>(sizeof(int16_t));
     const int64_t chunk = std::clamp<int64_t>(kChunkBudgetBytes / row_bytes, 1, P);
     // Zero once: idle slots sit at the same positions in every row and are never written.
     std::vector<int16_t> a_packed(static_cast<size_t>(chunk * RL), 0);
-    std::vector<int32_t> acc(static_cast<size_t>(chunk * N));
 
     const bool act_signed = cfg.act_signed;
     const float* adata = static_cast<const float*>(a.data);
@@ -108,14 +106,16 @@ void MatMulKernel::compute(OrtKernelContext* ctx) const {
         quantize_pack_rows(layout, adata + p0 * K, r0, r1, a_scale, act_signed,
                            a_packed.data() + r0 * RL);
       });
-      accumulate_prepared(*prepared->groups[0], rows, a_packed.data(), RL, acc.data(), N, 1,
-                          stats.counters(), par.get());
-      float* yc = y + p0 * N;
-      par.for_ranges(rows, grain_for(rows, 8), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          scale_accumulators<true>(acc.data() + r * N, N, scale.data(), bias, yc + r * N);
-        }
-      });
+      // Outputs scaled and written by the kernels' tile writer (row-major Y).
+      FloatOutput out;
+      out.y = y + p0 * N;
+      out.scale = scale.data();
+      out.bias = bias;
+      out.rows_per_image = rows;
+      out.row_stride = N;
+      out.col_stride = 1;
+      accumulate_prepared(*prepared->groups[0], rows, a_packed.data(), RL, out, stats.counters(),
+                          par.get());
     }
   }
   stats.write();

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <vector>
 
+#include "nbsmt/direct_conv.h"
 #include "nbsmt/kernels.h"
 #include "ort_api.h"
 
@@ -31,14 +32,16 @@ namespace nbsmt::ort {
 struct PreparedSet {
   std::vector<int64_t> dims;  // shape of the weight input they were built from
   std::vector<int8_t> raw;    // its bytes
-  std::vector<std::shared_ptr<const PreparedWeights>> groups;  // one per Conv group
+  std::vector<std::shared_ptr<const PreparedWeights>> groups;  // one per Conv group (GEMM path)
+  std::shared_ptr<const DirectConvWeights> direct;  // Conv direct path (direct_conv.h), or null
 };
 
 class PreparedWeightsCache {
  public:
   // The prepared weights of `w` (an int8 tensor): the cached set if w has the
-  // same dims and bytes, else build(), which becomes the cached set. build
-  // returns one PreparedWeights per group and may throw (nothing is cached then).
+  // same dims and bytes, else a set filled by build(PreparedSet&) (the GEMM
+  // groups or the direct-conv weights), which becomes the cached one. build may
+  // throw (nothing is cached then).
   template <class Build>
   std::shared_ptr<const PreparedSet> get(const Tensor& w, const Build& build) {
     std::shared_ptr<const PreparedSet> current = snapshot();
@@ -47,7 +50,7 @@ class PreparedWeightsCache {
     auto fresh = std::make_shared<PreparedSet>();
     fresh->dims = w.dims;
     fresh->raw.assign(bytes, bytes + w.size());
-    fresh->groups = build();
+    build(*fresh);
     std::shared_ptr<const PreparedSet> result = std::move(fresh);
     std::lock_guard<std::mutex> lock(mu_);
     current_ = result;
