@@ -312,7 +312,7 @@ def _evaluation_table(result: Mapping[str, Any]) -> str:
     verdict: dict[str, bool] = {}
     for c in result.get("gate", {}).get("checks", []):
         verdict[c["row"]] = verdict.get(c["row"], True) and bool(c["passed"])
-    header = ["row", "settings", *[c[0] for c in cols], "samples", "time s"]
+    header = ["row", "settings", "speed-up", *[c[0] for c in cols], "samples", "time s"]
     if verdict:
         header.append("gate")
     body, classes = [], []
@@ -321,14 +321,15 @@ def _evaluation_table(result: Mapping[str, Any]) -> str:
             "-" if not r.get("threads") or r["threads"] == 1 else f"{r['mapping']}/{r['reduce']}"
         )
         if not r.get("available", True):
-            cells = [_esc(r["name"]), _esc(settings)] + ["-"] * len(cols) + ["-", "-"]
+            cells = [_esc(r["name"]), _esc(settings), "-"] + ["-"] * len(cols) + ["-", "-"]
             if verdict:
                 cells.append(_gate_cell(verdict.get(r["id"])))
-            cells[2] = f"unavailable: {_esc(r.get('note'))}"
+            cells[3] = f"unavailable: {_esc(r.get('note'))}"
             body.append(cells)
             classes.append("unavailable")
             continue
-        cells = [_esc(r["name"]), _esc(settings)]
+        speed = r.get("speedup")
+        cells = [_esc(r["name"]), _esc(settings), "-" if speed is None else f"{speed:.2f}&times;"]
         intervals = r.get("intervals") or {}
         for _, k, f in cols:
             cell = _esc(_fmt(r["metrics"].get(k), f))
