@@ -287,18 +287,24 @@ class SearchResult:
         """Every assignment tried, by speed-up: the verified ones with their measured metric and
         intervals (``evaluated``), and the chain's unverified ones with the metric the sum of
         their layers' sensitivities predicts (``predicted``, no interval). ``pareto`` marks the
-        verified assignments on the front; ``chosen`` the accepted one."""
+        verified assignments on the front; ``chosen`` the accepted one. An assignment evaluated
+        twice (the chain's end is also uniform at the highest choice) is one row."""
         front = {id(c) for c in self.pareto()}
         steps = {_key(s.threads): k for k, s in enumerate(self.chain)}
         rows: list[dict[str, Any]] = []
-        seen: set[tuple[tuple[str, int], ...]] = set()
+        seen: dict[tuple[tuple[str, int], ...], dict[str, Any]] = {}
         for c in self.tried:
-            seen.add(_key(c.threads))
+            if _key(c.threads) in seen:
+                row = seen[_key(c.threads)]
+                row["pareto"] = row["pareto"] or id(c) in front
+                row["chosen"] = row["chosen"] or c is self.best
+                continue
             rows.append({
                 "label": c.label, "step": steps.get(_key(c.threads)), "speedup": c.speedup,
                 "status": "evaluated", **c.score.to_dict(), "predicted_drop": c.predicted_drop,
                 "pareto": id(c) in front, "chosen": c is self.best, "threads": dict(c.threads),
             })  # fmt: skip
+            seen[_key(c.threads)] = rows[-1]
         for k, step in enumerate(self.chain):
             if _key(step.threads) in seen:
                 continue
