@@ -2,14 +2,18 @@
 
 For one model and each budget, ``nbsmt_onnx.search`` runs on a *search*
 split; the chosen assignment and uniform T = 2 / T = 4 (every one built by
-``transform`` with recalibration) are then scored on a disjoint *test* split.
-Printed per row: speed-up (MAC-weighted), the metric on the test split with
-its 95 % Wilson interval, the drop to the reference with its paired 95 %
-interval, and the search's cost (model evaluations, wall time).
+``transform`` with recalibration) are then scored on a disjoint *test* split,
+beside the float32 model (with labels) and the int8 model at T = 1 (no
+NB-SMT, not recalibrated: the 1.00x row). Printed per row: speed-up
+(MAC-weighted), the metric on the test split with its 95 % Wilson interval,
+the drop to ``--reference`` with its paired 95 % interval, and the search's
+cost (model evaluations, wall time).
 
+    python models/fashion_mnist/data.py --out D --num-calib 1000 --num-eval 4000
     python bench/search_study.py --model models/fashion_mnist/fmnist_resnet.onnx \\
         --calib D/calib.npz --data D/eval.npz --labels D/eval_labels.npy \\
-        --search-samples 2000 --test-samples 2000 --budgets 1 5
+        --search-samples 1000 --test-samples 1000 --num-calib 500 \\
+        --reference float32 --budgets 1 5
 
 The data file is split by sample index: the first ``--search-samples`` for the
 search, the next ``--test-samples`` for the test (write them shuffled, or use
@@ -108,13 +112,25 @@ def main() -> None:
             diff = paired_proportion_difference(ok, ref_ok)
             row = {
                 "row": name, "speedup": speedup, "metric": 100 * ok.mean(),
-                "metric_ci": [100 * wil.lo, 100 * wil.hi], "drop": -100 * diff.estimate,
+                "metric_ci": [100 * wil.lo, 100 * wil.hi], "drop": -100 * diff.estimate + 0.0,
                 "drop_ci": [-100 * diff.interval.hi, -100 * diff.interval.lo], **extra,
             }  # fmt: skip
             rows.append(row)
             return row
 
-        test_row("reference (" + args.reference + ")", int8.sim_model, 1.0, {})
+        if labels is not None:  # the float model's own score (agreement with itself is 100 %)
+            ok = correct(float_pred)
+            wil = wilson_interval(int(ok.sum()), int(ok.size))
+            diff = paired_proportion_difference(ok, ref_ok)
+            rows.append({
+                "row": "float32" + (" (reference)" if args.reference == "float32" else ""),
+                "speedup": None, "metric": 100 * ok.mean(),
+                "metric_ci": [100 * wil.lo, 100 * wil.hi], "drop": -100 * diff.estimate + 0.0,
+                "drop_ci": [-100 * diff.interval.hi, -100 * diff.interval.lo],
+            })  # fmt: skip
+        # the int8 simulation model at T = 1 (no NB-SMT, no recalibration): the 1.00x row
+        test_row("int8, T=1 (no NB-SMT)" + (" (reference)" if args.reference == "int8" else ""),
+                 int8.sim_model, 1.0, {})  # fmt: skip
         for t in (2, 4):
             res = nb.transform(args.model, args.calib, nb.TransformConfig(
                 num_samples=args.num_calib, threads=t), ranges=int8.ranges)  # fmt: skip
@@ -146,7 +162,8 @@ def main() -> None:
     for r in rows:
         cost = (f"{r['search_drop']:.2f}, {r['evaluations']}, {r['wall_s']} ({r['assignment']})"
                 if "evaluations" in r else "")  # fmt: skip
-        print(f"| {r['row']} | {r['speedup']:.2f}x | {r['metric']:.2f} [{r['metric_ci'][0]:.2f}, "
+        speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        print(f"| {r['row']} | {speed} | {r['metric']:.2f} [{r['metric_ci'][0]:.2f}, "
               f"{r['metric_ci'][1]:.2f}] | {r['drop']:.2f} [{r['drop_ci'][0]:.2f}, "
               f"{r['drop_ci'][1]:.2f}] | {cost} |")  # fmt: skip
     if args.json:

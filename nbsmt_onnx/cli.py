@@ -986,6 +986,11 @@ def inspect_command(model: Path, **kw: Any) -> None:
     help="Write the plan (every layer's threads, MACs, sensitivity; assignments tried) as JSON.",
 )
 @click.option(
+    "--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the report here: HTML for .html/.htm (Pareto front and sensitivities plotted), "
+    "JSON for .json (the plan, the Pareto table, the verified accuracy).",
+)
+@click.option(
     "--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
     help="Accuracy budget: points of --metric below --reference.",
 )
@@ -1029,17 +1034,19 @@ def search_command(model: Path, **kw: Any) -> None:
     Every layer's sensitivity is measured (alone at each higher thread count),
     layers are moved up greedily by loss per cycle saved, and the result is
     verified by a real evaluation, backing off when it misses the budget.
-    Writes the model (recalibrated under the chosen assignment) and, with
-    --plan, the plan. Exit codes: 0 ok, 2 user error, 3 no assignment above the
+    Writes the model (recalibrated under the chosen assignment), with --plan
+    the plan, with --report the report (JSON, or HTML with the Pareto front
+    and the per-layer sensitivities plotted). Exit codes: 0 ok, 2 user error, 3 no assignment above the
     lowest choice met the budget (the best one is still written).
 
     \b
     Example:
       nbsmt-onnx search model.onnx --calib calib.npz --data val.npz --labels val.npy \\
-          --max-drop 1 -o model.search.onnx --plan plan.json
+          --max-drop 1 -o model.search.onnx --plan plan.json --report search.html
     """
     from nbsmt_onnx.api import output_paths
     from nbsmt_onnx.io import check_destination, write_text
+    from nbsmt_onnx.report import report_kind
     from nbsmt_onnx.runtime.executor import create_executor
     from nbsmt_onnx.search import SearchConfig, search
 
@@ -1078,8 +1085,10 @@ def search_command(model: Path, **kw: Any) -> None:
     out = output_paths(model, "sim", kw.pop("output") or model.with_name(
         (model.name[:-5] if model.name.endswith(".onnx") else model.name) + ".search.onnx"
     ))["sim"]  # fmt: skip
-    plan_path = kw.pop("plan_path")
-    for p in [out, *([plan_path] if plan_path else [])]:
+    plan_path, report_path = kw.pop("plan_path"), kw.pop("report_path")
+    if report_path:
+        report_kind(report_path)
+    for p in [out, *(p for p in (plan_path, report_path) if p)]:
         check_destination(Path(p), force=force, protect=(model,))
     with create_executor(
         str(kw.pop("executor")), int(kw.pop("workers")), kw.pop("ray_address")
@@ -1091,6 +1100,8 @@ def search_command(model: Path, **kw: Any) -> None:
     written = result.transform.save(out, force=force)
     if plan_path:
         written.append(write_text(plan_path, json.dumps(result.plan(), indent=2) + "\n", force=force))
+    if report_path:
+        written.append(result.write_report(report_path, force=force))
     click.echo(result.format_table())
     best = result.best
     click.echo(

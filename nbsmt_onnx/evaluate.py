@@ -90,6 +90,7 @@ from nbsmt_onnx.errors import (
     InternalError,
     NbsmtError,
 )
+from nbsmt_onnx.graph.threads import MacCount, layer_macs, nbsmt_nodes, node_threads, speedup
 from nbsmt_onnx.metrics import (
     BOOTSTRAP_PERCENTILE,
     LEVEL,
@@ -260,6 +261,10 @@ class EvaluationRow:
     unrecalibrated: str | None = None
     #: per metric, ``this row - unrecalibrated row`` on the same samples: what recalibration did
     recalibration_effect: Mapping[str, PairedDifference | None] = field(default_factory=dict)
+    #: NB-SMT rows: MAC-weighted speed-up over an 8-bit array without NB-SMT, from the
+    #: threads of the row model's NbSmt nodes (layers left in float count at T = 1);
+    #: None for the float row or when some layer's MACs are unknown
+    speedup: float | None = None
 
     @property
     def wall_s(self) -> float:
@@ -303,6 +308,7 @@ class EvaluationRow:
                     },
                 }
             ),
+            "speedup": self.speedup,
             "samples": self.samples,
             "prepare_s": round(self.prepare_s, 3),
             "inference_s": round(self.inference_s, 3),
@@ -435,7 +441,8 @@ class EvaluationResult:
         writer.writerow(
             [
                 "id", "name", "kind", "threads", "mapping", "reduce", "recalibrated",
-                "available", *_METRIC_KEYS, "samples", "prepare_s", "inference_s", "gate",
+                "available", "speedup", *_METRIC_KEYS, "samples", "prepare_s", "inference_s",
+                "gate",
                 *interval_cols, "reference", *[c.format("diff") for c in diff_cols],
                 "unrecalibrated", *[c.format("recal") for c in diff_cols],
             ]
@@ -451,7 +458,7 @@ class EvaluationResult:
             writer.writerow(
                 [
                     r.id, r.name, r.kind, _blank(r.threads), _blank(r.mapping), _blank(r.reduce),
-                    int(r.recalibrated), int(r.available),
+                    int(r.recalibrated), int(r.available), _blank(r.speedup),
                     *[_blank(r.metrics.get(k)) for k in _METRIC_KEYS],
                     r.samples, f"{r.prepare_s:.3f}", f"{r.inference_s:.3f}", verdicts.get(r.id, ""),
                     *intervals, _blank(r.reference), *diffs, _blank(r.unrecalibrated), *effects,
@@ -629,7 +636,7 @@ def format_table(result: Mapping[str, Any]) -> str:
     if classification:
         columns += [("agree % [95% CI]", "agreement", "pct"), ("KL", "kl", "num")]
     columns += [("cosine", "cosine", "num"), ("SQNR dB", "sqnr_db", "db")]
-    header = ["row", "settings", *[c[0] for c in columns], "time s"]
+    header = ["row", "settings", "speed-up", *[c[0] for c in columns], "time s"]
     verdicts: dict[str, str] = {}
     for c in result.get("gate", {}).get("checks", []):
         verdicts[c["row"]] = (
@@ -641,10 +648,11 @@ def format_table(result: Mapping[str, Any]) -> str:
     for r in rows:
         settings = "-" if r["threads"] in (None, 1) else f"{r['mapping']}/{r['reduce']}"
         if not r["available"]:
-            lines.append([r["name"], settings, f"unavailable: {r['note']}"])
+            lines.append([r["name"], settings, "-", f"unavailable: {r['note']}"])
             continue
         intervals = r.get("intervals") or {}
-        cells = [r["name"], settings]
+        speed = r.get("speedup")
+        cells = [r["name"], settings, "-" if speed is None else f"{speed:.2f}x"]
         for _, key, kind in columns:
             value = r["metrics"].get(key)
             cells.append(
@@ -1248,7 +1256,8 @@ def evaluate_models(
         log.info("%d evaluation sample(s) occur more than once in the evaluation data", within_eval)
 
     uncertainty = _uncertainty(runners, config, labelled)
-    finished = tuple(_finish_row(r, labelled, uncertainty.get(r.row_id)) for r in runners)
+    macs = _count_macs(int8_model, stream.data) if nbsmt_rows else None
+    finished = tuple(_finish_row(r, labelled, uncertainty.get(r.row_id), macs) for r in runners)
     gate = _gate(finished, config, labelled)
     return EvaluationResult(
         rows=finished,
@@ -1415,7 +1424,12 @@ def _uncertainty(
     return out
 
 
-def _finish_row(r: _Runner, labelled: bool, uncertainty: _RowUncertainty | None) -> EvaluationRow:
+def _finish_row(
+    r: _Runner,
+    labelled: bool,
+    uncertainty: _RowUncertainty | None,
+    macs: MacCount | None = None,
+) -> EvaluationRow:
     metrics: dict[str, float | None] = dict.fromkeys(_METRIC_KEYS)
     if r.available:
         if r.accuracy is not None and labelled:
@@ -1452,7 +1466,37 @@ def _finish_row(r: _Runner, labelled: bool, uncertainty: _RowUncertainty | None)
         difference=dict(uncertainty.difference) if uncertainty else {},
         unrecalibrated=uncertainty.unrecalibrated if uncertainty else None,
         recalibration_effect=dict(uncertainty.recalibration_effect) if uncertainty else {},
+        speedup=_row_speedup(r.model, macs) if r.available and not r.spec.is_float else None,
     )
+
+
+def _row_speedup(model: onnx.ModelProto | None, macs: MacCount | None) -> float | None:
+    """The speed-up of ``model`` with the MACs of ``macs`` and the threads of its own NbSmt nodes.
+
+    The threads are read from the model (node attributes), not from the row's
+    settings, so a model built with per-layer threads reports its own figure.
+    """
+    if model is None or macs is None or macs.unknown:
+        return None
+    threads = {n.name: node_threads(n) for n in nbsmt_nodes(model)}
+    layers = []
+    for layer in macs.layers:
+        if layer.op_type in schema.OP_TYPES:
+            if layer.name not in threads:
+                return None  # a different graph than the one counted
+            layer = replace(layer, threads=threads[layer.name])
+        layers.append(layer)
+    return speedup(layers)
+
+
+def _count_macs(model: onnx.ModelProto, data: CalibrationData) -> MacCount | None:
+    """Per-sample MACs of ``model`` on the shapes of ``data``'s first batch; None if unknowable."""
+    first = data.first_batch()
+    try:
+        return layer_macs(model, {k: v.shape for k, v in first.items()}, data.samples_in(first))
+    except InternalError as err:  # a reporting figure must not stop the evaluation
+        log.warning("speed-up figure unavailable: %s", err)
+        return None
 
 
 def write_text(path: str | Path, text: str, *, force: bool = False) -> Path:

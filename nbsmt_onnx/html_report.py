@@ -8,7 +8,10 @@ Two kinds of report are understood, told apart by their ``format`` field:
   recalibrated rows, the gate;
 - the transform report (``report.build_report``, ``nbsmt-onnx transform``):
   per-layer NB-SMT statistics on the calibration data and the recalibration
-  section.
+  section;
+- the search report (``SearchResult.report()``, ``nbsmt-onnx search``): the
+  verified result, the Pareto table and front (speed-up vs the metric), the
+  per-layer sensitivities and threads.
 
 A section whose data the report does not hold says "not available" and why,
 instead of being dropped silently. Plots are drawn with matplotlib's
@@ -32,6 +35,7 @@ from nbsmt_onnx.io import write_text
 
 EVALUATION_FORMAT = "nbsmt-onnx/evaluation"
 TRANSFORM_FORMAT = "nbsmt-onnx/transform-report"
+SEARCH_FORMAT = "nbsmt-onnx/search-report"
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto;
@@ -312,7 +316,7 @@ def _evaluation_table(result: Mapping[str, Any]) -> str:
     verdict: dict[str, bool] = {}
     for c in result.get("gate", {}).get("checks", []):
         verdict[c["row"]] = verdict.get(c["row"], True) and bool(c["passed"])
-    header = ["row", "settings", *[c[0] for c in cols], "samples", "time s"]
+    header = ["row", "settings", "speed-up", *[c[0] for c in cols], "samples", "time s"]
     if verdict:
         header.append("gate")
     body, classes = [], []
@@ -321,14 +325,15 @@ def _evaluation_table(result: Mapping[str, Any]) -> str:
             "-" if not r.get("threads") or r["threads"] == 1 else f"{r['mapping']}/{r['reduce']}"
         )
         if not r.get("available", True):
-            cells = [_esc(r["name"]), _esc(settings)] + ["-"] * len(cols) + ["-", "-"]
+            cells = [_esc(r["name"]), _esc(settings), "-"] + ["-"] * len(cols) + ["-", "-"]
             if verdict:
                 cells.append(_gate_cell(verdict.get(r["id"])))
-            cells[2] = f"unavailable: {_esc(r.get('note'))}"
+            cells[3] = f"unavailable: {_esc(r.get('note'))}"
             body.append(cells)
             classes.append("unavailable")
             continue
-        cells = [_esc(r["name"]), _esc(settings)]
+        speed = r.get("speedup")
+        cells = [_esc(r["name"]), _esc(settings), "-" if speed is None else f"{speed:.2f}&times;"]
         intervals = r.get("intervals") or {}
         for _, k, f in cols:
             cell = _esc(_fmt(r["metrics"].get(k), f))
@@ -834,15 +839,175 @@ def _render_transform(report: Mapping[str, Any]) -> str:
     return _page("nbsmt-onnx transform report", "".join(parts))
 
 
+# --------------------------------------------------------------------------- search
+
+
+def _pareto_plot(report: Mapping[str, Any], name: str) -> str:
+    """Speed-up (x) against the metric (y): verified assignments with their 95 % intervals,
+    the chain's predicted ones hollow, the front as a line, the chosen one starred, the
+    reference and the budget as horizontal lines."""
+    rows = report.get("pareto_table") or []
+    fig = _figure(9.0, 4.8)
+    ax = fig.subplots()
+    evaluated = [r for r in rows if r.get("status") == "evaluated" and _num(r.get("metric")) is not None]
+    predicted = [r for r in rows if r.get("status") == "predicted" and _num(r.get("metric")) is not None]
+    if predicted:
+        ax.plot(
+            [float(r["speedup"]) for r in predicted], [float(r["metric"]) for r in predicted],
+            "o", mfc="none", color="#8c959f", label="predicted (sum of sensitivities)",
+        )  # fmt: skip
+    if evaluated:
+        xs = [float(r["speedup"]) for r in evaluated]
+        ys = [float(r["metric"]) for r in evaluated]
+        lo = [y - float(r["interval"][0]) if r.get("interval") else 0.0 for y, r in zip(ys, evaluated, strict=True)]
+        hi = [float(r["interval"][1]) - y if r.get("interval") else 0.0 for y, r in zip(ys, evaluated, strict=True)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color="#4c72b0", capsize=3,
+                    label="evaluated (95% Wilson interval)")  # fmt: skip
+        front = sorted((float(r["speedup"]), float(r["metric"])) for r in evaluated if r.get("pareto"))
+        if front:
+            ax.plot([f[0] for f in front], [f[1] for f in front], "-", color="#4c72b0", alpha=0.6,
+                    label="Pareto front")  # fmt: skip
+        for r in evaluated:
+            if r.get("chosen"):
+                ax.plot([float(r["speedup"])], [float(r["metric"])], "*", ms=16, color="#d62728",
+                        label="chosen")  # fmt: skip
+    ref = _num(report.get("reference_metric"))
+    budget = _num(report.get("max_drop"))
+    if ref is not None:
+        ax.axhline(ref, color="#1a7f37", ls="--", lw=1, label=f"reference ({report.get('reference')})")
+        if budget is not None:
+            ax.axhline(ref - budget, color="#b42318", ls=":", lw=1, label="budget")
+    ax.set_xlabel("speed-up over an 8-bit array without NB-SMT (MAC-weighted)")
+    ax.set_ylabel(f"{name} (%)")
+    ax.grid(alpha=0.3)
+    _legend_below(fig, ax, 6)
+    return _png(fig, "Pareto front: speed-up vs " + name)
+
+
+def _sensitivity_plot(layers: Sequence[Mapping[str, Any]], choices: Sequence[int]) -> str:
+    """Per layer (top-down), the drop when that layer alone moves to each higher choice."""
+    names = [str(layer["name"]) for layer in layers]
+    series = [
+        (f"T={t}", [_num((layer.get("sensitivity") or {}).get(str(t))) for layer in layers])
+        for t in choices[1:]
+    ]
+    fig = _figure(11.5, max(2.4, 0.28 * len(names) * max(1, len(series)) / 1.5 + 1.2))
+    ax = fig.subplots()
+    _grouped_barh(ax, names, series)
+    ax.axvline(0.0, color="#57606a", lw=0.8)
+    ax.set_xlabel("drop when this layer alone moves up (points; negative = better)")
+    _legend_below(fig, ax, len(series))
+    return _png(fig, "per-layer sensitivity")
+
+
+def _pts(value: Any) -> str:
+    """A percentage or points figure with two decimals ("-" when missing)."""
+    v = _num(value)
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _interval_cell(iv: Any) -> str:
+    if not iv:
+        return "-"
+    return f'<span class="ci">[{float(iv[0]):.2f}, {float(iv[1]):.2f}]</span>'
+
+
+def _render_search(report: Mapping[str, Any]) -> str:
+    name = "top-1" if report.get("metric") == "top1" else "agreement with float32"
+    final = report.get("final") or {}
+    data = report.get("search_data") or {}
+    met = bool(report.get("met_budget"))
+    choices = [int(c) for c in report.get("choices") or []]
+    verdict = (
+        '<span class="ok">met</span>' if met
+        else '<span class="fail">NOT met: every layer stays at the lowest choice</span>'
+    )  # fmt: skip
+    parts = [
+        "<h1>nbsmt-onnx search report</h1>",
+        f'<p class="meta">Model <code>{_esc(report.get("model"))}</code>; nbsmt-onnx '
+        f"{_esc(report.get('tool_version'))}. Search data: {_esc(data.get('samples'))} samples of "
+        f"{_esc(data.get('source'))}. Metric {_esc(name)}; reference {_esc(report.get('reference'))} "
+        f"({_pts(report.get('reference_metric'))} %); budget: drop &le; "
+        f"{_esc(report.get('max_drop'))} points ({_esc(report.get('bound'))} estimate); choices "
+        f"{_esc(', '.join(map(str, choices)))}. {_esc(report.get('model_evaluations'))} model "
+        f"evaluations, {float(report.get('wall_time_s') or 0.0):.1f} s.</p>",
+        "<h2>Result</h2>",
+        _table(
+            ["assignment", "speed-up", f"{name} %", "95% interval", "drop (points)",
+             "paired 95% interval", "budget"],
+            [[
+                _esc(final.get("label")), f"{float(final.get('speedup') or 0.0):.2f}&times;",
+                _pts(final.get("metric")), _interval_cell(final.get("interval")),
+                _pts(final.get("drop")), _interval_cell(final.get("drop_interval")),
+                verdict,
+            ]],
+        ),
+        '<p class="meta">The accuracy is measured on the search data by evaluating the final '
+        "model (recalibrated under the chosen assignment), not predicted. Speed-up: MAC-weighted, "
+        "over an 8-bit array without NB-SMT, sum(MACs) / sum(MACs / T); memory bandwidth and "
+        "layers left in float (counted at T = 1) are not modelled beyond that.</p>",
+        "<h2>Pareto front</h2>",
+    ]  # fmt: skip
+    rows = report.get("pareto_table") or []
+    if rows:
+        parts.append(_pareto_plot(report, name))
+        body, classes = [], []
+        for r in rows:
+            mark = (
+                ("chosen" if met else "kept (budget not met)") if r.get("chosen")
+                else ("front" if r.get("pareto") else "")
+            )  # fmt: skip
+            body.append([
+                _esc(r.get("label")), _esc("" if r.get("step") is None else r["step"]),
+                f"{float(r['speedup']):.2f}&times;", _esc(r.get("status")),
+                _pts(r.get("metric")), _interval_cell(r.get("interval")),
+                _pts(r.get("drop")), _interval_cell(r.get("drop_interval")),
+                _esc(mark),
+            ])  # fmt: skip
+            classes.append("unavailable" if r.get("status") == "predicted" else "")
+        table = _table(
+            ["assignment", "chain step", "speed-up", "measured?", f"{name} %", "95% interval",
+             "drop", "paired 95% interval", ""],
+            body, left=1, classes=classes,
+        )  # fmt: skip
+        parts.append(table)
+        parts.append(
+            '<p class="meta">Predicted rows (greyed) were not built: their figure is the '
+            "reference minus the sum of their layers' sensitivities.</p>"
+        )
+    else:
+        parts.append(_na("the report has no assignments"))
+    layers = report.get("layers") or []
+    parts.append("<h2>Per-layer sensitivity and threads</h2>")
+    if layers and len(choices) > 1:
+        parts.append(_sensitivity_plot(layers, choices))
+        table = _table(
+            ["layer", "op", "MACs / sample", "threads", *[f"drop at T={t}" for t in choices[1:]]],
+            [[
+                _esc(layer.get("name")), _esc(layer.get("op_type")),
+                _esc(_macs(layer.get("macs"))), _esc(layer.get("threads")),
+                *[_pts((layer.get("sensitivity") or {}).get(str(t))) for t in choices[1:]],
+            ] for layer in layers],
+            left=2,
+        )  # fmt: skip
+        parts.append(table)
+    else:
+        parts.append(_na("the report has no layers"))
+    return _page("nbsmt-onnx search report", "".join(parts))
+
+
 def render_html(report: Mapping[str, Any]) -> str:
-    """The HTML page of an evaluation result dict or a transform report dict."""
+    """The HTML page of an evaluation result, a transform report or a search report dict."""
     fmt = report.get("format")
     if fmt == EVALUATION_FORMAT:
         return _render_evaluation(report)
     if fmt == TRANSFORM_FORMAT:
         return _render_transform(report)
+    if fmt == SEARCH_FORMAT:
+        return _render_search(report)
     raise ConfigError(
-        f"cannot render a report of format {fmt!r}; expected {EVALUATION_FORMAT!r} or {TRANSFORM_FORMAT!r}"
+        f"cannot render a report of format {fmt!r}; expected {EVALUATION_FORMAT!r}, "
+        f"{TRANSFORM_FORMAT!r} or {SEARCH_FORMAT!r}"
     )
 
 
@@ -851,4 +1016,4 @@ def write_html(report: Mapping[str, Any], path: str | Path, *, force: bool = Fal
     return write_text(path, render_html(report), force=force)
 
 
-__all__ = ["EVALUATION_FORMAT", "TRANSFORM_FORMAT", "render_html", "write_html"]
+__all__ = ["EVALUATION_FORMAT", "SEARCH_FORMAT", "TRANSFORM_FORMAT", "render_html", "write_html"]

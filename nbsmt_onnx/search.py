@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from nbsmt_onnx._version import __version__
 from nbsmt_onnx.api import TransformResult, prepare_for_transform, transform
 from nbsmt_onnx.calibration.data import Feed
 from nbsmt_onnx.config import (
@@ -63,6 +64,7 @@ from nbsmt_onnx.config import (
 from nbsmt_onnx.errors import EXIT_OK, EXIT_THRESHOLD, ConfigError, DataError
 from nbsmt_onnx.evaluate import EvaluateConfig, open_evaluation
 from nbsmt_onnx.graph.threads import LayerMacs, assign_threads, speedup
+from nbsmt_onnx.html_report import SEARCH_FORMAT as SEARCH_REPORT_FORMAT
 from nbsmt_onnx.metrics import (
     Interval,
     PairedDifference,
@@ -72,6 +74,7 @@ from nbsmt_onnx.metrics import (
 )
 from nbsmt_onnx.ops import schema
 from nbsmt_onnx.progress import Progress
+from nbsmt_onnx.report import write_report
 from nbsmt_onnx.runtime.executor import Executor, Job, LocalExecutor
 from nbsmt_onnx.runtime.session import SessionOptions
 
@@ -199,6 +202,16 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class ChainStep:
+    """One assignment of the greedy chain: its speed-up and predicted drop (sum of sensitivities)."""
+
+    label: str
+    threads: dict[str, int]
+    speedup: float
+    predicted_drop: float
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """One layer: MACs per sample, the threads it got, its sensitivity (loss per choice)."""
 
@@ -231,6 +244,12 @@ class SearchResult:
     transform: TransformResult
     model_evaluations: int
     wall_s: float
+    #: every assignment of the greedy chain, verified or not (in chain order)
+    chain: list[ChainStep] = field(default_factory=list)
+    #: where the model and the search data came from (for the report)
+    model: str | None = None
+    data: str | None = None
+    samples: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -263,6 +282,68 @@ class SearchResult:
             "model_evaluations": self.model_evaluations,
             "wall_time_s": round(self.wall_s, 3),
         }
+
+    def pareto_table(self) -> list[dict[str, Any]]:
+        """Every assignment tried, by speed-up: the verified ones with their measured metric and
+        intervals (``evaluated``), and the chain's unverified ones with the metric the sum of
+        their layers' sensitivities predicts (``predicted``, no interval). ``pareto`` marks the
+        verified assignments on the front; ``chosen`` the accepted one. An assignment evaluated
+        twice (the chain's end is also uniform at the highest choice) is one row."""
+        front = {id(c) for c in self.pareto()}
+        steps = {_key(s.threads): k for k, s in enumerate(self.chain)}
+        rows: list[dict[str, Any]] = []
+        seen: dict[tuple[tuple[str, int], ...], dict[str, Any]] = {}
+        for c in self.tried:
+            if _key(c.threads) in seen:
+                row = seen[_key(c.threads)]
+                row["pareto"] = row["pareto"] or id(c) in front
+                row["chosen"] = row["chosen"] or c is self.best
+                continue
+            rows.append({
+                "label": c.label, "step": steps.get(_key(c.threads)), "speedup": c.speedup,
+                "status": "evaluated", **c.score.to_dict(), "predicted_drop": c.predicted_drop,
+                "pareto": id(c) in front, "chosen": c is self.best, "threads": dict(c.threads),
+            })  # fmt: skip
+            seen[_key(c.threads)] = rows[-1]
+        for k, step in enumerate(self.chain):
+            if _key(step.threads) in seen:
+                continue
+            rows.append({
+                "label": step.label, "step": k, "speedup": step.speedup, "status": "predicted",
+                "metric": self.reference_metric - step.predicted_drop, "interval": None,
+                "drop": step.predicted_drop, "drop_interval": None, "p_value": None,
+                "predicted_drop": step.predicted_drop, "pareto": False, "chosen": False,
+                "threads": dict(step.threads),
+            })  # fmt: skip
+        rows.sort(key=lambda r: (r["speedup"], r["status"] != "evaluated"))
+        return rows
+
+    def report(self) -> dict[str, Any]:
+        """The ``--report`` document: the plan, the Pareto table (evaluated and predicted
+        assignments) and the verified accuracy of the accepted assignment."""
+        doc = self.plan()
+        doc["format"] = SEARCH_REPORT_FORMAT
+        doc["format_version"] = 1
+        best = self.best.score.to_dict()
+        doc.update(
+            model=self.model,
+            search_data={"source": self.data, "samples": self.samples},
+            tool_version=__version__,
+            final={
+                "label": self.best.label,
+                "speedup": self.best.speedup,
+                "verified": True,
+                "met_budget": self.met_budget,
+                **best,
+                "threads": dict(self.best.threads),
+            },
+            pareto_table=self.pareto_table(),
+        )
+        return doc
+
+    def write_report(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write :meth:`report` atomically: HTML for ``.html`` / ``.htm``, JSON for ``.json``."""
+        return write_report(self.report(), path, force=force)
 
     def layer_threads(self) -> dict[str, int]:
         """The accepted assignment, as a ``--layer-threads`` file holds it."""
@@ -326,6 +407,10 @@ class _Scorer:
         return Score(
             metric_value, wilson_interval(int(ok.sum()), n), reference - metric_value, diff
         )
+
+
+def _key(threads: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(threads.items()))
 
 
 def _label(threads: Mapping[str, int]) -> str:
@@ -522,6 +607,7 @@ def search(
     else:
         best, best_transform = base_candidate, base
     layers = [LayerPlan(n, ops[n], macs[n], best.threads[n], dict(sensitivity[n])) for n in names]
+    steps = [ChainStep(_label(t), dict(t), figure(t), p) for t, p in chain]
     result = SearchResult(
         config=config,
         reference_metric=reference_metric,
@@ -532,6 +618,10 @@ def search(
         transform=best_transform,
         model_evaluations=scorer.evaluations,
         wall_s=time.perf_counter() - started,
+        chain=steps,
+        model=None if isinstance(model, onnx.ModelProto) else str(model),
+        data=str(eval_data) if isinstance(eval_data, (str, Path)) else None,
+        samples=len(float_pred),
     )
     log.info(
         "search: %s, speed-up %.2fx, %s %.2f %% (drop %.2f points), %d model evaluations",

@@ -203,6 +203,26 @@ def test_transform_report_renders(fm_data: Path, tmp_path: Path, nbsmt_library: 
     assert probe["images"] >= 2  # per-layer statistics and BN shift
 
 
+def test_search_report_renders(tmp_path: Path, nbsmt_library: str) -> None:
+    import onnx
+    import transform_models as tm
+
+    from nbsmt_onnx.search import SearchConfig, search
+
+    onnx.save(tm.conv_relu_gemm(0), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((64, 3, 8, 8)).astype(np.float32))
+    result = search(
+        tmp_path / "model.onnx", tmp_path / "calib.npz", tmp_path / "eval.npz",
+        SearchConfig(max_drop=5.0, transform=TransformConfig(num_samples=32)),
+    )  # fmt: skip
+    page = render_html(result.report())
+    assert "Not available" not in page
+    probe = check_renders(page, tmp_path, "search")
+    assert probe["images"] == 2 and probe["tables"] == 3  # Pareto front, sensitivities
+
+
 def test_the_probe_catches_errors(tmp_path: Path) -> None:
     """The checks can fail: a script error and a broken image are reported."""
     page = (

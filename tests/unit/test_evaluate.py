@@ -418,7 +418,7 @@ def test_table_shows_rows_counts_and_gate() -> None:
     gate = _gate(ROWS, EvaluateConfig(max_drop=1.0), labelled=True)
     text = _result(gate).format_table()
     lines = text.splitlines()
-    assert lines[0].split()[:3] == ["row", "settings", "top-1"] and "top-5 %" in lines[0]
+    assert lines[0].split()[:3] == ["row", "settings", "speed-up"] and "top-5 %" in lines[0]
     assert any(line.startswith("t2r") and "88.80" in line and "FAIL" in line for line in lines)
     assert "8 samples of calib.npz (seed 1)" in text
     assert "2 evaluation sample(s) also occur in the calibration data" in text
