@@ -412,7 +412,7 @@ _recalibration_options = _options(
         show_default=True,
         help="Shrink each channel's mean correction d by max(0, 1 - K^2 SE^2 / d^2), SE its "
         "per-sample standard error: shifts within K standard errors of 0 are not applied "
-        "(0 = off).",
+        "(0 = off; e.g. 2 for a conservative correction).",
     ),
     click.option(
         "--guard/--no-guard",
