@@ -98,11 +98,11 @@ def sample_loss(reference: np.ndarray, value: np.ndarray, metric: str, kind: str
     n = ref.shape[0]
     bad = ~np.isfinite(out.reshape(n, -1)).all(axis=1)
     if metric == "kl":
-        ref_c, out_c = _distributions(ref), _distributions(np.nan_to_num(out))
+        ref_c, out_c = as_classification(ref), as_classification(np.nan_to_num(out))
+        assert ref_c is not None and out_c is not None
         lp_ref = log_probabilities(ref_c, kind)
         lp = log_probabilities(out_c, kind)
-        per_row = np.sum(np.exp(lp_ref) * (lp_ref - lp), axis=1)
-        loss = per_row.reshape(n, -1).mean(axis=1)  # mean over positions (sequences)
+        loss = np.sum(np.exp(lp_ref) * (lp_ref - lp), axis=1)
     else:
         a = ref.reshape(n, -1)
         b = np.nan_to_num(out).reshape(n, -1)
@@ -232,43 +232,12 @@ def split_blocks(units: Sequence[str], blocks: int) -> list[tuple[str, ...]]:
     return [tuple(units[edges[i] : edges[i + 1]]) for i in range(k) if edges[i + 1] > edges[i]]
 
 
-def _distributions(x: np.ndarray) -> np.ndarray:
-    """Class scores as rows ``[rows, C]``: ``[N, C(, 1...)]`` or ``[N, ..., C]`` (per position)."""
-    scores = as_classification(x)
-    if scores is not None:
-        return scores
-    arr = np.asarray(x, dtype=np.float64)
-    return arr.reshape(-1, arr.shape[-1])
-
-
-def _is_sequence_of_distributions(x: np.ndarray) -> bool:
-    """``[N, ..., C]`` (rank >= 3) whose last axis holds probability distributions."""
-    arr = np.asarray(x)
-    return (
-        arr.ndim >= 3
-        and arr.shape[-1] >= 2
-        and detect_output_kind(arr.reshape(-1, arr.shape[-1])) == "probabilities"
-    )
-
-
 def choose_metric(reference: Mapping[str, np.ndarray]) -> tuple[str, dict[str, str]]:
-    """KL when every output holds class scores, else 1-cosine.
-
-    Class scores: ``[N, C]`` outputs (logits or probabilities, detected), and
-    ``[N, ..., C]`` outputs whose last axis sums to 1 (per-position
-    probabilities, e.g. a text recogniser's ``[N, T, C]``; KL is averaged over
-    positions). Other outputs (maps, boxes, features) get 1-cosine.
-    """
-    kinds: dict[str, str] = {}
-    for name, value in reference.items():
-        scores = as_classification(value)
-        if scores is not None:
-            kinds[name] = detect_output_kind(scores)
-        elif _is_sequence_of_distributions(value):
-            kinds[name] = "probabilities"
-        else:
-            return "1-cosine", {}
-    return "kl", kinds
+    """KL when every output is classifier-like (with logits/probabilities detected), else 1-cosine."""
+    scores = {n: as_classification(v) for n, v in reference.items()}
+    if all(s is not None for s in scores.values()):
+        return "kl", {n: detect_output_kind(s) for n, s in scores.items() if s is not None}
+    return "1-cosine", {}
 
 
 def guard(

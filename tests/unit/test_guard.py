@@ -110,22 +110,6 @@ def test_sample_losses_match_direct_computation():
     assert g.sample_loss(ref, out, "1-cosine", "")[2] == np.inf
 
 
-def test_sequence_probabilities_are_scored_by_kl_per_position():
-    rng = np.random.default_rng(4)
-    logits = rng.normal(size=(3, 5, 7))
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    other = np.exp(logits + rng.normal(size=logits.shape))
-    other /= other.sum(-1, keepdims=True)
-    metric, kinds = g.choose_metric({"p": probs})
-    assert metric == "kl" and kinds == {"p": "probabilities"}
-    direct = (probs * np.log(probs / other)).sum(-1).mean(-1)
-    np.testing.assert_allclose(
-        g.sample_loss(probs, other, "kl", "probabilities"), direct, rtol=1e-9
-    )
-    # a feature map or sequence logits are not distributions: 1-cosine
-    assert g.choose_metric({"p": probs, "f": logits})[0] == "1-cosine"
-
-
 def test_split_is_seeded_disjoint_and_complete():
     data = _data(40)
     est, held = data.split(0.25, seed=7)
