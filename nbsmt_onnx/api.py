@@ -699,15 +699,20 @@ def transform(
     float_model, source_path, plan = prepared.model, prepared.source, prepared.plan
 
     specs = prepared.inputs
-    data = open_calibration_data(
-        calib_data,
-        specs,
-        num_samples=config.num_samples,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        images=images,
-        layout=layout,
-    )
+
+    def open_data(source: Any) -> CalibrationData:
+        """Calibration-like data (calibration or guard samples) with the transform's settings."""
+        return open_calibration_data(
+            source,
+            specs,
+            num_samples=config.num_samples,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            images=images,
+            layout=layout,
+        )
+
+    data = open_data(calib_data)
     if data.is_random:
         msg = (
             "calibration with RANDOM data: scales are meaningless for real inputs (smoke test only)"
@@ -749,15 +754,7 @@ def transform(
         log.warning(warnings[-1])
     guarded = None
     if guard_data is not None and config.recalibration.enabled and config.recalibration.guard:
-        guarded = open_calibration_data(
-            guard_data,
-            specs,
-            num_samples=config.num_samples,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            images=images,
-            layout=layout,
-        )
+        guarded = open_data(guard_data)
         guarded.first_batch()
     sim_model, recal_report = _recalibrate(float_model, rewritten, data, config, guarded)
 
