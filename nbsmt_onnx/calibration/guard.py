@@ -43,7 +43,12 @@ import onnx
 from nbsmt_onnx.calibration.data import CalibrationData
 from nbsmt_onnx.compare import OutputCollector, concatenate
 from nbsmt_onnx.errors import DataError
-from nbsmt_onnx.metrics import as_classification, detect_output_kind, log_probabilities
+from nbsmt_onnx.metrics import (
+    as_classification,
+    detect_output_kind,
+    log_probabilities,
+    z_value,
+)
 from nbsmt_onnx.runtime.executor import Executor, Job, LocalExecutor
 
 logger = logging.getLogger(__name__)
@@ -144,7 +149,7 @@ class Comparison:
         return self.improvement > 0 and self.improvement > margin * self.se
 
     def to_dict(self) -> dict[str, Any]:
-        z = 1.959964
+        z = z_value()
         return {
             "loss_before": self.before,
             "loss_after": self.after,

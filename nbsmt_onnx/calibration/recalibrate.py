@@ -303,8 +303,11 @@ class _Runner:
         session_factory: SessionFactory,
         progress: ProgressCallback | None,
         total_passes: int,
+        sample_means: bool = False,
     ) -> None:
         self.data = data
+        #: fetch the probes' per-sample channel means too (only shrinkage needs them)
+        self.keep_sample_means = sample_means
         self.session_factory = session_factory
         self.progress = progress
         self.total_passes = total_passes
@@ -334,14 +337,14 @@ class _Runner:
             )
         for feed in _iterate(self.data):
             for p, session, acc, kept in zip(probed, sessions, accs, per_sample, strict=True):
-                names = p.output_names
+                names = p.output_names if self.keep_sample_means else p.statistic_names
                 values = dict(zip(names, session.run(names, dict(feed)), strict=True))
                 for tensor, outs in p.outputs.items():
                     stats = outs.statistics(values)
                     if acc[tensor] is None:
                         acc[tensor] = ChannelAccumulator(stats.channels)
                     acc[tensor].add(stats)  # type: ignore[union-attr]
-                    means = outs.sample_means(values)
+                    means = outs.sample_means(values) if self.keep_sample_means else None
                     if means is not None:
                         kept.setdefault(tensor, []).append(means)
             batches += 1
@@ -510,7 +513,7 @@ def recalibrate_batchnorm(
         )
         if single_batch_shortcut and len(groups) > 1 and _is_single_batch(data):
             logger.info("calibration data is one batch: relative is exact in two passes")
-            runner = _Runner(data, session_factory, progress, 2)
+            runner = _Runner(data, session_factory, progress, 2, shrink > 0)
             (clean,) = runner.run_pass([clean_probe], "relative: clean model")
             reference = {n: clean[t] for n, t in clean_inputs.items()}
             clean_samples = runner.sample_means[0]
@@ -531,7 +534,9 @@ def recalibrate_batchnorm(
                     _relative(by_name[n], levels[n], old[n], stats, reference[n], ratio, factor)
                 )
             return _finish(strategy, model, updates, skipped, runner)
-    runner = _Runner(data, session_factory, progress, len(groups))
+    runner = _Runner(
+        data, session_factory, progress, len(groups), shrink > 0 and strategy == "relative"
+    )
     current = model
     for level, group in enumerate(groups):
         probed = add_statistics_probes(
@@ -729,7 +734,7 @@ def correct_fused_layers(
     results: list[LayerCorrection] = []
     if single_batch_shortcut and len(groups) > 1 and _is_single_batch(data):
         logger.info("calibration data is one batch: the correction is exact in two passes")
-        runner = _Runner(data, session_factory, progress, 2)
+        runner = _Runner(data, session_factory, progress, 2, shrink > 0)
         (clean,) = runner.run_pass([clean_probe], f"correction {variant}: clean model")
         reference = {n: clean[s.tensor] for n, s in clean_specs.items()}
         clean_samples = runner.sample_means[0]
@@ -749,7 +754,7 @@ def correct_fused_layers(
         results.sort(key=lambda c: c.level)
         current = apply_channel_corrections(model, {c.name: c.correction for c in results})
         return CorrectionResult(variant, current, tuple(results), runner.passes, runner.model_runs)
-    runner = _Runner(data, session_factory, progress, len(groups))
+    runner = _Runner(data, session_factory, progress, len(groups), shrink > 0)
     current = model
     for level, group in enumerate(groups):
         specs = {n: ProbeSpec(nodes[n].output[0], nbsmt_channel_axis(nodes[n])) for n in group}
@@ -1010,6 +1015,7 @@ def recalibrate(
             getattr(config, "memory_mb", defaults.memory_mb),
         )
     callback = _progress_bar() if progress is True else (progress or None)
+    shrink = getattr(config, "shrink", defaults.shrink)
     bn = recalibrate_batchnorm(
         sim_model,
         # train-mode normalises with each batch's statistics: its batch size is the method's
@@ -1019,7 +1025,7 @@ def recalibrate(
         ratio=relative_ratio,
         session_factory=session_factory,
         progress=callback,
-        shrink=getattr(config, "shrink", defaults.shrink),
+        shrink=shrink,
     )
     model = bn.model
     correction = None
@@ -1035,7 +1041,7 @@ def recalibrate(
             ratio=correction_ratio,
             session_factory=session_factory,
             progress=callback,
-            shrink=getattr(config, "shrink", defaults.shrink),
+            shrink=shrink,
         )
         model = correction.model
     fold = None

@@ -79,8 +79,13 @@ class ProbeOutputs:
     sample_mean: str = ""
 
     @property
+    def statistic_names(self) -> tuple[str, str, str]:
+        """The outputs :meth:`statistics` reads (count, mean, M2)."""
+        return (self.count, self.mean, self.m2)
+
+    @property
     def names(self) -> tuple[str, ...]:
-        return (self.count, self.mean, self.m2) + ((self.sample_mean,) if self.sample_mean else ())
+        return self.statistic_names + ((self.sample_mean,) if self.sample_mean else ())
 
     def sample_means(self, values: Mapping[str, np.ndarray]) -> np.ndarray | None:
         """Per-sample channel means ``[N, C]`` of one run (None if not probed)."""
@@ -111,6 +116,11 @@ class ProbeResult:
         for probe in self.outputs.values():
             names.extend(probe.names)
         return names
+
+    @property
+    def statistic_names(self) -> list[str]:
+        """:attr:`output_names` without the per-sample means (when only moments are needed)."""
+        return [n for probe in self.outputs.values() for n in probe.statistic_names]
 
 
 def default_opset(model: onnx.ModelProto) -> int:
