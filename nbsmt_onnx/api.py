@@ -362,6 +362,7 @@ def _recalibrate(
             heldout,
             blocks=rc.guard_blocks,
             margin=rc.guard_margin,
+            check_margin=rc.guard_check_margin,
             progress=step,
         )
         bar.update(evaluations)

@@ -443,6 +443,14 @@ _recalibration_options = _options(
         help="Keep recalibration only if it lowers the held-out loss by more than this many "
         "paired standard errors.",
     ),
+    click.option(
+        "--guard-check-margin",
+        type=click.FloatRange(min=0.0),
+        default=_RC.guard_check_margin,
+        show_default=True,
+        help="Kept recalibration may make no check metric (argmax disagreement, relative "
+        "error, per-step KL) worse by more than this many paired standard errors.",
+    ),
 )
 
 
@@ -474,6 +482,7 @@ def _recalibration_config(kw: dict[str, Any], enabled: bool = True) -> Recalibra
         guard_fraction=float(kw.pop("guard_fraction")),
         guard_blocks=int(kw.pop("guard_blocks")),
         guard_margin=float(kw.pop("guard_margin")),
+        guard_check_margin=float(kw.pop("guard_check_margin")),
     )
 
 

@@ -146,6 +146,16 @@ class RangeConfig:
             raise ConfigError(f"bins must be an integer in [16, 1048576]; got {self.bins!r}")
 
 
+def _non_negative(option: str, value: object) -> None:
+    """A finite number >= 0 (not a bool), else a ConfigError naming ``option``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value >= 0)
+    ):
+        raise ConfigError(f"{option} must be a finite number >= 0; got {value!r}")
+
+
 @dataclass(frozen=True)
 class RecalibrationConfig:
     """BatchNorm recalibration settings (docs/spec.md §4-§5).
@@ -182,7 +192,10 @@ class RecalibrationConfig:
     the caller gives separate guard data; ``guard_blocks`` is how many
     contiguous blocks of corrections the prefixes are made of; the best prefix
     is kept only if it beats no correction by more than ``guard_margin``
-    standard errors of the paired per-sample differences.
+    standard errors of the paired per-sample differences and makes none of
+    the guard's check metrics (argmax disagreement, relative error, per-step
+    KL / disagreement of sequence outputs) worse by more than
+    ``guard_check_margin`` standard errors.
     """
 
     enabled: bool = True
@@ -197,6 +210,7 @@ class RecalibrationConfig:
     guard_fraction: float = 0.25
     guard_blocks: int = 8
     guard_margin: float = 2.0
+    guard_check_margin: float = 1.0
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGY_CHOICES)
@@ -218,13 +232,7 @@ class RecalibrationConfig:
             raise ConfigError(
                 f"recalibration memory_mb must be a positive integer; got {self.memory_mb!r}"
             )
-        shrink = self.shrink
-        if (
-            isinstance(shrink, bool)
-            or not isinstance(shrink, (int, float))
-            or not (math.isfinite(shrink) and shrink >= 0)
-        ):
-            raise ConfigError(f"--shrink must be a finite number >= 0; got {shrink!r}")
+        _non_negative("--shrink", self.shrink)
         fraction = self.guard_fraction
         if (
             isinstance(fraction, bool)
@@ -232,13 +240,8 @@ class RecalibrationConfig:
             or not 0 < fraction < 1
         ):
             raise ConfigError(f"--guard-fraction must be between 0 and 1; got {fraction!r}")
-        margin = self.guard_margin
-        if (
-            isinstance(margin, bool)
-            or not isinstance(margin, (int, float))
-            or not (math.isfinite(margin) and margin >= 0)
-        ):
-            raise ConfigError(f"--guard-margin must be a finite number >= 0; got {margin!r}")
+        _non_negative("--guard-margin", self.guard_margin)
+        _non_negative("--guard-check-margin", self.guard_check_margin)
         if not _positive_int(self.guard_blocks):
             raise ConfigError(
                 f"--guard-blocks must be a positive integer; got {self.guard_blocks!r}"

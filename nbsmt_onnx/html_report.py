@@ -627,7 +627,9 @@ def _guard_section(recals: Sequence[tuple[str, Mapping[str, Any] | None]]) -> st
             f'<p class="meta">{_esc(name)}: {_esc(g["summary"])}; metric {_esc(g.get("metric"))}, '
             f"{_esc(g.get('samples'))} held-out samples from {_esc(g.get('data'))}; a prefix is "
             f"kept only if it beats no correction by more than {_esc(g.get('margin_se'))} paired "
-            "standard error(s).</p>"
+            "standard error(s) and makes no check metric "
+            f"({_esc(', '.join(g.get('checks') or []) or 'none')}) worse by more than "
+            f"{_esc(g.get('check_margin_se'))}.</p>"
         )
         rows = []
         for i, b in enumerate(g.get("blocks") or []):
@@ -640,18 +642,33 @@ def _guard_section(recals: Sequence[tuple[str, Mapping[str, Any] | None]]) -> st
                     _esc(_fmt(b.get("loss_after"))),
                     _esc(_fmt(b.get("improvement"))),
                     _esc(f"[{_fmt(iv[0])}, {_fmt(iv[1])}]"),
-                    "kept" if b.get("kept") else "rejected",
+                    _esc(_checks_cell(b.get("checks") or {})),
+                    "kept" if b.get("kept") else (
+                        _esc("vetoed: " + ", ".join(b["vetoed_by"])) if b.get("vetoed_by")
+                        else "rejected"
+                    ),
                 ]
             )
         parts.append(
             _table(
                 ["blocks", "last block starts at", "held-out loss", "improvement over none",
-                 "95 % interval", "decision"],
+                 "95 % interval", "checks: change (SE)", "decision"],
                 rows,
                 left=2,
             )
         )  # fmt: skip
     return "".join(parts)
+
+
+def _checks_cell(checks: Mapping[str, Any]) -> str:
+    """Each check metric's change vs no correction (negative: closer to float) in its SEs."""
+    cells = []
+    for name, c in checks.items():
+        change = -float(c.get("improvement", 0.0))
+        se = float(c.get("se", 0.0))
+        ratio = f"{change / se:+.1f}" if se > 0 and math.isfinite(change) else "n/a"
+        cells.append(f"{name} {change:+.3g} ({ratio})")
+    return "; ".join(cells)
 
 
 def _transform_layers(report: Mapping[str, Any]) -> str:

@@ -20,6 +20,7 @@ from nbsmt_onnx import TransformConfig, transform
 from nbsmt_onnx.calibration import guard as guard_mod
 from nbsmt_onnx.cli import main
 from nbsmt_onnx.config import RecalibrationConfig
+from nbsmt_onnx.html_report import render_html
 
 
 @pytest.fixture(autouse=True)
@@ -60,13 +61,32 @@ def test_reject_all_equals_the_no_recalibrate_model(tmp_path, monkeypatch):
     assert guarded.report["recalibration"]["fold"]["folded"] == []
 
 
+def test_vetoed_prefixes_are_reported(tmp_path, monkeypatch):
+    model, calib = _setup(tmp_path)
+    monkeypatch.setattr(guard_mod.Comparison, "helps", lambda self, margin: True)
+    monkeypatch.setattr(guard_mod.Comparison, "hurts", lambda self, margin: True)
+    vetoed = transform(model, calib, TransformConfig(threads=4))
+    guard = vetoed.report["recalibration"]["guard"]
+    assert guard["decision"] == "none"
+    assert all(b["vetoed_by"] == ["rel-error"] for b in guard["blocks"])
+    assert "every improvement made rel-error worse" in guard["summary"]
+    page = render_html(vetoed.report)
+    assert "vetoed: rel-error" in page and "checks: change (SE)" in page
+
+
 def test_accepting_guard_keeps_and_folds_everything(tmp_path, monkeypatch):
     model, calib = _setup(tmp_path)
     monkeypatch.setattr(guard_mod.Comparison, "helps", lambda self, margin: True)
+    monkeypatch.setattr(guard_mod.Comparison, "hurts", lambda self, margin: False)
     kept = transform(model, calib, TransformConfig(threads=4))
     guard = kept.report["recalibration"]["guard"]
     assert guard["decision"] == "all" and guard["kept"] == ["bn1", "conv2"]
     assert guard["samples"] == 16  # a quarter of 64
+    # the conv output is a feature map: cosine, with the relative error as the check
+    assert guard["metric"] == "1-cosine" and guard["checks"] == ["rel-error"]
+    assert all(set(b["checks"]) == {"rel-error"} for b in guard["blocks"])
+    assert set(guard["chosen_checks"]) == {"rel-error"}
+    assert "rel-error" in guard["summary"]
     # the BN was folded: no BatchNormalization left, the NbSmt op's scale changed
     assert not [n for n in kept.sim_model.graph.node if n.op_type == "BatchNormalization"]
 

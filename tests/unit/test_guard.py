@@ -88,6 +88,81 @@ def test_non_finite_candidates_are_never_kept():
     assert result.all_vs_none.improvement == -math.inf
 
 
+def _affine(scale: float, bias: np.ndarray) -> onnx.ModelProto:
+    """``y = scale * x + bias`` on ``[N, 4]`` (built on :func:`_model`'s Add)."""
+    model = _model(bias)
+    s = numpy_helper.from_array(np.full(4, scale, dtype=np.float32), "s")
+    model.graph.initializer.append(s)
+    model.graph.node.insert(0, helper.make_node("Mul", ["x", "s"], ["xs"]))
+    model.graph.node[1].input[0] = "xs"
+    return model
+
+
+def test_a_check_that_gets_worse_vetoes_the_primary_improvement():
+    # No correction: flattened logits (large KL, argmax never changes). All corrections:
+    # the right temperature but a bias that flips the argmax of some samples (small KL,
+    # more disagreement). The primary metric alone would keep them; the check vetoes.
+    bias = np.array([1.0, -1.0, 0.5, 0.0])
+
+    def build(keep: frozenset[str]) -> onnx.ModelProto:
+        return _affine(1.0, bias) if keep == AB else _affine(0.2, np.zeros(4))
+
+    flt, data = _model(np.zeros(4)), _data()
+    result = g.guard(UNITS, build, flt, data, blocks=2)
+    assert result.checks == ("disagreement",)
+    last = result.blocks[-1]
+    assert last.comparison.helps(2.0)  # KL improves by > 2 SE ...
+    assert last.vetoed_by == ("disagreement",)  # ... but top-1 flips get significantly worse
+    assert result.kept == () and result.decision == "none"
+    assert "disagreement worse" in result.summary()
+    # an infinite check margin turns the veto off: the KL improvement is kept
+    lax = g.guard(UNITS, build, flt, data, blocks=2, check_margin=math.inf)
+    assert lax.kept == ("a", "b")
+    assert lax.chosen_checks["disagreement"].improvement < 0
+
+
+def test_scoring_of_sequence_and_dense_outputs():
+    rng = np.random.default_rng(5)
+    seq = rng.normal(size=(6, 7, 5))
+    probs = np.exp(seq) / np.exp(seq).sum(-1, keepdims=True)
+    dense = rng.normal(size=(6, 1, 4, 4))
+    scoring = g.choose_scoring({"seq": probs, "map": dense})
+    assert scoring.primary == "1-cosine"
+    assert scoring.checks == ("rel-error", "step-kl", "step-disagreement")
+    assert scoring.sequences == {"seq"} and scoring.kinds == {"seq": "probabilities"}
+    assert g.choose_scoring({"map": dense}).checks == ("rel-error",)
+    cls = g.choose_scoring({"y": rng.normal(size=(6, 3))})
+    assert (cls.primary, cls.checks) == ("kl", ("disagreement",))
+
+
+def test_sequence_and_relative_losses_match_direct_computation():
+    rng = np.random.default_rng(9)
+    ref, out = rng.normal(size=(4, 6, 3)), rng.normal(size=(4, 6, 3))
+    p = np.exp(ref) / np.exp(ref).sum(-1, keepdims=True)
+    q = np.exp(out) / np.exp(out).sum(-1, keepdims=True)
+    np.testing.assert_allclose(
+        g.sample_loss(ref, out, "step-kl", "logits"),
+        (p * np.log(p / q)).sum(-1).mean(-1),
+        rtol=1e-12,
+    )
+    np.testing.assert_array_equal(
+        g.sample_loss(ref, out, "step-disagreement", "logits"),
+        (ref.argmax(-1) != out.argmax(-1)).mean(-1),
+    )
+    np.testing.assert_allclose(
+        g.sample_loss(ref, out, "rel-error", ""),
+        ((out - ref) ** 2).sum((1, 2)) / (ref**2).sum((1, 2)),
+        rtol=1e-12,
+    )
+    # a zero reference: 0 when matched, 1 otherwise (no division by zero)
+    zero = np.zeros((2, 3))
+    np.testing.assert_array_equal(
+        g.sample_loss(zero, np.array([[0.0, 0, 0], [1, 0, 0]]), "rel-error", ""), [0.0, 1.0]
+    )
+    with pytest.raises(ValueError, match="unknown guard metric"):
+        g.sample_loss(ref, out, "psnr", "")
+
+
 def test_split_blocks_partitions_in_order():
     units = [f"u{i}" for i in range(10)]
     blocks = g.split_blocks(units, 4)
