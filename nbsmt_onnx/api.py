@@ -56,6 +56,7 @@ from nbsmt_onnx.calibration.data import (
 )
 from nbsmt_onnx.calibration.ranges import ActivationRange, collect_ranges
 from nbsmt_onnx.calibration.recalibrate import (
+    TransformRecalibration,
     apply_recalibration,
     correction_units,
     fold_summary,
@@ -342,10 +343,52 @@ def _recalibrate(
         log.warning("recalibration is not validated: %s", off)
         report["guard"] = {"decision": "off", "reason": off}
         return result.model, report
-    units = correction_units(result)
-    if not units:
+    decision = _guard(float_model, result, heldout, config)
+    retry = rc.guard_retry_shrink
+    # Shrinkage changes `relative` BN shifts and fused-layer corrections only.
+    shrinkable = rc.strategy == "relative" or result.correction is not None
+    if decision is not None and not decision.kept and retry > rc.shrink and shrinkable:
+        # Nothing of the corrections survived: try once more with noise-level shifts
+        # shrunk away (docs/recalibration.md §8.2, step 5).
+        log.info("recalibration guard kept nothing; retrying with --shrink %g", retry)
+        shrunk = recalibrate(
+            float_model=float_model,
+            sim_model=sim.model,
+            data=estimation,
+            config=replace(rc, shrink=retry),
+            progress=config.progress,
+        )
+        second = _guard(float_model, shrunk, heldout, config)
+        first = decision.to_dict()
+        if second is not None and second.kept:
+            result, decision, report = shrunk, second, dict(shrunk.report)
+        report["guard_first_try"] = {"shrink": rc.shrink, "summary": first["summary"]}
+        report["guard_retry"] = {
+            "shrink": retry,
+            "kept": bool(second is not None and second.kept),
+            "summary": None if second is None else second.summary(),
+        }
+    if decision is None:
         report["guard"] = {"decision": "none", "reason": "recalibration changed nothing"}
         return result.model, report
+    model, folded = apply_recalibration(result, decision.kept, fold=rc.fold)
+    report["guard"] = decision.to_dict()
+    if "fold" in report:
+        report["fold"] = fold_summary(folded)
+    return model, report
+
+
+def _guard(
+    float_model: onnx.ModelProto,
+    result: TransformRecalibration,
+    heldout: CalibrationData,
+    config: TransformConfig,
+) -> guard_mod.GuardResult | None:
+    """The guard's decision on ``result``'s corrections (None: recalibration changed nothing)."""
+    rc = config.recalibration
+    units = correction_units(result)
+    if not units:
+        return None
     evaluations = 2 + len(guard_mod.split_blocks(units, rc.guard_blocks))
     with Progress("recalibration guard", evaluations, "models", enabled=config.progress) as bar:
         done = 0
@@ -366,11 +409,7 @@ def _recalibrate(
             progress=step,
         )
         bar.update(evaluations)
-    model, folded = apply_recalibration(result, decision.kept, fold=rc.fold)
-    report["guard"] = decision.to_dict()
-    if "fold" in report:
-        report["fold"] = fold_summary(folded)
-    return model, report
+    return decision
 
 
 def _run_with_stats(

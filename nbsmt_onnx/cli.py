@@ -451,6 +451,14 @@ _recalibration_options = _options(
         help="Kept recalibration may make no check metric (argmax disagreement, relative "
         "error, per-step KL) worse by more than this many paired standard errors.",
     ),
+    click.option(
+        "--guard-retry-shrink",
+        type=click.FloatRange(min=0.0),
+        default=_RC.guard_retry_shrink,
+        show_default=True,
+        help="When the guard keeps nothing, estimate once more with --shrink K and guard "
+        "again (0 = no retry).",
+    ),
 )
 
 
@@ -483,6 +491,7 @@ def _recalibration_config(kw: dict[str, Any], enabled: bool = True) -> Recalibra
         guard_blocks=int(kw.pop("guard_blocks")),
         guard_margin=float(kw.pop("guard_margin")),
         guard_check_margin=float(kw.pop("guard_check_margin")),
+        guard_retry_shrink=float(kw.pop("guard_retry_shrink")),
     )
 
 
@@ -845,7 +854,7 @@ def transform_command(model: Path, **kw: Any) -> None:
         click.echo(_recalibration_line(recal))
         guard = recal.get("guard")
         if guard:
-            click.echo(_guard_line(guard))
+            click.echo(_guard_line(guard, recal.get("guard_retry")))
     for path in written:
         click.echo(f"wrote {path}")
     if result.evaluation is not None:
@@ -884,11 +893,19 @@ def _recalibration_line(recal: dict[str, Any]) -> str:
     return "recalibration: " + ", ".join(parts) + tail
 
 
-def _guard_line(guard: dict[str, Any]) -> str:
-    """One line on what the held-out guard kept (from the report's ``guard`` section)."""
-    if "summary" in guard:
+def _guard_line(guard: dict[str, Any], retry: dict[str, Any] | None = None) -> str:
+    """One line on what the held-out guard kept (the report's ``guard`` and ``guard_retry``)."""
+    if "summary" not in guard:
+        return f"recalibration guard: {guard['decision']} ({guard.get('reason', '')})"
+    if retry is None:
         return f"recalibration guard: {guard['summary']}"
-    return f"recalibration guard: {guard['decision']} ({guard.get('reason', '')})"
+    k = f"--shrink {retry.get('shrink'):g}"
+    note = (
+        f"estimated with {k} after the unshrunk corrections kept nothing"
+        if retry.get("kept")
+        else f"nothing kept with {k} either"
+    )
+    return f"recalibration guard: {guard['summary']} [{note}]"
 
 
 def _transform_evaluation(kw: dict[str, Any], progress: bool) -> tuple[Any, Any, Any]:

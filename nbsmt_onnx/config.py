@@ -195,7 +195,9 @@ class RecalibrationConfig:
     standard errors of the paired per-sample differences and makes none of
     the guard's check metrics (argmax disagreement, relative error, per-step
     KL / disagreement of sequence outputs) worse by more than
-    ``guard_check_margin`` standard errors.
+    ``guard_check_margin`` standard errors. When the guard keeps nothing and
+    ``guard_retry_shrink`` (K) is above ``shrink``, recalibration is estimated
+    once more with ``shrink=K`` and guarded again (0: no retry).
     """
 
     enabled: bool = True
@@ -211,6 +213,7 @@ class RecalibrationConfig:
     guard_blocks: int = 8
     guard_margin: float = 2.0
     guard_check_margin: float = 1.0
+    guard_retry_shrink: float = 2.0
 
     def __post_init__(self) -> None:
         _choice("strategy", self.strategy, STRATEGY_CHOICES)
@@ -242,6 +245,7 @@ class RecalibrationConfig:
             raise ConfigError(f"--guard-fraction must be between 0 and 1; got {fraction!r}")
         _non_negative("--guard-margin", self.guard_margin)
         _non_negative("--guard-check-margin", self.guard_check_margin)
+        _non_negative("--guard-retry-shrink", self.guard_retry_shrink)
         if not _positive_int(self.guard_blocks):
             raise ConfigError(
                 f"--guard-blocks must be a positive integer; got {self.guard_blocks!r}"

@@ -124,3 +124,64 @@ def test_too_few_samples_to_hold_out_is_said(tmp_path):
     result = transform(model, calib, TransformConfig(threads=2))
     guard = result.report["recalibration"]["guard"]
     assert guard["decision"] == "off" and "too few" in guard["reason"]
+
+
+def _scripted_guard(monkeypatch, keeps: list[bool]) -> list[int]:
+    """Make the n-th guard call keep everything (True) or nothing (False); returns the calls."""
+    calls: list[int] = []
+    real = guard_mod.guard
+
+    def scripted(*args, **kwargs):
+        keep = keeps[len(calls)]
+        calls.append(len(calls))
+        with monkeypatch.context() as m:
+            m.setattr(guard_mod.Comparison, "helps", lambda self, margin: keep)
+            m.setattr(guard_mod.Comparison, "hurts", lambda self, margin: False)
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(guard_mod, "guard", scripted)
+    return calls
+
+
+def test_guard_retries_with_shrinkage_when_nothing_is_kept(tmp_path, monkeypatch):
+    model, calib = _setup(tmp_path)
+    calls = _scripted_guard(monkeypatch, [False, True])
+    result = transform(model, calib, TransformConfig(threads=4))
+    recal = result.report["recalibration"]
+    assert calls == [0, 1]
+    assert recal["guard"]["decision"] == "all"
+    assert recal["guard_first_try"]["shrink"] == 0.0
+    assert recal["guard_retry"] == {
+        "shrink": 2.0,
+        "kept": True,
+        "summary": recal["guard"]["summary"],
+    }
+    # the kept corrections are the shrunk ones: their report carries shrinkage factors
+    assert all("shrink_factor_mean" in b for b in recal["batchnorms"])
+
+
+def test_no_retry_when_turned_off_or_when_the_first_try_keeps_something(tmp_path, monkeypatch):
+    model, calib = _setup(tmp_path)
+    calls = _scripted_guard(monkeypatch, [False, True])
+    off = RecalibrationConfig(guard_retry_shrink=0.0)
+    result = transform(model, calib, TransformConfig(threads=4, recalibration=off))
+    assert calls == [0] and "guard_retry" not in result.report["recalibration"]
+    assert result.report["recalibration"]["guard"]["decision"] == "none"
+    calls = _scripted_guard(monkeypatch, [True, True])
+    kept = transform(model, calib, TransformConfig(threads=4))
+    assert calls == [0] and kept.report["recalibration"]["guard"]["decision"] == "all"
+    assert not any("shrink_factor_mean" in b for b in kept.report["recalibration"]["batchnorms"])
+
+
+def test_cli_says_when_the_kept_corrections_come_from_the_retry(tmp_path, monkeypatch):
+    model, calib = _setup(tmp_path)
+    _scripted_guard(monkeypatch, [False, True])
+    out = CliRunner().invoke(
+        main,
+        ["transform", str(model), "--calib", str(calib), "-o", str(tmp_path / "a.onnx"),
+         "--threads", "4", "--guard-retry-shrink", "3"],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    line = next(x for x in out.output.splitlines() if x.startswith("recalibration guard:"))
+    assert "kept all 2 correction(s)" in line
+    assert line.endswith("[estimated with --shrink 3 after the unshrunk corrections kept nothing]")
