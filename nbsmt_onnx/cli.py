@@ -134,6 +134,7 @@ _HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Recalibration", (
         "recalibrate", "strategy", "fold", "correction", "variance_bound", "recal_samples",
         "recal_memory", "shrink", "guard", "guard_fraction", "guard_blocks", "guard_margin",
+        "guard_check_margin", "guard_retry_shrink",
         "guard_data",
         "sensitivity_recal",
     )),
