@@ -296,6 +296,7 @@ def _recalibrate(
     data: CalibrationData,
     config: TransformConfig,
     guard_data: CalibrationData | None = None,
+    executor: Executor | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
     """Step 6 — recalibration (docs/spec.md §4-§5), validated on held-out samples by the guard.
 
@@ -333,6 +334,7 @@ def _recalibrate(
         data=estimation,
         config=rc,
         progress=config.progress,
+        executor=executor,
     )
     report = dict(result.report)
     if not rc.guard:
@@ -363,6 +365,7 @@ def _recalibrate(
             blocks=rc.guard_blocks,
             margin=rc.guard_margin,
             progress=step,
+            executor=executor,
         )
         bar.update(evaluations)
     model, folded = apply_recalibration(result, decision.kept, fold=rc.fold)
@@ -756,7 +759,9 @@ def transform(
     if guard_data is not None and config.recalibration.enabled and config.recalibration.guard:
         guarded = open_data(guard_data)
         guarded.first_batch()
-    sim_model, recal_report = _recalibrate(float_model, rewritten, data, config, guarded)
+    sim_model, recal_report = _recalibrate(
+        float_model, rewritten, data, config, guarded, executor
+    )
 
     stats = _run_with_stats(sim_model, data, config, executor)
     first = data.first_batch()

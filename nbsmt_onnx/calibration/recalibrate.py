@@ -43,15 +43,15 @@ leave the graph, merged on the host in float64 (``calibration.statistics``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import onnx
 
 from nbsmt_onnx.calibration.data import CalibrationData, feed_samples, rebatch
-from nbsmt_onnx.calibration.statistics import ChannelAccumulator, ChannelStatistics, PairedShift
+from nbsmt_onnx.calibration.statistics import ChannelStatistics, PairedShift
 from nbsmt_onnx.config import RecalibrationConfig
 from nbsmt_onnx.errors import ConfigError, DataError, InternalError, ModelError
 from nbsmt_onnx.graph import memory as _memory
@@ -79,6 +79,7 @@ from nbsmt_onnx.graph.probe import (
     CHANNEL_FIRST,
     CHANNEL_LAST,
     BatchCorrection,
+    ProbeOutputs,
     ProbeResult,
     ProbeSpec,
     RelativeShift,
@@ -86,7 +87,8 @@ from nbsmt_onnx.graph.probe import (
     correct_with_batch_statistics,
     use_batch_statistics,
 )
-from nbsmt_onnx.runtime.session import SessionOptions, create_session
+from nbsmt_onnx.runtime.executor import BatchSource, Executor, FeedStream, Job, LocalExecutor
+from nbsmt_onnx.runtime.session import SessionOptions
 
 logger = logging.getLogger(__name__)
 
@@ -100,28 +102,15 @@ CORRECTIONS = ("mean", "mean+var")
 DEFAULT_CORRECTION = "mean"
 
 Feed = Mapping[str, np.ndarray]
+#: A callable returning the feed dicts afresh on each call (library callers' own batches).
 DataSource = Callable[[], Iterable[Feed]]
+#: What the recalibration functions accept: re-iterable batches or such a callable.
+Data = BatchSource | DataSource
 
-
-class _Session(Protocol):
-    def run(
-        self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any]
-    ) -> list[Any]: ...
-
-
-SessionFactory = Callable[[onnx.ModelProto], _Session]
-
-
-def default_session(model: onnx.ModelProto) -> _Session:
-    """``runtime.session.create_session`` on ``model``, also for models over 2 GB (via ``io``).
-
-    Without ORT's memory arena: recalibration batches are sized to a memory
-    budget (``graph.memory``), and the arena would hold up to twice that.
-    """
-    from nbsmt_onnx import io
-
-    with io.session_source(model) as source:
-        return create_session(source, SessionOptions(memory_arena=False))
+#: Sessions of the recalibration passes run without ORT's memory arena: recalibration
+#: batches are sized to a memory budget (``graph.memory``) and the arena would hold up
+#: to twice that.
+PASS_SESSION = SessionOptions(memory_arena=False)
 
 
 @dataclass(frozen=True)
@@ -294,13 +283,73 @@ class CorrectionResult:
         return {c.name: c.correction for c in self.corrections}
 
 
+@dataclass(frozen=True)
+class ProbePartial:
+    """The statistics of a run of batches of one probed model (a :class:`ProbeReducer` partial)."""
+
+    batches: int
+    #: samples along the first input's axis 0 (checks that every pass sees the same data)
+    samples: int
+    statistics: dict[str, ChannelStatistics]
+    #: tensor -> per-sample channel means [N, C] of each batch, in batch order
+    sample_means: dict[str, list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ProbeReducer:
+    """Executor reducer of a probed model: per-channel statistics of every probed tensor.
+
+    Per batch only the probes' (count, mean, M2) leave the graph (and, with
+    ``sample_means``, the per-sample channel means shrinkage needs); partials
+    merge with Chan's formula (:meth:`ChannelStatistics.merge`), left before
+    right, so the result is the same however the batches were spread.
+    """
+
+    probes: tuple[ProbeOutputs, ...]
+    sample_means: bool = False
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(
+            n for p in self.probes for n in (p.names if self.sample_means else p.statistic_names)
+        )
+
+    def reduce(self, outputs: Sequence[np.ndarray], batch: Feed, first_sample: int) -> ProbePartial:
+        values = dict(zip(self.outputs, outputs, strict=True))
+        means: dict[str, list[np.ndarray]] = {}
+        for p in self.probes:
+            found = p.sample_means(values) if self.sample_means else None
+            if found is not None:
+                means[p.tensor] = [found]
+        first = next(iter(batch.values()), None)
+        samples = int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
+        stats = {p.tensor: p.statistics(values) for p in self.probes}
+        return ProbePartial(1, samples, stats, means)
+
+    def merge(self, left: ProbePartial, right: ProbePartial) -> ProbePartial:
+        return ProbePartial(
+            left.batches + right.batches,
+            left.samples + right.samples,
+            {t: s.merge(right.statistics[t]) for t, s in left.statistics.items()},
+            {
+                t: left.sample_means.get(t, []) + right.sample_means.get(t, [])
+                for t in {**left.sample_means, **right.sample_means}
+            },
+        )
+
+
 class _Runner:
-    """Runs passes over the data; counts them; reports progress; checks data is re-iterable."""
+    """Runs recalibration passes through the executor; counts them; reports progress.
+
+    A pass runs each probed model over the data as one executor job with a
+    :class:`ProbeReducer`; the passes of a strategy must all see the same
+    batches (checked).
+    """
 
     def __init__(
         self,
-        data: DataSource,
-        session_factory: SessionFactory,
+        data: BatchSource,
+        executor: Executor | None,
         progress: ProgressCallback | None,
         total_passes: int,
         sample_means: bool = False,
@@ -308,7 +357,7 @@ class _Runner:
         self.data = data
         #: fetch the probes' per-sample channel means too (only shrinkage needs them)
         self.keep_sample_means = sample_means
-        self.session_factory = session_factory
+        self.executor = executor or LocalExecutor()
         self.progress = progress
         self.total_passes = total_passes
         self.passes = 0
@@ -324,77 +373,81 @@ class _Runner:
         self.passes += 1
         self.model_runs += len(probed)
         logger.info("pass %d/%d: %s", self.passes, self.total_passes, description)
-        sessions = [self.session_factory(p.model) for p in probed]
-        accs: list[dict[str, ChannelAccumulator | None]] = [
-            dict.fromkeys(p.outputs) for p in probed
-        ]
-        per_sample: list[dict[str, list[np.ndarray]]] = [{} for _ in probed]
-        batches = samples = 0
         expected = self._shape[0] if self._shape is not None else None
-        if self.progress is not None:
-            self.progress(
-                PassProgress(self.passes, self.total_passes, description, 0, False, expected)
+        index, total = self.passes, self.total_passes
+        callback = self.progress
+
+        def report(done: int, of: int | None) -> None:
+            if callback is not None:
+                callback(PassProgress(index, total, description, done, False, of or expected))
+
+        report(0, expected)
+        jobs = [
+            Job(
+                p.model,
+                self.data,
+                ProbeReducer(tuple(p.outputs.values()), self.keep_sample_means),
+                PASS_SESSION,
+                what="simulation model" if _uses_library(p.model) else "float model",
             )
-        for feed in _iterate(self.data):
-            for p, session, acc, kept in zip(probed, sessions, accs, per_sample, strict=True):
-                names = p.output_names if self.keep_sample_means else p.statistic_names
-                values = dict(zip(names, session.run(names, dict(feed)), strict=True))
-                for tensor, outs in p.outputs.items():
-                    stats = outs.statistics(values)
-                    if acc[tensor] is None:
-                        acc[tensor] = ChannelAccumulator(stats.channels)
-                    acc[tensor].add(stats)  # type: ignore[union-attr]
-                    means = outs.sample_means(values) if self.keep_sample_means else None
-                    if means is not None:
-                        kept.setdefault(tensor, []).append(means)
-            batches += 1
-            first = next(iter(feed.values()), None)
-            samples += int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
-            if self.progress is not None:
-                self.progress(
-                    PassProgress(
-                        self.passes, self.total_passes, description, batches, False, expected
-                    )
+            for p in probed
+        ]
+        try:
+            partials: list[ProbePartial] = self.executor.map(jobs, report)
+        except DataError as err:
+            if "no batches" not in str(err):
+                raise
+            raise DataError(
+                f"calibration data yielded no batches in pass {self.passes}; pass a callable "
+                "that returns a fresh iterator each time (recalibration reads the data several "
+                "times)"
+            ) from err
+        for part in partials:
+            shape = (part.batches, part.samples)
+            if self._shape is None:
+                self._shape = shape
+            elif self._shape != shape:
+                raise DataError(
+                    f"calibration data changed between passes ({self._shape[0]} batches/"
+                    f"{self._shape[1]} samples, then {shape[0]}/{shape[1]}); use a deterministic "
+                    "data source (fixed seed)"
                 )
-        if batches == 0:
-            raise DataError(
-                f"calibration data yielded no batches in pass {self.passes}; pass a callable that "
-                "returns a fresh iterator each time (recalibration reads the data several times)"
-            )
-        if self._shape is None:
-            self._shape = (batches, samples)
-        elif self._shape != (batches, samples):
-            raise DataError(
-                f"calibration data changed between passes ({self._shape[0]} batches/{self._shape[1]} "
-                f"samples, then {batches}/{samples}); use a deterministic data source (fixed seed)"
-            )
-        if self.progress is not None:
-            self.progress(PassProgress(self.passes, self.total_passes, description, batches, True))
+        if callback is not None:
+            callback(PassProgress(index, total, description, partials[0].batches, True))
         self.sample_means = [
-            {t: np.concatenate(parts, axis=0) for t, parts in kept.items()} for kept in per_sample
+            {t: np.concatenate(parts, axis=0) for t, parts in part.sample_means.items()}
+            for part in partials
         ]
         out: list[dict[str, ChannelStatistics]] = []
-        for acc in accs:
-            result: dict[str, ChannelStatistics] = {}
-            for tensor, a in acc.items():
-                if a is None or a.result.total_count == 0:
+        for part in partials:
+            for tensor, stats in part.statistics.items():
+                if stats.total_count == 0:
                     raise DataError(f"no elements of tensor {tensor!r} were seen in calibration")
-                result[tensor] = a.result
-            out.append(result)
+            out.append(dict(part.statistics))
         return out
 
 
-def _iterate(data: DataSource) -> Iterator[Feed]:
+def _uses_library(model: onnx.ModelProto) -> bool:
+    return any(is_nbsmt(n) for n in model.graph.node)
+
+
+def _batches(data: Data) -> BatchSource:
+    """``data`` as re-iterable batches (a callable, or an object's ``batches``, once per pass)."""
+    if hasattr(data, "batches") and hasattr(data, "samples_in"):
+        return data  # type: ignore[return-value]
+    data = getattr(data, "batches", data)
     if not callable(data):
         raise ConfigError(
             "calibration data must be a callable returning an iterable of feed dicts "
             "(it is read once per pass)"
         )
-    yield from data()
+    return FeedStream(data)
 
 
-def _is_single_batch(data: DataSource) -> bool:
-    it = iter(_iterate(data))
+def _is_single_batch(data: BatchSource) -> bool:
+    if data.num_batches is not None:
+        return data.num_batches == 1
+    it = iter(data.batches())
     first = next(it, None)
     return first is not None and next(it, None) is None
 
@@ -434,14 +487,14 @@ def _select_batchnorms(
 
 def recalibrate_batchnorm(
     model: onnx.ModelProto,
-    data: DataSource,
+    data: Data,
     *,
     strategy: str = DEFAULT_STRATEGY,
     float_model: onnx.ModelProto | None = None,
     batchnorms: Iterable[str] | None = None,
     ratio: VarianceRatio = DEFAULT_RELATIVE_RATIO,
     single_batch_shortcut: bool = True,
-    session_factory: SessionFactory = default_session,
+    executor: Executor | None = None,
     progress: ProgressCallback | None = None,
     shrink: float = 0.0,
 ) -> RecalibrationResult:
@@ -449,7 +502,10 @@ def recalibrate_batchnorm(
 
     ``model`` is the NB-SMT model (BN nodes kept); ``float_model`` the clean
     model with the same BN node names (required by ``relative``). ``data``
-    is called once per pass and must yield the same feed dicts each time.
+    (a ``CalibrationData``, or a callable called once per pass) must yield the
+    same feed dicts each time. Every pass runs through ``executor`` (in
+    process by default): the statistics are the same however it spreads the
+    batches.
     ``batchnorms`` defaults to every BN that can be recalibrated and has an
     NbSmt op upstream; the others are listed in ``skipped``. The returned
     model has the new statistics written into its BN nodes (fold them with
@@ -465,6 +521,7 @@ def recalibrate_batchnorm(
         raise ConfigError(
             "strategy 'relative' needs the float model to measure the clean statistics"
         )
+    data = _batches(data)
     infos, skipped = _select_batchnorms(model, batchnorms)
     if not infos:
         logger.info("no BatchNormalization to recalibrate")
@@ -480,7 +537,7 @@ def recalibrate_batchnorm(
     ):
         if strategy == "sequential":
             logger.info("calibration data is one batch: sequential is exact in one train-mode pass")
-        runner = _Runner(data, session_factory, progress, 1)
+        runner = _Runner(data, executor, progress, 1)
         probed = use_batch_statistics(model, [i.name for i in infos], only_statistics=True)
         (measured,) = runner.run_pass(
             [probed], f"{strategy}: {len(infos)} BNs in batch-statistics mode"
@@ -491,7 +548,7 @@ def recalibrate_batchnorm(
         return _finish(strategy, model, updates, skipped, runner)
 
     if strategy == "one-pass":
-        runner = _Runner(data, session_factory, progress, 1)
+        runner = _Runner(data, executor, progress, 1)
         probed = add_statistics_probes(model, [i.input for i in infos], only_statistics=True)
         (measured,) = runner.run_pass(
             [probed], f"one-pass: {len(infos)} BNs, old upstream statistics"
@@ -513,7 +570,7 @@ def recalibrate_batchnorm(
         )
         if single_batch_shortcut and len(groups) > 1 and _is_single_batch(data):
             logger.info("calibration data is one batch: relative is exact in two passes")
-            runner = _Runner(data, session_factory, progress, 2, shrink > 0)
+            runner = _Runner(data, executor, progress, 2, shrink > 0)
             (clean,) = runner.run_pass([clean_probe], "relative: clean model")
             reference = {n: clean[t] for n, t in clean_inputs.items()}
             clean_samples = runner.sample_means[0]
@@ -534,9 +591,7 @@ def recalibrate_batchnorm(
                     _relative(by_name[n], levels[n], old[n], stats, reference[n], ratio, factor)
                 )
             return _finish(strategy, model, updates, skipped, runner)
-    runner = _Runner(
-        data, session_factory, progress, len(groups), shrink > 0 and strategy == "relative"
-    )
+    runner = _Runner(data, executor, progress, len(groups), shrink > 0 and strategy == "relative")
     current = model
     for level, group in enumerate(groups):
         probed = add_statistics_probes(
@@ -679,13 +734,13 @@ def _float_batchnorm_inputs(float_model: onnx.ModelProto, names: Sequence[str]) 
 def correct_fused_layers(
     model: onnx.ModelProto,
     float_model: onnx.ModelProto,
-    data: DataSource,
+    data: Data,
     *,
     variant: str = DEFAULT_CORRECTION,
     layers: Iterable[str] | None = None,
     ratio: VarianceRatio = DEFAULT_RATIO,
     single_batch_shortcut: bool = True,
-    session_factory: SessionFactory = default_session,
+    executor: Executor | None = None,
     progress: ProgressCallback | None = None,
     shrink: float = 0.0,
 ) -> CorrectionResult:
@@ -706,6 +761,7 @@ def correct_fused_layers(
     """
     if variant not in CORRECTIONS:
         raise ConfigError(f"unknown correction {variant!r}; choose one of {', '.join(CORRECTIONS)}")
+    data = _batches(data)
     names = list(dict.fromkeys(layers)) if layers is not None else layers_without_batchnorm(model)
     nodes = {n.name: n for n in model.graph.node if is_nbsmt(n)}
     unknown = [n for n in names if n not in nodes]
@@ -734,7 +790,7 @@ def correct_fused_layers(
     results: list[LayerCorrection] = []
     if single_batch_shortcut and len(groups) > 1 and _is_single_batch(data):
         logger.info("calibration data is one batch: the correction is exact in two passes")
-        runner = _Runner(data, session_factory, progress, 2, shrink > 0)
+        runner = _Runner(data, executor, progress, 2, shrink > 0)
         (clean,) = runner.run_pass([clean_probe], f"correction {variant}: clean model")
         reference = {n: clean[s.tensor] for n, s in clean_specs.items()}
         clean_samples = runner.sample_means[0]
@@ -754,7 +810,7 @@ def correct_fused_layers(
         results.sort(key=lambda c: c.level)
         current = apply_channel_corrections(model, {c.name: c.correction for c in results})
         return CorrectionResult(variant, current, tuple(results), runner.passes, runner.model_runs)
-    runner = _Runner(data, session_factory, progress, len(groups), shrink > 0)
+    runner = _Runner(data, executor, progress, len(groups), shrink > 0)
     current = model
     for level, group in enumerate(groups):
         specs = {n: ProbeSpec(nodes[n].output[0], nbsmt_channel_axis(nodes[n])) for n in group}
@@ -880,8 +936,8 @@ def _memory_probe(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def plan_batches(
-    model: onnx.ModelProto, data: CalibrationData | DataSource, samples: int | None, memory_mb: int
-) -> tuple[BatchPlan, DataSource]:
+    model: onnx.ModelProto, data: Data, samples: int | None, memory_mb: int
+) -> tuple[BatchPlan, BatchSource]:
     """Re-batch ``data`` for the exact recalibration routes (see ``RecalibrationConfig``).
 
     Returns the plan and the data source to use: one batch of as many samples
@@ -889,11 +945,12 @@ def plan_batches(
     Data that cannot be re-batched (not a ``CalibrationData``, a model with a
     fixed batch size, feeds without a common batch axis) is used as given.
     """
-    source: DataSource = data.batches if hasattr(data, "batches") else data
+    given = _batches(data)
+    source = given.batches
 
-    def as_given(note: str) -> tuple[BatchPlan, DataSource]:
+    def as_given(note: str) -> tuple[BatchPlan, BatchSource]:
         logger.info("recalibration uses the calibration batches as given: %s", note)
-        return BatchPlan(None, None, None, None, None, memory_mb, note), source
+        return BatchPlan(None, None, None, None, None, memory_mb, note), given
 
     if not isinstance(data, CalibrationData):
         return as_given("not a CalibrationData")
@@ -952,7 +1009,8 @@ def plan_batches(
             memory_mb,
         )
     plan = BatchPlan(wanted, batch, available, fit, memory.per_sample, memory_mb, note)
-    return plan, rebatch(source, batch, wanted)
+    regrouped = data.regrouped(batch, wanted)
+    return plan, regrouped if regrouped is not None else FeedStream(rebatch(source, batch, wanted))
 
 
 @dataclass(frozen=True)
@@ -976,7 +1034,7 @@ def recalibrate(
     data: Any,
     config: Any,
     progress: bool | ProgressCallback | None = None,
-    session_factory: SessionFactory = default_session,
+    executor: Executor | None = None,
     relative_ratio: VarianceRatio | None = None,
     correction_ratio: VarianceRatio = DEFAULT_RATIO,
     auto_batch: bool = True,
@@ -1000,12 +1058,13 @@ def recalibrate(
     ``auto_batch``: regroup a ``CalibrationData`` for the exact routes
     (:func:`plan_batches`, ``config.samples`` / ``config.memory_mb``); False
     uses its batches as given (``bench/recalibration_study.py`` sets batches itself).
+    ``executor``: where the passes run (``runtime.executor``; in process by default).
     """
     defaults = RecalibrationConfig()
     if relative_ratio is None:
         bound = getattr(config, "variance_bound", defaults.variance_bound)
         relative_ratio = VarianceRatio(floor=DEFAULT_RELATIVE_RATIO.floor, bound=bound)
-    given: DataSource = data.batches if hasattr(data, "batches") else data
+    given = _batches(data)
     plan, source = None, given
     if auto_batch:
         plan, source = plan_batches(
@@ -1023,7 +1082,7 @@ def recalibrate(
         strategy=config.strategy,
         float_model=float_model,
         ratio=relative_ratio,
-        session_factory=session_factory,
+        executor=executor,
         progress=callback,
         shrink=shrink,
     )
@@ -1039,7 +1098,7 @@ def recalibrate(
             variant=config.correction,
             layers=layers,
             ratio=correction_ratio,
-            session_factory=session_factory,
+            executor=executor,
             progress=callback,
             shrink=shrink,
         )
@@ -1222,8 +1281,8 @@ __all__ = [
     "DataSource",
     "LayerCorrection",
     "PassProgress",
+    "ProbeReducer",
     "RecalibrationResult",
-    "SessionFactory",
     "TransformRecalibration",
     "VarianceRatio",
     "apply_recalibration",
