@@ -579,6 +579,7 @@ def _evaluate_produced(
     data: CalibrationData,
     recal_report: dict[str, Any] | None,
     prepare_s: float,
+    executor: Executor | None = None,
 ) -> EvaluationResult:
     """Step 9: the produced model (and float32, int8 with --reference int8) on held-out data."""
 
@@ -593,7 +594,9 @@ def _evaluate_produced(
             recalibration=recal_report if produced.recalibrated else None,
         )
     )  # fmt: skip
-    return evaluate_models(evaluation_set, rows, int8_model=int8_model, calib=data)
+    return evaluate_models(
+        evaluation_set, rows, int8_model=int8_model, calib=data, executor=executor
+    )
 
 
 @dataclass(frozen=True)
@@ -802,7 +805,7 @@ def transform(
         int8_model = with_nbsmt_settings(rewritten.model, 1, config.mapping, config.reduce)
         evaluation = _evaluate_produced(
             evaluation_set, int8_model, sim_model, produced, data, recal_report,
-            time.perf_counter() - started,
+            time.perf_counter() - started, executor,
         )  # fmt: skip
         warnings.extend(w for w in evaluation.warnings if w not in warnings)
 
@@ -1092,6 +1095,7 @@ def evaluate(
         warnings=warnings,
         transform_report=base.report,
         started=started,
+        executor=executor,
     )
 
 

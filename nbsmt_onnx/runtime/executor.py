@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
@@ -61,12 +62,20 @@ class Reducer(Protocol[P]):
     """What a pass computes. Must be picklable (a module-level class) to run on Ray."""
 
     @property
-    def outputs(self) -> Sequence[str]:
-        """Model outputs to fetch, in the order ``reduce`` receives them."""
+    def outputs(self) -> Sequence[Any]:
+        """Model outputs to fetch, in the order ``reduce`` receives them.
+
+        Names (``str``); for a lockstep job (``Job.lockstep``), one sequence of
+        names per model.
+        """
         ...
 
-    def reduce(self, outputs: Sequence[np.ndarray], batch: Feed, first_sample: int) -> P:
-        """The partial result of one batch; ``first_sample`` is its position in the pass."""
+    def reduce(self, outputs: Sequence[Any], batch: Feed, first_sample: int) -> P:
+        """The partial result of one batch; ``first_sample`` is its position in the pass.
+
+        ``outputs``: one array per name of :attr:`outputs`; for a lockstep job,
+        one :class:`ModelRun` per model.
+        """
         ...
 
     def merge(self, left: P, right: P) -> P:
@@ -164,8 +173,44 @@ class Job(Generic[P]):
     session: SessionOptions = field(default_factory=SessionOptions)
     #: Only the first ``max_batches`` batches (None: all), e.g. a one-batch check run.
     max_batches: int | None = None
+    #: Start at this batch (with ``max_batches``: batches ``start`` .. ``max_batches - 1``).
+    start: int = 0
     #: How errors name the model ("float model", "simulation model", ...).
     what: str | None = None
+    #: Further models run on every batch right after ``model``, in this order: a lockstep
+    #: pass. Its reducer's ``outputs`` then names each model's outputs (one sequence per
+    #: model) and ``reduce`` receives one :class:`ModelRun` per model, all of the same batch.
+    lockstep: tuple[onnx.ModelProto, ...] = ()
+
+    @property
+    def models(self) -> tuple[onnx.ModelProto, ...]:
+        return (self.model, *self.lockstep)
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model's outputs on one batch of a lockstep job, and the seconds its run took."""
+
+    values: list[np.ndarray]
+    seconds: float
+
+
+class _Sessions:
+    """The sessions of one job's models; ``run`` runs them all on one batch."""
+
+    def __init__(self, sessions: Sequence[Any], lockstep: bool) -> None:
+        self.sessions = list(sessions)
+        self.lockstep = lockstep
+
+    def run(self, names: Sequence[Any], feed: Feed) -> Any:
+        if not self.lockstep:
+            return self.sessions[0].run(list(names), feed)
+        runs = []
+        for session, wanted in zip(self.sessions, names, strict=True):
+            start = time.perf_counter()
+            values = session.run(list(wanted), feed)
+            runs.append(ModelRun(values, time.perf_counter() - start))
+        return runs
 
 
 ProgressFn = Callable[[int, int | None], None]
@@ -181,9 +226,11 @@ def fold(reducer: Reducer[P], partials: Sequence[P]) -> P:
     return result
 
 
-def _session_options(job: Job[Any], default_threads: int = 0) -> SessionOptions:
-    """The job's options; the op library is registered only for models that use it."""
-    uses_library = any(op.domain == schema.DOMAIN for op in job.model.opset_import)
+def _session_options(
+    job: Job[Any], model: onnx.ModelProto, default_threads: int = 0
+) -> SessionOptions:
+    """The job's options for ``model``; the op library is registered only for models using it."""
+    uses_library = any(op.domain == schema.DOMAIN for op in model.opset_import)
     return replace(
         job.session,
         intra_op_threads=job.session.intra_op_threads or default_threads,
@@ -266,18 +313,22 @@ class LocalExecutor(Executor):
         results = []
         for job in jobs:
             data = job.data.open(job.model) if isinstance(job.data, DataSpec) else job.data
-            with io.session_source(job.model) as source:
-                session = create_session(source, _session_options(job), what=job.what)
+            sessions = []
+            for model in job.models:
+                with io.session_source(model) as source:
+                    options = _session_options(job, model)
+                    sessions.append(create_session(source, options, what=job.what))
+            session = _Sessions(sessions, bool(job.lockstep))
             merged: _Folder[Any] = _Folder(job.reducer)
-            total = data.num_batches
-            if total is not None and job.max_batches is not None:
-                total = min(total, job.max_batches)
-            for done, part in enumerate(
-                _batch_partials(session, data, job.reducer, 0, job.max_batches), start=1
+            stop = data.num_batches
+            if stop is not None and job.max_batches is not None:
+                stop = min(stop, job.max_batches)
+            for index, part in enumerate(
+                _batch_partials(session, data, job.reducer, job.start, job.max_batches)
             ):
-                merged.add(done - 1, [part])
+                merged.add(index, [part])
                 if progress is not None:
-                    progress(done, total)
+                    progress(index + 1, None if stop is None else stop - job.start)
             results.append(merged.result())
         return results
 
@@ -315,22 +366,31 @@ class _ShardWorker:
 
     def run_shard(
         self,
-        key: str,
-        model_bytes: bytes,
-        options: SessionOptions,
+        keys: tuple[str, ...],
+        options: tuple[SessionOptions, ...],
         what: str | None,
         data: DataSpec | tuple[list[Feed], list[int]],
         reducer: Reducer[Any],
         batches: tuple[int, int],
         first_sample: int,
+        *model_bytes: bytes,
     ) -> list[Any]:
         """Partials of batches ``batches[0]`` .. ``batches[1] - 1`` of the pass, in order.
 
         ``data``: a spec the worker opens, or the shard's feeds with their sample counts.
+        ``keys`` / ``options`` / ``model_bytes``: one per model of the job (more than one:
+        a lockstep job).
         """
-        session = self._session(key, model_bytes, options, what)
+        self._keep = max(self._keep, len(keys))
+        session = _Sessions(
+            [
+                self._session(key, blob, option, what)
+                for key, option, blob in zip(keys, options, model_bytes, strict=True)
+            ],
+            len(keys) > 1,
+        )
         if isinstance(data, DataSpec):
-            opened = data.open(onnx.load_from_string(model_bytes))
+            opened = data.open(onnx.load_from_string(model_bytes[0]))
             return list(_batch_partials(session, opened, reducer, *batches))
         names = list(reducer.outputs)
         out, first = [], first_sample
@@ -404,16 +464,20 @@ class RayExecutor(Executor):
         folders: list[_Folder[Any]] = []
         total = 0
         for j, job in enumerate(jobs):
-            model_bytes = job.model.SerializeToString()
-            key = hashlib.blake2b(model_bytes, digest_size=16).hexdigest()
-            model_ref = ray.put(model_bytes)
-            options = _session_options(job, self.threads_per_worker)
+            keys, options, model_refs = [], [], []
+            for model in job.models:
+                model_bytes = model.SerializeToString()
+                keys.append(hashlib.blake2b(model_bytes, digest_size=16).hexdigest())
+                options.append(_session_options(job, model, self.threads_per_worker))
+                model_refs.append(ray.put(model_bytes))
+            reducer_ref = ray.put(job.reducer)  # shipped once, not with every shard
             folders.append(_Folder(job.reducer))
             for s, (bounds, payload, first) in enumerate(self._shards(job)):
                 actor = self._actors[total % self.workers]
                 ref = actor.run_shard.remote(
-                    key, model_ref, options, job.what, payload, job.reducer, bounds, first
-                )
+                    tuple(keys), tuple(options), job.what, payload, reducer_ref, bounds, first,
+                    *model_refs,
+                )  # fmt: skip
                 pending[ref] = _Shard(j, s)
                 total += 1
         done = 0
@@ -435,13 +499,14 @@ class RayExecutor(Executor):
         unknown is counted by reading it once first.
         """
         ray = self._ray
+        start = job.start
         if isinstance(job.data, DataSpec):
             opened = job.data.open(job.model)
             count = opened.num_batches or 0
             if job.max_batches is not None:
                 count = min(count, job.max_batches)
-            for a, b in plan_shards(count, self.workers):
-                yield (a, b), job.data, a * opened.batch_size
+            for a, b in plan_shards(count - start, self.workers):
+                yield (a + start, b + start), job.data, (a + start) * opened.batch_size
             return
         data = job.data
         known = data.num_batches
@@ -449,9 +514,12 @@ class RayExecutor(Executor):
             known = sum(1 for _ in data.batches(0, job.max_batches))
         elif job.max_batches is not None:
             known = min(known, job.max_batches)
-        shards = plan_shards(known, self.workers)
-        feeds = data.batches(0, known)
-        first = 0
+        shards = [(a + start, b + start) for a, b in plan_shards(known - start, self.workers)]
+        feeds = data.batches(start, known)
+        if data.num_batches is not None:  # indexed: every batch before the last is full
+            first = start * data.batch_size
+        else:
+            first = sum(data.samples_in(feed) for feed in data.batches(0, start))
         for a, b in shards:
             batches = [feed for _, feed in zip(range(b - a), feeds, strict=False)]
             if len(batches) != b - a:

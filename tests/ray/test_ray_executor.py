@@ -212,3 +212,35 @@ def test_transform_with_recalibration_on_ray_equals_local(
     local = nb.transform(model, calib, config)
     assert _initializers(on_ray.sim_model) == _initializers(local.sim_model)
     assert on_ray.report["recalibration"] == local.report["recalibration"]
+
+
+@pytest.mark.parametrize("layer_samples", [0, 20])
+def test_scoring_pass_on_ray_equals_local(
+    ray_executor: RayExecutor, nbsmt_library: str, layer_samples: int
+) -> None:
+    """evaluate's lockstep scoring pass (every row on each batch; the first batches also fetch
+    per-layer tensors) on two workers: every number of every row is the local one."""
+    from nbsmt_onnx.api import evaluate
+
+    model = tm.conv_bn_relu(4)
+    rng = np.random.default_rng(8)
+    calib = {"x": np.abs(rng.standard_normal((32, 2, 6, 6))).astype(np.float32)}
+    held_out = {"x": np.abs(rng.standard_normal((70, 2, 6, 6))).astype(np.float32)}
+    config = nb.EvaluateConfig(
+        transform=nb.TransformConfig(num_samples=32, threads=4),
+        threads=(2, 4),
+        layer_samples=layer_samples,
+        eval_batch_size=8,
+    )
+
+    def rows(result: object) -> list[dict[str, object]]:
+        timing = ("prepare_s", "inference_s", "wall_s")
+        return [
+            {k: v for k, v in row.items() if k not in timing}
+            for row in result.to_dict()["rows"]  # type: ignore[attr-defined]
+        ]
+
+    on_ray = rows(evaluate(model, held_out, calib, config, executor=ray_executor))
+    local = rows(evaluate(model, held_out, calib, config))
+    assert on_ray == local
+    assert all(row["samples"] == 70 for row in local if row["available"])
