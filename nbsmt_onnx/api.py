@@ -109,9 +109,9 @@ from nbsmt_onnx.report import (
     report_kind,
     write_report,
 )
-from nbsmt_onnx.runtime.executor import Executor, Job, LocalExecutor
+from nbsmt_onnx.runtime.executor import Executor, FeedStream, Job, LocalExecutor
 from nbsmt_onnx.runtime.library import get_library_path
-from nbsmt_onnx.runtime.session import SessionOptions, create_session
+from nbsmt_onnx.runtime.session import SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +418,7 @@ def compare_qdq(
     batch: dict[str, np.ndarray],
     *,
     optimize: bool = False,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run the QDQ model (stock ORT, no library) and the ``threads=1`` simulation on one batch.
 
@@ -426,16 +427,23 @@ def compare_qdq(
     ``optimize`` the QDQ model runs with ONNX Runtime's default graph
     optimisations — how it is deployed: ORT then fuses it into integer kernels.
     """
-    t1 = _set_threads(sim_model, 1)
-    with io.session_source(t1) as source:
-        sim_out = create_session(source, SessionOptions(), what="threads=1 simulation model").run(
-            None, batch
-        )
-    with io.session_source(qdq_model) as source:
-        qdq_out = create_session(
-            source, SessionOptions(register_library=False, optimize=optimize), what="QDQ model"
-        ).run(None, batch)
-    names = [o.name for o in sim_model.graph.output]
+    one = FeedStream(lambda: [batch])
+    names = tuple(o.name for o in sim_model.graph.output)
+    qdq_names = tuple(o.name for o in qdq_model.graph.output)
+    sim_run, qdq_run = (executor or LocalExecutor()).map(
+        [
+            Job(
+                _set_threads(sim_model, 1), one, OutputCollector(names),
+                what="threads=1 simulation model",
+            ),
+            Job(
+                qdq_model, one, OutputCollector(qdq_names),
+                SessionOptions(register_library=False, optimize=optimize), what="QDQ model",
+            ),
+        ]
+    )  # fmt: skip
+    sim_out = [sim_run[n][0] for n in names]
+    qdq_out = [qdq_run[n][0] for n in qdq_names]
     result = {}
     for name, a, b in zip(names, sim_out, qdq_out, strict=True):
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -790,10 +798,10 @@ def transform(
         _metadata(qdq_model, "qdq", settings)
         exports["qdq_types"] = config.qdq_types
         exports["qdq_vs_threads1_simulation"] = compare_qdq(
-            sim_model, qdq_model, data.first_batch()
+            sim_model, qdq_model, data.first_batch(), executor=executor
         )
         exports["qdq_vs_threads1_simulation_ort_defaults"] = compare_qdq(
-            sim_model, qdq_model, data.first_batch(), optimize=True
+            sim_model, qdq_model, data.first_batch(), optimize=True, executor=executor
         )
         deployed_warning = _deployed_qdq_warning(exports, config.qdq_types)
         if deployed_warning:
