@@ -21,6 +21,10 @@ Backends:
   the workers; a worker that dies is restarted and its shard run again, which
   gives the same partials. :meth:`Executor.map` runs several passes (e.g. the
   rows of a sweep) concurrently.
+
+A *lockstep* job (``Job.lockstep``) runs several models on each batch, one
+after the other, and hands the reducer all their outputs: how a scoring pass
+compares every model with a reference sample by sample without keeping outputs.
 """
 
 from __future__ import annotations
@@ -273,12 +277,21 @@ class _Folder(Generic[P]):
         return self._result[0]
 
 
+def _first_sample(data: BatchSource, start: int) -> int:
+    """Position of batch ``start``'s first sample in the pass."""
+    if start == 0:
+        return 0
+    if data.num_batches is not None:  # indexed: every batch before the last is full
+        return start * data.batch_size
+    return sum(data.samples_in(feed) for feed in data.batches(0, start))
+
+
 def _batch_partials(
     session: Any, data: BatchSource, reducer: Reducer[P], start: int, stop: int | None
 ) -> Iterator[P]:
     """Partials of batches ``start`` .. ``stop`` (exclusive; None = to the end)."""
     names = list(reducer.outputs)
-    first = start * data.batch_size
+    first = _first_sample(data, start)
     for feed in data.batches(start, stop):
         outputs = session.run(names, feed)
         yield reducer.reduce(outputs, feed, first)
@@ -516,10 +529,7 @@ class RayExecutor(Executor):
             known = min(known, job.max_batches)
         shards = [(a + start, b + start) for a, b in plan_shards(known - start, self.workers)]
         feeds = data.batches(start, known)
-        if data.num_batches is not None:  # indexed: every batch before the last is full
-            first = start * data.batch_size
-        else:
-            first = sum(data.samples_in(feed) for feed in data.batches(0, start))
+        first = _first_sample(data, start)
         for a, b in shards:
             batches = [feed for _, feed in zip(range(b - a), feeds, strict=False)]
             if len(batches) != b - a:

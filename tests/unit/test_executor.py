@@ -182,3 +182,16 @@ def test_lockstep_job_runs_every_model_on_the_same_batch() -> None:
     job = Job(es.identity_model(), data, _Pair(), lockstep=(es.float_model(),))
     got = LocalExecutor().run(job)
     assert [(first, n) for first, n, _ in got] == [(0, 5), (5, 5), (10, 3)]
+
+
+def test_feed_streams_count_positions_from_their_feeds() -> None:
+    """Feeds of uneven sizes given as a callable: positions come from the feeds themselves."""
+    from nbsmt_onnx.runtime.executor import FeedStream
+
+    x = _arrays(12)["x"]
+    stream = FeedStream(lambda: [{"x": x[:5]}, {"x": x[5:7]}, {"x": x[7:]}])
+    model = es.identity_model()
+    trace = LocalExecutor().run(Job(model, stream, es.Trace("y"), start=1))
+    assert [(first, size) for first, size, *_ in trace] == [(5, 2), (7, 5)]
+    with pytest.raises(DataError, match="fresh iterator"):
+        LocalExecutor().run(Job(model, FeedStream(lambda: iter([])), es.Trace("y")))
