@@ -66,6 +66,7 @@ import nbsmt_onnx as nb
 from nbsmt_onnx import io
 from nbsmt_onnx.calibration.data import CalibrationData, model_inputs, open_calibration_data
 from nbsmt_onnx.calibration.recalibrate import (
+    CORRECTIONS,
     DEFAULT_CORRECTION,
     DEFAULT_RATIO,
     DEFAULT_RELATIVE_RATIO,
@@ -73,7 +74,7 @@ from nbsmt_onnx.calibration.recalibrate import (
     VarianceRatio,
     recalibrate,
 )
-from nbsmt_onnx.config import RecalibrationConfig, Selection
+from nbsmt_onnx.config import STRATEGY_CHOICES, RecalibrationConfig, Selection
 from nbsmt_onnx.evaluate import with_nbsmt_settings
 from nbsmt_onnx.graph.rewrite import ensure_node_names
 from nbsmt_onnx.metrics import Agreement, SqnrAccumulator, TopKAccuracy
@@ -83,7 +84,6 @@ from nbsmt_onnx.runtime.session import SessionOptions, create_session
 
 log = logging.getLogger("recalibration_study")
 
-CORRECTIONS = ("mean", "mean+var")
 METHODS = ("none", *STRATEGIES, *CORRECTIONS)
 ROW_KEYS = ("f", "r", "amp", "corr", "batch", "samples", "data", "keep_first", "fold", "map", "red")
 
@@ -532,12 +532,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--rows", type=_csv(str), default=None, help="row specs (see the module doc)")
     p.add_argument("--threads", type=_csv(int), default=[2, 4])
-    p.add_argument(
-        "--strategies", type=_csv(str), default=["train-mode", "sequential", "relative", "one-pass"]
-    )
-    p.add_argument(
-        "--int8-strategies", type=_csv(str), default=["train-mode", "sequential", "relative"]
-    )
+    p.add_argument("--strategies", type=_csv(str), default=list(STRATEGIES))
+    p.add_argument("--int8-strategies", type=_csv(str), default=list(STRATEGY_CHOICES))
     p.add_argument("--corrections", type=_csv(str), default=list(CORRECTIONS))
     p.add_argument(
         "--correction",

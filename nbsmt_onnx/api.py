@@ -110,9 +110,9 @@ from nbsmt_onnx.report import (
     report_kind,
     write_report,
 )
-from nbsmt_onnx.runtime.executor import Executor, Job, LocalExecutor
+from nbsmt_onnx.runtime.executor import Executor, FeedStream, Job, LocalExecutor
 from nbsmt_onnx.runtime.library import get_library_path
-from nbsmt_onnx.runtime.session import SessionOptions, create_session
+from nbsmt_onnx.runtime.session import SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +297,7 @@ def _recalibrate(
     data: CalibrationData,
     config: TransformConfig,
     guard_data: CalibrationData | None = None,
+    executor: Executor | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
     """Step 6 — recalibration (docs/spec.md §4-§5), validated on held-out samples by the guard.
 
@@ -334,6 +335,7 @@ def _recalibrate(
         data=estimation,
         config=rc,
         progress=config.progress,
+        executor=executor,
     )
     report = dict(result.report)
     if not rc.guard:
@@ -407,6 +409,7 @@ def _guard(
             margin=rc.guard_margin,
             check_margin=rc.guard_check_margin,
             progress=step,
+            executor=executor,
         )
         bar.update(evaluations)
     return decision
@@ -455,6 +458,7 @@ def compare_qdq(
     batch: dict[str, np.ndarray],
     *,
     optimize: bool = False,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run the QDQ model (stock ORT, no library) and the ``threads=1`` simulation on one batch.
 
@@ -463,16 +467,23 @@ def compare_qdq(
     ``optimize`` the QDQ model runs with ONNX Runtime's default graph
     optimisations — how it is deployed: ORT then fuses it into integer kernels.
     """
-    t1 = _set_threads(sim_model, 1)
-    with io.session_source(t1) as source:
-        sim_out = create_session(source, SessionOptions(), what="threads=1 simulation model").run(
-            None, batch
-        )
-    with io.session_source(qdq_model) as source:
-        qdq_out = create_session(
-            source, SessionOptions(register_library=False, optimize=optimize), what="QDQ model"
-        ).run(None, batch)
-    names = [o.name for o in sim_model.graph.output]
+    one = FeedStream(lambda: [batch])
+    names = tuple(o.name for o in sim_model.graph.output)
+    qdq_names = tuple(o.name for o in qdq_model.graph.output)
+    sim_run, qdq_run = (executor or LocalExecutor()).map(
+        [
+            Job(
+                _set_threads(sim_model, 1), one, OutputCollector(names),
+                what="threads=1 simulation model",
+            ),
+            Job(
+                qdq_model, one, OutputCollector(qdq_names),
+                SessionOptions(register_library=False, optimize=optimize), what="QDQ model",
+            ),
+        ]
+    )  # fmt: skip
+    sim_out = [sim_run[n][0] for n in names]
+    qdq_out = [qdq_run[n][0] for n in qdq_names]
     result = {}
     for name, a, b in zip(names, sim_out, qdq_out, strict=True):
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -616,6 +627,7 @@ def _evaluate_produced(
     data: CalibrationData,
     recal_report: dict[str, Any] | None,
     prepare_s: float,
+    executor: Executor | None = None,
 ) -> EvaluationResult:
     """Step 9: the produced model (and float32, int8 with --reference int8) on held-out data."""
 
@@ -630,7 +642,9 @@ def _evaluate_produced(
             recalibration=recal_report if produced.recalibrated else None,
         )
     )  # fmt: skip
-    return evaluate_models(evaluation_set, rows, int8_model=int8_model, calib=data)
+    return evaluate_models(
+        evaluation_set, rows, int8_model=int8_model, calib=data, executor=executor
+    )
 
 
 @dataclass(frozen=True)
@@ -796,7 +810,9 @@ def transform(
     if guard_data is not None and config.recalibration.enabled and config.recalibration.guard:
         guarded = open_data(guard_data)
         guarded.first_batch()
-    sim_model, recal_report = _recalibrate(float_model, rewritten, data, config, guarded)
+    sim_model, recal_report = _recalibrate(
+        float_model, rewritten, data, config, guarded, executor
+    )
 
     stats = _run_with_stats(sim_model, data, config, executor)
     first = data.first_batch()
@@ -822,10 +838,10 @@ def transform(
         _metadata(qdq_model, "qdq", settings)
         exports["qdq_types"] = config.qdq_types
         exports["qdq_vs_threads1_simulation"] = compare_qdq(
-            sim_model, qdq_model, data.first_batch()
+            sim_model, qdq_model, data.first_batch(), executor=executor
         )
         exports["qdq_vs_threads1_simulation_ort_defaults"] = compare_qdq(
-            sim_model, qdq_model, data.first_batch(), optimize=True
+            sim_model, qdq_model, data.first_batch(), optimize=True, executor=executor
         )
         deployed_warning = _deployed_qdq_warning(exports, config.qdq_types)
         if deployed_warning:
@@ -837,7 +853,7 @@ def transform(
         int8_model = with_nbsmt_settings(rewritten.model, 1, config.mapping, config.reduce)
         evaluation = _evaluate_produced(
             evaluation_set, int8_model, sim_model, produced, data, recal_report,
-            time.perf_counter() - started,
+            time.perf_counter() - started, executor,
         )  # fmt: skip
         warnings.extend(w for w in evaluation.warnings if w not in warnings)
 
@@ -1127,6 +1143,7 @@ def evaluate(
         warnings=warnings,
         transform_report=base.report,
         started=started,
+        executor=executor,
     )
 
 

@@ -15,6 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from nbsmt_onnx.calibration.strategies import (
+    CORRECTION_CHOICES,
+    DEFAULT_CORRECTION,
+    DEFAULT_STRATEGY,
+    STRATEGY_CHOICES,
+)
 from nbsmt_onnx.errors import ConfigError
 from nbsmt_onnx.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, OUTPUT_KINDS
 from nbsmt_onnx.ops import schema
@@ -23,8 +29,6 @@ RANGE_ESTIMATORS = ("max", "percentile")
 EXPORT_CHOICES = ("sim", "qdq", "both")
 #: QDQ integer typings (activations x weights; see nbsmt_onnx/graph/qdq.py), default first.
 QDQ_TYPES_CHOICES = ("u8u8", "u8s8", "s8s8")
-STRATEGY_CHOICES = ("train-mode", "sequential", "relative")
-CORRECTION_CHOICES = ("none", "mean", "mean+var")
 LAYOUT_CHOICES = ("NCHW", "NHWC")
 CHANNEL_ORDER_CHOICES = ("RGB", "BGR")
 
@@ -201,9 +205,9 @@ class RecalibrationConfig:
     """
 
     enabled: bool = True
-    strategy: str = "relative"
+    strategy: str = DEFAULT_STRATEGY
     fold: bool = True
-    correction: str = "mean"
+    correction: str = DEFAULT_CORRECTION
     samples: int | None = None
     memory_mb: int = 4096
     variance_bound: float = 1.0

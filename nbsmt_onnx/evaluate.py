@@ -71,6 +71,7 @@ from nbsmt_onnx.calibration.data import (
     open_calibration_data,
 )
 from nbsmt_onnx.calibration.labels import Labels, load_labels
+from nbsmt_onnx.compare import OutputCollector
 from nbsmt_onnx.config import (
     DEFAULT_ROWS,
     GATE_BOUNDS,
@@ -112,7 +113,8 @@ from nbsmt_onnx.metrics import (
 from nbsmt_onnx.ops import schema
 from nbsmt_onnx.progress import Progress
 from nbsmt_onnx.report import add_stats_outputs, layer_metrics
-from nbsmt_onnx.runtime.session import SessionOptions, create_session
+from nbsmt_onnx.runtime.executor import Executor, Job, LocalExecutor, ModelRun
+from nbsmt_onnx.runtime.session import SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -886,12 +888,11 @@ def _produced(model: onnx.ModelProto) -> set[str]:
 
 @dataclass
 class _Runner:
-    """One row's model and session, and its running sums."""
+    """One row's model and, after the scoring pass, its sums."""
 
     spec: RowSpec
     row_id: str
     name: str
-    session: Any = None
     model: onnx.ModelProto | None = None
     stats_outputs: dict[str, str] = field(default_factory=dict)  # node -> stats tensor
     layer_outputs: dict[str, str] = field(default_factory=dict)  # node -> Y tensor (also in int8)
@@ -1005,6 +1006,136 @@ def _gate(rows: Sequence[EvaluationRow], config: EvaluateConfig, labelled: bool)
 # --------------------------------------------------------------------------- evaluate
 
 
+@dataclass
+class _RowScore:
+    """One row's running sums over a run of batches (part of a :class:`_ScorePartial`)."""
+
+    samples: int = 0
+    inference_s: float = 0.0
+    accuracy: TopKAccuracy | None = None
+    agreement: Agreement | None = None
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+    layer_sqnr: dict[str, SqnrAccumulator] = field(default_factory=dict)
+
+    def merge(self, other: _RowScore) -> _RowScore:
+        """``other``'s batches after this one's."""
+        self.samples += other.samples
+        self.inference_s += other.inference_s
+        if self.accuracy is not None and other.accuracy is not None:
+            self.accuracy.merge(other.accuracy)
+        if self.agreement is not None and other.agreement is not None:
+            self.agreement.merge(other.agreement)
+        for node, value in other.stats.items():
+            self.stats[node] = self.stats.get(node, 0) + value
+        for node, acc in other.layer_sqnr.items():
+            if node in self.layer_sqnr:
+                self.layer_sqnr[node].merge(acc)
+            else:
+                self.layer_sqnr[node] = acc
+        return self
+
+
+@dataclass
+class _ScorePartial:
+    """Every row's sums over a run of batches, and the digests of its samples (per batch)."""
+
+    rows: dict[str, _RowScore]
+    digests: list[list[bytes]]
+
+
+@dataclass(frozen=True)
+class _ModelSlot:
+    """One model of the scoring pass and what is fetched from it on every batch."""
+
+    row_id: str
+    is_float: bool
+    #: node -> its ``stats`` output
+    stats_outputs: tuple[tuple[str, str], ...] = ()
+    #: node -> its output tensor compared with the int8 reference (per-layer SQNR)
+    layer_outputs: tuple[tuple[str, str], ...] = ()
+    #: this model gives the int8 reference tensors of the per-layer SQNR
+    layer_reference: bool = False
+    #: the int8 reference model added only for those tensors (not a row of the table)
+    reference_only: bool = False
+
+
+@dataclass(frozen=True)
+class ScoringReducer:
+    """Executor reducer of the scoring pass: every row's model in lockstep on each batch.
+
+    The job runs the float model first (the reference), then (when no int8
+    row gives them) an int8 model for the per-layer reference tensors, then
+    the rows; per batch, each row's accuracy, agreement with the float
+    outputs, ``stats`` sums and per-layer SQNR (first ``layer_samples``
+    samples) are computed and the outputs dropped, so memory does not grow
+    with the data. Per-sample values are kept in order for the intervals.
+    """
+
+    slots: tuple[_ModelSlot, ...]
+    output: str
+    output_kind: str
+    specs: tuple[InputSpec, ...]
+    labels: np.ndarray | None
+    reference_tensors: tuple[str, ...]
+    layer_samples: int
+
+    @property
+    def outputs(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(self._names(slot) for slot in self.slots)
+
+    def _names(self, slot: _ModelSlot) -> tuple[str, ...]:
+        layers = (
+            self.reference_tensors
+            if slot.layer_reference
+            else tuple(t for _, t in slot.layer_outputs)
+        )
+        if slot.reference_only:
+            return layers
+        return (self.output, *(t for _, t in slot.stats_outputs), *layers)
+
+    def reduce(self, outputs: Sequence[ModelRun], batch: Feed, first_sample: int) -> _ScorePartial:
+        digests = _sample_digests(batch, self.specs)
+        n = len(digests)
+        labels = None if self.labels is None else self.labels[first_sample : first_sample + n]
+        layers_now = bool(self.reference_tensors) and first_sample < self.layer_samples
+        reference_out: np.ndarray | None = None
+        reference_layers: dict[str, np.ndarray] = {}
+        rows: dict[str, _RowScore] = {}
+        for slot, run in zip(self.slots, outputs, strict=True):
+            values = dict(zip(self._names(slot), run.values, strict=True))
+            if slot.layer_reference:
+                reference_layers = {t: values[t] for t in self.reference_tensors}
+            if slot.reference_only:
+                continue
+            score = rows[slot.row_id] = _RowScore(samples=n, inference_s=run.seconds)
+            out = np.asarray(values[self.output])
+            if labels is not None:
+                score.accuracy = TopKAccuracy()
+                score.accuracy.update(out, labels)
+            if slot.is_float:
+                reference_out = out
+                continue
+            assert reference_out is not None
+            score.agreement = Agreement(kind=self.output_kind)
+            score.agreement.update(reference_out, out)
+            score.stats = {
+                node: np.asarray(values[t], dtype=np.int64) for node, t in slot.stats_outputs
+            }
+            if not layers_now or slot.layer_reference:
+                continue
+            for node, t in slot.layer_outputs:
+                if t in reference_layers:
+                    acc = score.layer_sqnr[node] = SqnrAccumulator()
+                    acc.update(reference_layers[t], values[t])
+        return _ScorePartial(rows, [digests])
+
+    def merge(self, left: _ScorePartial, right: _ScorePartial) -> _ScorePartial:
+        for row_id, score in right.rows.items():
+            left.rows[row_id] = left.rows[row_id].merge(score) if row_id in left.rows else score
+        left.digests.extend(right.digests)
+        return left
+
+
 @dataclass(frozen=True)
 class ModelRow:
     """One row to score with :func:`evaluate_models`: its settings and its model.
@@ -1036,7 +1167,6 @@ class EvaluationSet:
     classification: bool
     stream: _EvalStream
     labels: Labels | None
-    float_session: Any
     config: EvaluateConfig
 
     @property
@@ -1068,10 +1198,12 @@ def open_evaluation(
         raise ConfigError(f"model has no output {output!r}; its outputs are {', '.join(out_names)}")
     specs = model_inputs(float_model)
     stream, resolved_labels = _open_eval_data(eval_data, labels, specs, config, images)
-    sopts = SessionOptions(intra_op_threads=config.session_threads)
-    with io.session_source(float_model) as src:
-        float_session = create_session(src, sopts)
-    first = np.asarray(float_session.run([output], stream.data.first_batch())[0])
+    check = Job(
+        float_model, stream.data, OutputCollector((output,)),
+        SessionOptions(intra_op_threads=config.session_threads), max_batches=1,
+        what="float model",
+    )  # fmt: skip
+    first = np.asarray(LocalExecutor().run(check)[output][0])
     scores = as_classification(first)
     output_kind = config.output_kind
     if output_kind == "auto":
@@ -1097,7 +1229,6 @@ def open_evaluation(
         classification=scores is not None,
         stream=stream,
         labels=resolved_labels,
-        float_session=float_session,
         config=config,
     )
 
@@ -1111,6 +1242,7 @@ def evaluate_models(
     warnings: Sequence[str] = (),
     transform_report: Mapping[str, Any] | None = None,
     started: float | None = None,
+    executor: Executor | None = None,
 ) -> EvaluationResult:
     """Score ``rows`` (models already built) on ``evaluation``'s data; apply the gate.
 
@@ -1119,6 +1251,11 @@ def evaluate_models(
     with (its samples are hashed to warn about evaluation samples that also
     occur in it, and it is described in the result). ``evaluate`` and
     ``transform`` (with an evaluation set) both end here.
+
+    All rows run in one lockstep pass through ``executor`` (in process by
+    default; :class:`ScoringReducer`): the same held-out batch goes through
+    every row's model, so every difference between rows is a paired one, and
+    the result does not depend on how the batches were spread over workers.
     """
     config = evaluation.config
     started = time.perf_counter() if started is None else started
@@ -1141,10 +1278,8 @@ def evaluate_models(
             row.spec, row.spec.id, row.name, available=row.available, note=row.note,
             prepare_s=row.prepare_s, recalibration=row.recalibration,
         )  # fmt: skip
-        if row.available:
-            if row.spec.is_float:
-                r.session = evaluation.float_session
-            elif row.model is None:
+        if row.available and not row.spec.is_float:
+            if row.model is None:
                 raise InternalError(f"row {row.spec.id!r} is available but has no model")
             else:
                 r.model = row.model
@@ -1152,8 +1287,7 @@ def evaluate_models(
     if len({r.row_id for r in runners}) != len(runners):
         raise InternalError(f"duplicate row ids: {[r.row_id for r in runners]}")
 
-    # --- sessions: stats outputs everywhere; NB-SMT layer outputs for per-layer SQNR vs int8
-    int8_spec = RowSpec("int8", 1, "channel", "activations")
+    # --- models: stats outputs everywhere; NB-SMT layer outputs for per-layer SQNR vs int8
     available = [r for r in runners if r.available]
     nbsmt_rows = [r for r in available if not r.spec.is_float]
     want_layers = config.layer_samples > 0 and any(r.spec.kind != "int8" for r in nbsmt_rows)
@@ -1169,81 +1303,85 @@ def evaluate_models(
             }
     ref_tensors = sorted({t for r in nbsmt_rows for t in r.layer_outputs.values()})
     int8_runner = next((r for r in nbsmt_rows if r.spec.kind == "int8"), None)
-    layer_ref: _Runner | None = None
+    reference_model: onnx.ModelProto | None = None  # int8, only for the reference tensors
     if ref_tensors:
         if int8_runner is not None:
-            layer_ref = int8_runner
             _expose(probed[int8_runner.row_id], ref_tensors)
         else:
-            # No int8 row: a separate int8 session only for the reference tensors.
-            layer_ref = _Runner(int8_spec, "int8-reference", "int8")
-            layer_ref.model = _expose(add_stats_outputs(int8_model)[0], ref_tensors)
+            reference_model = _expose(add_stats_outputs(int8_model)[0], ref_tensors)
     for r in nbsmt_rows:
         _expose(probed[r.row_id], r.layer_outputs.values())
-        with io.session_source(probed[r.row_id]) as src:
-            r.session = create_session(src, sopts)
-    if layer_ref is not None and layer_ref.session is None:
-        assert layer_ref.model is not None
-        with io.session_source(layer_ref.model) as src:
-            layer_ref.session = create_session(src, sopts)
 
-    # --- lockstep evaluation: float first (the reference), then int8, then the rest
-    for r in available:
-        r.accuracy = TopKAccuracy() if labelled else None
-        r.agreement = None if r.spec.is_float else Agreement(kind=output_kind)
+    # --- one lockstep pass through the executor: float first (the reference), then the int8
+    # reference tensors, then int8, then the rest; the batches holding the first
+    # ``layer_samples`` samples also fetch the per-layer tensors (a job of their own)
     ordered = sorted(available, key=lambda r: (not r.spec.is_float, r is not int8_runner))
+    float_row = next((r for r in ordered if r.spec.is_float), None)
+    if float_row is None:
+        raise InternalError("the evaluation has no float32 row (the reference of every metric)")
+
+    def slot(r: _Runner, layers: bool) -> _ModelSlot:
+        return _ModelSlot(
+            r.row_id,
+            r.spec.is_float,
+            tuple(r.stats_outputs.items()),
+            tuple(r.layer_outputs.items()) if layers else (),
+            layers and r is int8_runner,
+        )
+
+    def job(layers: bool, start: int, stop: int | None) -> Job[_ScorePartial]:
+        slots = [slot(r, layers) for r in ordered]
+        models = [probed[r.row_id] for r in ordered[1:]]
+        if layers and reference_model is not None:
+            slots.insert(1, _ModelSlot("int8-reference", False, (), (), True, True))
+            models.insert(0, reference_model)
+        reducer = ScoringReducer(
+            tuple(slots), output, output_kind, specs, stream.labels,
+            tuple(ref_tensors) if layers else (), config.layer_samples,
+        )  # fmt: skip
+        return Job(
+            evaluation.float_model, stream.data, reducer, sopts, max_batches=stop, start=start,
+            what="evaluation models", lockstep=tuple(models),
+        )  # fmt: skip
+
+    batches = stream.data.num_batches
+    jobs = []
+    if ref_tensors and batches is not None and stream.data.batch_size > 0:
+        with_layers = min(batches, -(-config.layer_samples // stream.data.batch_size))
+        jobs.append(job(True, 0, with_layers))
+        if with_layers < batches:
+            jobs.append(job(False, with_layers, None))
+    else:  # batches of unknown sizes: every batch fetches the layers, the reducer checks
+        jobs.append(job(bool(ref_tensors), 0, None))
+    with Progress("evaluate", batches, enabled=config.progress) as bar:
+        # In process the count restarts with each job; on Ray it counts shards of all jobs.
+        base, last = 0, 0
+
+        def progress(count: int, total: int | None) -> None:
+            nonlocal base, last
+            if count < last:
+                base += last
+            last = count
+            bar.update(base + count, None if total is None else base + total)
+
+        parts = (executor or LocalExecutor()).map(jobs, progress)
+    scored = parts[0]
+    for part in parts[1:]:
+        scored = jobs[0].reducer.merge(scored, part)
+
+    for r in available:
+        score = scored.rows[r.row_id]
+        r.samples, r.inference_s = score.samples, score.inference_s
+        r.accuracy = score.accuracy if labelled else None
+        r.agreement = None if r.spec.is_float else score.agreement
+        r.stats, r.layer_sqnr = score.stats, score.layer_sqnr
     duplicates = within_eval = position = 0
     seen_eval: set[bytes] = set()
-    bar = Progress("evaluate", stream.data.num_batches, enabled=config.progress)
-    batches_done = 0
-    try:
-        for feed in stream.data.batches():
-            digests = _sample_digests(feed, specs)
-            n = len(digests)
-            duplicates += sum(d in calib_digests for d in digests)
-            within_eval += sum(d in seen_eval for d in digests)
-            seen_eval.update(digests)
-            batch_labels = None if stream.labels is None else stream.labels[position : position + n]
-            layers_now = bool(ref_tensors) and position < config.layer_samples
-            ref_layers: dict[str, np.ndarray] = {}
-            if layers_now and layer_ref is not None and layer_ref is not int8_runner:
-                values = layer_ref.session.run(ref_tensors, feed)
-                ref_layers = dict(zip(ref_tensors, values, strict=True))
-            reference_out: np.ndarray | None = None
-            for r in ordered:
-                wanted = [output, *r.stats_outputs.values()]
-                if layers_now:
-                    extra = ref_tensors if r is layer_ref else list(r.layer_outputs.values())
-                else:
-                    extra = []
-                t0 = time.perf_counter()
-                values = r.session.run(wanted + extra, feed)
-                r.inference_s += time.perf_counter() - t0
-                out = np.asarray(values[0])
-                r.samples += n
-                if r.accuracy is not None and batch_labels is not None:
-                    r.accuracy.update(out, batch_labels)
-                if r.spec.is_float:
-                    reference_out = out
-                    continue
-                assert r.agreement is not None and reference_out is not None
-                r.agreement.update(reference_out, out)
-                for node, v in zip(r.stats_outputs, values[1 : len(wanted)], strict=True):
-                    r.stats[node] = r.stats.get(node, 0) + np.asarray(v, dtype=np.int64)
-                tensors = dict(zip(extra, values[len(wanted) :], strict=True))
-                if r is layer_ref:
-                    ref_layers = tensors
-                    continue
-                for node, t in r.layer_outputs.items():
-                    if t in tensors and t in ref_layers:
-                        r.layer_sqnr.setdefault(node, SqnrAccumulator()).update(
-                            ref_layers[t], tensors[t]
-                        )
-            position += n
-            batches_done += 1
-            bar.update(batches_done)
-    finally:
-        bar.close()
+    for digests in scored.digests:
+        duplicates += sum(d in calib_digests for d in digests)
+        within_eval += sum(d in seen_eval for d in digests)
+        seen_eval.update(digests)
+        position += len(digests)
 
     if duplicates:
         msg = (

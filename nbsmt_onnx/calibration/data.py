@@ -845,6 +845,27 @@ class CalibrationData:
             )
         return parts[0], parts[1]
 
+    def regrouped(self, batch_size: int, num_samples: int) -> CalibrationData | None:
+        """The first ``num_samples`` samples of this draw, in batches of ``batch_size``.
+
+        The same samples, in the same order, as re-batching :meth:`batches`
+        (``rebatch``), but still indexed: the batch count is known and any run
+        of batches can be read on its own. None for feed iterables.
+        """
+        if self._source is None:
+            return None
+        order = self._order[:num_samples]
+        return CalibrationData(
+            self.specs,
+            source=self._source,
+            num_samples=len(order),
+            batch_size=batch_size,
+            seed=self.seed,
+            description=self.description,
+            is_random=self.is_random,
+            order=order,
+        )
+
     def samples_in(self, feed: Feed) -> int:
         """How many samples one of this data's feeds holds (its batch axis; 1 if none)."""
         return _feed_count(feed, self.specs)

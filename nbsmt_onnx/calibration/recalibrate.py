@@ -31,27 +31,48 @@ docs/recalibration.md):
     For comparison only (docs/spec.md §4 shows it destroys deep models): every BN
     measured once with the *old* upstream statistics, all replaced at once.
 
+The strategies and corrections are entries of one registry
+(``calibration.strategies``: each a rule with a host half and an in-graph
+half, and a pass schedule); this module only schedules the passes.
+
 For models whose BN is already fused (no BN after an NbSmt op),
 :func:`correct_fused_layers` matches each op's output statistics to the clean
 model's on the same data, sequentially, and returns per-channel
 ``y' = a*y + b`` folded into ``w_scale`` and ``B``.
 
-Every pass streams the data: per batch only per-channel (count, mean, M2)
-leave the graph, merged on the host in float64 (``calibration.statistics``).
+Every pass streams the data through the executor (``runtime.executor``; a
+:class:`ProbeReducer` per probed model): per batch only per-channel (count,
+mean, M2) leave the graph, merged on the host in float64, left to right in
+batch order (``calibration.statistics``), so the result does not depend on
+how the batches were spread over workers.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import onnx
 
 from nbsmt_onnx.calibration.data import CalibrationData, feed_samples, rebatch
-from nbsmt_onnx.calibration.statistics import ChannelAccumulator, ChannelStatistics, PairedShift
+from nbsmt_onnx.calibration.statistics import ChannelStatistics, PairedShift
+from nbsmt_onnx.calibration.strategies import (
+    ALL_AT_ONCE,
+    BATCH_STATISTICS,
+    CORRECTIONS,
+    DEFAULT_CORRECTION,
+    DEFAULT_RATIO,
+    DEFAULT_RELATIVE_RATIO,
+    DEFAULT_STRATEGY,
+    LEVELS,
+    STRATEGIES,
+    VarianceRatio,
+)
+from nbsmt_onnx.calibration.strategies import correction as correction_rule
+from nbsmt_onnx.calibration.strategies import strategy as strategy_entry
 from nbsmt_onnx.config import RecalibrationConfig
 from nbsmt_onnx.errors import ConfigError, DataError, InternalError, ModelError
 from nbsmt_onnx.graph import memory as _memory
@@ -78,50 +99,29 @@ from nbsmt_onnx.graph.fold import (
 from nbsmt_onnx.graph.probe import (
     CHANNEL_FIRST,
     CHANNEL_LAST,
-    BatchCorrection,
+    ProbeOutputs,
     ProbeResult,
     ProbeSpec,
-    RelativeShift,
     add_statistics_probes,
     correct_with_batch_statistics,
     use_batch_statistics,
 )
-from nbsmt_onnx.runtime.session import SessionOptions, create_session
+from nbsmt_onnx.runtime.executor import BatchSource, Executor, FeedStream, Job, LocalExecutor
+from nbsmt_onnx.runtime.session import SessionOptions
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("train-mode", "sequential", "relative", "one-pass")
-#: Chosen by measurement (docs/recalibration.md, "Measured"): the only strategy that does
-#: not hurt with out-of-domain calibration data, and the best on every model measured.
-DEFAULT_STRATEGY = "relative"
-CORRECTIONS = ("mean", "mean+var")
-#: Chosen by measurement: ``mean+var`` hurts MobileNetV2 badly and helps the
-#: Fashion-MNIST ResNet only within noise.
-DEFAULT_CORRECTION = "mean"
 
 Feed = Mapping[str, np.ndarray]
+#: A callable returning the feed dicts afresh on each call (library callers' own batches).
 DataSource = Callable[[], Iterable[Feed]]
+#: What the recalibration functions accept: re-iterable batches or such a callable.
+Data = BatchSource | DataSource
 
-
-class _Session(Protocol):
-    def run(
-        self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any]
-    ) -> list[Any]: ...
-
-
-SessionFactory = Callable[[onnx.ModelProto], _Session]
-
-
-def default_session(model: onnx.ModelProto) -> _Session:
-    """``runtime.session.create_session`` on ``model``, also for models over 2 GB (via ``io``).
-
-    Without ORT's memory arena: recalibration batches are sized to a memory
-    budget (``graph.memory``), and the arena would hold up to twice that.
-    """
-    from nbsmt_onnx import io
-
-    with io.session_source(model) as source:
-        return create_session(source, SessionOptions(memory_arena=False))
+#: Sessions of the recalibration passes run without ORT's memory arena: recalibration
+#: batches are sized to a memory budget (``graph.memory``) and the arena would hold up
+#: to twice that.
+PASS_SESSION = SessionOptions(memory_arena=False)
 
 
 @dataclass(frozen=True)
@@ -138,66 +138,6 @@ class PassProgress:
 
 
 ProgressCallback = Callable[[PassProgress], None]
-
-
-@dataclass(frozen=True)
-class VarianceRatio:
-    """Regularised, bounded per-channel variance ratio ``num / den`` (relative strategy, §5.2).
-
-    ``ratio = clip((num + e) / (den + e), 1/bound, bound)`` with
-    ``e = eps + floor * mean_over_channels(den_ref)``: ``eps`` is the BN's
-    epsilon (0 for fused layers), the ``floor`` term keeps channels whose
-    calibration variance is tiny against the layer's typical variance (dead
-    or rarely active channels on out-of-domain data) from producing huge
-    ratios from noise, and ``bound`` caps what a small calibration set may
-    do to any channel (default 4: the std changes at most 2x).
-    """
-
-    floor: float = 0.01
-    bound: float = 4.0
-    #: only ever *amplify* the signal: a variance that NB-SMT lowered (the signal was
-    #: attenuated) is compensated, a variance it raised (noise added) is left alone
-    amplify_only: bool = False
-
-    def __post_init__(self) -> None:
-        if not (self.floor >= 0 and np.isfinite(self.floor)):
-            raise ConfigError(
-                f"variance-ratio floor must be a finite number >= 0, got {self.floor}"
-            )
-        if not (self.bound >= 1 and np.isfinite(self.bound)):
-            raise ConfigError(
-                f"variance-ratio bound must be a finite number >= 1, got {self.bound}"
-            )
-
-    def offset(self, reference: np.ndarray, eps: float = 0.0) -> float:
-        """``e`` added to numerator and denominator."""
-        return max(eps + self.floor * float(np.mean(reference)), 1e-12)
-
-    def relative_limits(self) -> tuple[float, float]:
-        """Clip range of ``var_n / var_c`` (``relative``: ``var' = var * ratio``)."""
-        return 1.0 / self.bound, 1.0 if self.amplify_only else self.bound
-
-    def correction_limits(self) -> tuple[float, float]:
-        """Clip range of ``var_c / var_n`` (``mean+var``: ``a = sqrt(ratio)``)."""
-        return 1.0 if self.amplify_only else 1.0 / self.bound, self.bound
-
-    def __call__(
-        self,
-        num: np.ndarray,
-        den: np.ndarray,
-        reference: np.ndarray,
-        eps: float = 0.0,
-        limits: tuple[float, float] | None = None,
-    ) -> np.ndarray:
-        e = self.offset(reference, eps)
-        low, high = limits if limits is not None else (1.0 / self.bound, self.bound)
-        return np.clip((num + e) / (den + e), low, high)
-
-
-#: Variance ratio of the ``mean+var`` correction (and of ``relative`` when asked for).
-DEFAULT_RATIO = VarianceRatio()
-#: ``relative`` transfers the mean shift only by default (bound 1: ratio fixed at 1).
-DEFAULT_RELATIVE_RATIO = VarianceRatio(bound=1.0)
 
 
 @dataclass(frozen=True)
@@ -294,13 +234,73 @@ class CorrectionResult:
         return {c.name: c.correction for c in self.corrections}
 
 
+@dataclass(frozen=True)
+class ProbePartial:
+    """The statistics of a run of batches of one probed model (a :class:`ProbeReducer` partial)."""
+
+    batches: int
+    #: samples along the first input's axis 0 (checks that every pass sees the same data)
+    samples: int
+    statistics: dict[str, ChannelStatistics]
+    #: tensor -> per-sample channel means [N, C] of each batch, in batch order
+    sample_means: dict[str, list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ProbeReducer:
+    """Executor reducer of a probed model: per-channel statistics of every probed tensor.
+
+    Per batch only the probes' (count, mean, M2) leave the graph (and, with
+    ``sample_means``, the per-sample channel means shrinkage needs); partials
+    merge with Chan's formula (:meth:`ChannelStatistics.merge`), left before
+    right, so the result is the same however the batches were spread.
+    """
+
+    probes: tuple[ProbeOutputs, ...]
+    sample_means: bool = False
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(
+            n for p in self.probes for n in (p.names if self.sample_means else p.statistic_names)
+        )
+
+    def reduce(self, outputs: Sequence[np.ndarray], batch: Feed, first_sample: int) -> ProbePartial:
+        values = dict(zip(self.outputs, outputs, strict=True))
+        means: dict[str, list[np.ndarray]] = {}
+        for p in self.probes:
+            found = p.sample_means(values) if self.sample_means else None
+            if found is not None:
+                means[p.tensor] = [found]
+        first = next(iter(batch.values()), None)
+        samples = int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
+        stats = {p.tensor: p.statistics(values) for p in self.probes}
+        return ProbePartial(1, samples, stats, means)
+
+    def merge(self, left: ProbePartial, right: ProbePartial) -> ProbePartial:
+        return ProbePartial(
+            left.batches + right.batches,
+            left.samples + right.samples,
+            {t: s.merge(right.statistics[t]) for t, s in left.statistics.items()},
+            {
+                t: left.sample_means.get(t, []) + right.sample_means.get(t, [])
+                for t in {**left.sample_means, **right.sample_means}
+            },
+        )
+
+
 class _Runner:
-    """Runs passes over the data; counts them; reports progress; checks data is re-iterable."""
+    """Runs recalibration passes through the executor; counts them; reports progress.
+
+    A pass runs each probed model over the data as one executor job with a
+    :class:`ProbeReducer`; the passes of a strategy must all see the same
+    batches (checked).
+    """
 
     def __init__(
         self,
-        data: DataSource,
-        session_factory: SessionFactory,
+        data: BatchSource,
+        executor: Executor | None,
         progress: ProgressCallback | None,
         total_passes: int,
         sample_means: bool = False,
@@ -308,7 +308,7 @@ class _Runner:
         self.data = data
         #: fetch the probes' per-sample channel means too (only shrinkage needs them)
         self.keep_sample_means = sample_means
-        self.session_factory = session_factory
+        self.executor = executor or LocalExecutor()
         self.progress = progress
         self.total_passes = total_passes
         self.passes = 0
@@ -324,77 +324,81 @@ class _Runner:
         self.passes += 1
         self.model_runs += len(probed)
         logger.info("pass %d/%d: %s", self.passes, self.total_passes, description)
-        sessions = [self.session_factory(p.model) for p in probed]
-        accs: list[dict[str, ChannelAccumulator | None]] = [
-            dict.fromkeys(p.outputs) for p in probed
-        ]
-        per_sample: list[dict[str, list[np.ndarray]]] = [{} for _ in probed]
-        batches = samples = 0
         expected = self._shape[0] if self._shape is not None else None
-        if self.progress is not None:
-            self.progress(
-                PassProgress(self.passes, self.total_passes, description, 0, False, expected)
+        index, total = self.passes, self.total_passes
+        callback = self.progress
+
+        def report(done: int, of: int | None) -> None:
+            if callback is not None:
+                callback(PassProgress(index, total, description, done, False, of or expected))
+
+        report(0, expected)
+        jobs = [
+            Job(
+                p.model,
+                self.data,
+                ProbeReducer(tuple(p.outputs.values()), self.keep_sample_means),
+                PASS_SESSION,
+                what="simulation model" if _uses_library(p.model) else "float model",
             )
-        for feed in _iterate(self.data):
-            for p, session, acc, kept in zip(probed, sessions, accs, per_sample, strict=True):
-                names = p.output_names if self.keep_sample_means else p.statistic_names
-                values = dict(zip(names, session.run(names, dict(feed)), strict=True))
-                for tensor, outs in p.outputs.items():
-                    stats = outs.statistics(values)
-                    if acc[tensor] is None:
-                        acc[tensor] = ChannelAccumulator(stats.channels)
-                    acc[tensor].add(stats)  # type: ignore[union-attr]
-                    means = outs.sample_means(values) if self.keep_sample_means else None
-                    if means is not None:
-                        kept.setdefault(tensor, []).append(means)
-            batches += 1
-            first = next(iter(feed.values()), None)
-            samples += int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
-            if self.progress is not None:
-                self.progress(
-                    PassProgress(
-                        self.passes, self.total_passes, description, batches, False, expected
-                    )
+            for p in probed
+        ]
+        try:
+            partials: list[ProbePartial] = self.executor.map(jobs, report)
+        except DataError as err:
+            if "no batches" not in str(err):
+                raise
+            raise DataError(
+                f"calibration data yielded no batches in pass {self.passes}; pass a callable "
+                "that returns a fresh iterator each time (recalibration reads the data several "
+                "times)"
+            ) from err
+        for part in partials:
+            shape = (part.batches, part.samples)
+            if self._shape is None:
+                self._shape = shape
+            elif self._shape != shape:
+                raise DataError(
+                    f"calibration data changed between passes ({self._shape[0]} batches/"
+                    f"{self._shape[1]} samples, then {shape[0]}/{shape[1]}); use a deterministic "
+                    "data source (fixed seed)"
                 )
-        if batches == 0:
-            raise DataError(
-                f"calibration data yielded no batches in pass {self.passes}; pass a callable that "
-                "returns a fresh iterator each time (recalibration reads the data several times)"
-            )
-        if self._shape is None:
-            self._shape = (batches, samples)
-        elif self._shape != (batches, samples):
-            raise DataError(
-                f"calibration data changed between passes ({self._shape[0]} batches/{self._shape[1]} "
-                f"samples, then {batches}/{samples}); use a deterministic data source (fixed seed)"
-            )
-        if self.progress is not None:
-            self.progress(PassProgress(self.passes, self.total_passes, description, batches, True))
+        if callback is not None:
+            callback(PassProgress(index, total, description, partials[0].batches, True))
         self.sample_means = [
-            {t: np.concatenate(parts, axis=0) for t, parts in kept.items()} for kept in per_sample
+            {t: np.concatenate(parts, axis=0) for t, parts in part.sample_means.items()}
+            for part in partials
         ]
         out: list[dict[str, ChannelStatistics]] = []
-        for acc in accs:
-            result: dict[str, ChannelStatistics] = {}
-            for tensor, a in acc.items():
-                if a is None or a.result.total_count == 0:
+        for part in partials:
+            for tensor, stats in part.statistics.items():
+                if stats.total_count == 0:
                     raise DataError(f"no elements of tensor {tensor!r} were seen in calibration")
-                result[tensor] = a.result
-            out.append(result)
+            out.append(dict(part.statistics))
         return out
 
 
-def _iterate(data: DataSource) -> Iterator[Feed]:
+def _uses_library(model: onnx.ModelProto) -> bool:
+    return any(is_nbsmt(n) for n in model.graph.node)
+
+
+def _batches(data: Data) -> BatchSource:
+    """``data`` as re-iterable batches (a callable, or an object's ``batches``, once per pass)."""
+    if hasattr(data, "batches") and hasattr(data, "samples_in"):
+        return data  # type: ignore[return-value]
+    data = getattr(data, "batches", data)
     if not callable(data):
         raise ConfigError(
             "calibration data must be a callable returning an iterable of feed dicts "
             "(it is read once per pass)"
         )
-    yield from data()
+    return FeedStream(data)
 
 
-def _is_single_batch(data: DataSource) -> bool:
-    it = iter(_iterate(data))
+def _is_single_batch(data: BatchSource) -> bool:
+    if data.num_batches is not None:
+        return data.num_batches == 1
+    it = iter(data.batches())
     first = next(it, None)
     return first is not None and next(it, None) is None
 
@@ -434,14 +438,14 @@ def _select_batchnorms(
 
 def recalibrate_batchnorm(
     model: onnx.ModelProto,
-    data: DataSource,
+    data: Data,
     *,
     strategy: str = DEFAULT_STRATEGY,
     float_model: onnx.ModelProto | None = None,
     batchnorms: Iterable[str] | None = None,
     ratio: VarianceRatio = DEFAULT_RELATIVE_RATIO,
     single_batch_shortcut: bool = True,
-    session_factory: SessionFactory = default_session,
+    executor: Executor | None = None,
     progress: ProgressCallback | None = None,
     shrink: float = 0.0,
 ) -> RecalibrationResult:
@@ -449,7 +453,10 @@ def recalibrate_batchnorm(
 
     ``model`` is the NB-SMT model (BN nodes kept); ``float_model`` the clean
     model with the same BN node names (required by ``relative``). ``data``
-    is called once per pass and must yield the same feed dicts each time.
+    (a ``CalibrationData``, or a callable called once per pass) must yield the
+    same feed dicts each time. Every pass runs through ``executor`` (in
+    process by default): the statistics are the same however it spreads the
+    batches.
     ``batchnorms`` defaults to every BN that can be recalibrated and has an
     NbSmt op upstream; the others are listed in ``skipped``. The returned
     model has the new statistics written into its BN nodes (fold them with
@@ -459,12 +466,12 @@ def recalibrate_batchnorm(
     by :meth:`PairedShift.shrink_factor` of the per-sample paired differences
     (0: applied in full).
     """
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if strategy == "relative" and float_model is None:
+    entry = strategy_entry(strategy)
+    if entry.needs_clean and float_model is None:
         raise ConfigError(
-            "strategy 'relative' needs the float model to measure the clean statistics"
+            f"strategy {strategy!r} needs the float model to measure the clean statistics"
         )
+    data = _batches(data)
     infos, skipped = _select_batchnorms(model, batchnorms)
     if not infos:
         logger.info("no BatchNormalization to recalibrate")
@@ -473,99 +480,99 @@ def recalibrate_batchnorm(
     levels = dependency_levels(model, [i.name for i in infos])
     groups = group_by_level(levels)
     by_name = {i.name: i for i in infos}
-    updates: list[BatchNormUpdate] = []
-
-    if strategy == "train-mode" or (
-        strategy == "sequential" and single_batch_shortcut and _is_single_batch(data)
-    ):
-        if strategy == "sequential":
-            logger.info("calibration data is one batch: sequential is exact in one train-mode pass")
-        runner = _Runner(data, session_factory, progress, 1)
-        probed = use_batch_statistics(model, [i.name for i in infos], only_statistics=True)
-        (measured,) = runner.run_pass(
-            [probed], f"{strategy}: {len(infos)} BNs in batch-statistics mode"
-        )
-        updates += [
-            _replacement(by_name[n], levels[n], old[n], measured[by_name[n].input]) for n in levels
-        ]
-        return _finish(strategy, model, updates, skipped, runner)
-
-    if strategy == "one-pass":
-        runner = _Runner(data, session_factory, progress, 1)
-        probed = add_statistics_probes(model, [i.input for i in infos], only_statistics=True)
-        (measured,) = runner.run_pass(
-            [probed], f"one-pass: {len(infos)} BNs, old upstream statistics"
-        )
-        updates += [
-            _replacement(by_name[n], levels[n], old[n], measured[by_name[n].input]) for n in levels
-        ]
-        return _finish(strategy, model, updates, skipped, runner)
-
-    reference: dict[str, ChannelStatistics] = {}
-    clean_samples: dict[str, np.ndarray] = {}
+    rule = entry.rule
+    keep_means = shrink > 0 and entry.needs_clean
     clean_inputs: dict[str, str] = {}
     clean_probe: ProbeResult | None = None
-    if strategy == "relative":
+    if entry.needs_clean:
         assert float_model is not None
         clean_inputs = _float_batchnorm_inputs(float_model, [i.name for i in infos])
         clean_probe = add_statistics_probes(
             float_model, sorted(set(clean_inputs.values())), only_statistics=True
         )
-        if single_batch_shortcut and len(groups) > 1 and _is_single_batch(data):
-            logger.info("calibration data is one batch: relative is exact in two passes")
-            runner = _Runner(data, session_factory, progress, 2, shrink > 0)
-            (clean,) = runner.run_pass([clean_probe], "relative: clean model")
-            reference = {n: clean[t] for n, t in clean_inputs.items()}
-            clean_samples = runner.sample_means[0]
-            shifts = {n: _relative_shift(by_name[n], old[n], reference[n], ratio) for n in levels}
-            probed = use_batch_statistics(
-                model, list(levels), only_statistics=True, relative=shifts
-            )
-            (measured,) = runner.run_pass(
-                [probed], f"relative: {len(infos)} BNs, shifted batch statistics"
-            )
-            for n in levels:
-                x = by_name[n].input
-                factor = _shrink_factor(
-                    runner.sample_means[0].get(x), clean_samples.get(clean_inputs[n]), shrink
-                )
-                stats = measured[x]
-                updates.append(
-                    _relative(by_name[n], levels[n], old[n], stats, reference[n], ratio, factor)
-                )
-            return _finish(strategy, model, updates, skipped, runner)
-    runner = _Runner(
-        data, session_factory, progress, len(groups), shrink > 0 and strategy == "relative"
+    reference: dict[str, ChannelStatistics] = {}
+    clean_means: dict[str, np.ndarray] = {}
+
+    def update(name: str, measured: ChannelStatistics, means: np.ndarray | None) -> BatchNormUpdate:
+        """``rule``'s host half for one BN (shrinkage from the per-sample means, if kept)."""
+        info = by_name[name]
+        _check_channels(info, measured)
+        ref = reference.get(name)
+        factor = None
+        if ref is not None:
+            _check_channels(info, ref)
+            factor = _shrink_factor(means, clean_means.get(clean_inputs[name]), shrink)
+        new = rule.new_statistics(old[name], measured, ref, ratio, info.epsilon, factor)
+        return BatchNormUpdate(
+            name, levels[name], info.epsilon, old[name], new, measured, ref, factor
+        )
+
+    # The level schedule is exact in one batch-statistics pass when the data is one batch
+    # (plus a pass over the clean model first: only worth it with more than one level).
+    shortcut = (
+        entry.schedule == LEVELS
+        and single_batch_shortcut
+        and (clean_probe is None or len(groups) > 1)
+        and _is_single_batch(data)
     )
+    if entry.schedule == BATCH_STATISTICS or shortcut:
+        passes = 2 if clean_probe is not None else 1
+        if shortcut:
+            logger.info(
+                "calibration data is one batch: %s is exact in %d pass(es) in batch-statistics mode",
+                strategy,
+                passes,
+            )
+        runner = _Runner(data, executor, progress, passes, keep_means)
+        if clean_probe is not None:
+            (clean,) = runner.run_pass([clean_probe], f"{strategy}: clean model")
+            reference = {n: clean[t] for n, t in clean_inputs.items()}
+            clean_means = runner.sample_means[0]
+        forms = {}
+        for n in levels:
+            if n in reference:
+                _check_channels(by_name[n], reference[n])
+            form = rule.batch_form(old[n], reference.get(n), ratio, by_name[n].epsilon)
+            if form is not None:
+                forms[n] = form
+        probed = use_batch_statistics(
+            model, list(levels), only_statistics=True, relative=forms or None
+        )
+        (measured,) = runner.run_pass(
+            [probed], f"{strategy}: {len(infos)} BNs in batch-statistics mode"
+        )
+        means = runner.sample_means[0]
+        updates = [
+            update(n, measured[by_name[n].input], means.get(by_name[n].input)) for n in levels
+        ]
+        return _finish(strategy, model, updates, skipped, runner)
+
+    # One pass per dependency level, upstream levels written back (all at once: one pass
+    # measuring every BN with the old upstream statistics).
+    schedule = [list(levels)] if entry.schedule == ALL_AT_ONCE else groups
+    runner = _Runner(data, executor, progress, len(schedule), keep_means)
     current = model
-    for level, group in enumerate(groups):
+    updates = []
+    for level, group in enumerate(schedule):
         probed = add_statistics_probes(
             current, [by_name[n].input for n in group], only_statistics=True
         )
-        description = f"{strategy}: level {level}, {len(group)} BNs"
+        if entry.schedule == ALL_AT_ONCE:
+            description = f"{strategy}: {len(group)} BNs, old upstream statistics"
+        else:
+            description = f"{strategy}: level {level}, {len(group)} BNs"
         if clean_probe is not None and level == 0:
             measured, clean = runner.run_pass(
                 [probed, clean_probe], description + " (+ clean model)"
             )
             reference = {n: clean[t] for n, t in clean_inputs.items()}
-            clean_samples = runner.sample_means[1]
+            clean_means = runner.sample_means[1]
         else:
             (measured,) = runner.run_pass([probed], description)
-        level_updates = []
-        for name in group:
-            info = by_name[name]
-            stats = measured[info.input]
-            if strategy == "relative":
-                factor = _shrink_factor(
-                    runner.sample_means[0].get(info.input),
-                    clean_samples.get(clean_inputs[name]),
-                    shrink,
-                )
-                level_updates.append(
-                    _relative(info, level, old[name], stats, reference[name], ratio, factor)
-                )
-            else:
-                level_updates.append(_replacement(info, level, old[name], stats))
+        means = runner.sample_means[0]
+        level_updates = [
+            update(n, measured[by_name[n].input], means.get(by_name[n].input)) for n in group
+        ]
         current = write_batchnorm_statistics(current, {u.name: u.new for u in level_updates})
         updates.extend(level_updates)
     return RecalibrationResult(
@@ -592,34 +599,6 @@ def _finish(
     )
 
 
-def _replacement(
-    info: BatchNormInfo, level: int, old: BatchNormStatistics, measured: ChannelStatistics
-) -> BatchNormUpdate:
-    _check_channels(info, measured)
-    new = BatchNormStatistics(measured.mean, measured.variance)
-    return BatchNormUpdate(info.name, level, info.epsilon, old, new, measured)
-
-
-def _relative(
-    info: BatchNormInfo,
-    level: int,
-    old: BatchNormStatistics,
-    measured: ChannelStatistics,
-    reference: ChannelStatistics,
-    ratio: VarianceRatio,
-    factor: np.ndarray | None = None,
-) -> BatchNormUpdate:
-    _check_channels(info, measured)
-    _check_channels(info, reference)
-    var_c = reference.variance
-    k = ratio(measured.variance, var_c, var_c, info.epsilon, ratio.relative_limits())
-    shift = measured.mean - reference.mean
-    if factor is not None:
-        shift = factor * shift
-    new = BatchNormStatistics(old.mean + shift, old.var * k)
-    return BatchNormUpdate(info.name, level, info.epsilon, old, new, measured, reference, factor)
-
-
 def _shrink_factor(
     measured: np.ndarray | None, clean: np.ndarray | None, k: float
 ) -> np.ndarray | None:
@@ -631,27 +610,6 @@ def _shrink_factor(
     if k == 0 or measured is None or clean is None or measured.shape != clean.shape:
         return None
     return PairedShift.from_samples(measured, clean).shrink_factor(k)
-
-
-def _relative_shift(
-    info: BatchNormInfo,
-    old: BatchNormStatistics,
-    reference: ChannelStatistics,
-    ratio: VarianceRatio,
-) -> RelativeShift:
-    """The in-graph form of :func:`_relative` (same float64 operations, same order)."""
-    _check_channels(info, reference)
-    var_c = reference.variance
-    e = ratio.offset(var_c, info.epsilon)
-    return RelativeShift(
-        mean_base=old.mean,
-        mean_reference=reference.mean,
-        var_base=old.var,
-        var_reference=var_c + e,
-        offset=e,
-        low=ratio.relative_limits()[0],
-        high=ratio.relative_limits()[1],
-    )
 
 
 def _check_channels(info: BatchNormInfo, stats: ChannelStatistics) -> None:
@@ -679,13 +637,13 @@ def _float_batchnorm_inputs(float_model: onnx.ModelProto, names: Sequence[str]) 
 def correct_fused_layers(
     model: onnx.ModelProto,
     float_model: onnx.ModelProto,
-    data: DataSource,
+    data: Data,
     *,
     variant: str = DEFAULT_CORRECTION,
     layers: Iterable[str] | None = None,
     ratio: VarianceRatio = DEFAULT_RATIO,
     single_batch_shortcut: bool = True,
-    session_factory: SessionFactory = default_session,
+    executor: Executor | None = None,
     progress: ProgressCallback | None = None,
     shrink: float = 0.0,
 ) -> CorrectionResult:
@@ -704,8 +662,8 @@ def correct_fused_layers(
     ``shrink`` (K): the mean part of each channel's correction is multiplied by
     :meth:`PairedShift.shrink_factor` of the per-sample paired differences.
     """
-    if variant not in CORRECTIONS:
-        raise ConfigError(f"unknown correction {variant!r}; choose one of {', '.join(CORRECTIONS)}")
+    rule = correction_rule(variant)
+    data = _batches(data)
     names = list(dict.fromkeys(layers)) if layers is not None else layers_without_batchnorm(model)
     nodes = {n.name: n for n in model.graph.node if is_nbsmt(n)}
     unknown = [n for n in names if n not in nodes]
@@ -734,11 +692,13 @@ def correct_fused_layers(
     results: list[LayerCorrection] = []
     if single_batch_shortcut and len(groups) > 1 and _is_single_batch(data):
         logger.info("calibration data is one batch: the correction is exact in two passes")
-        runner = _Runner(data, session_factory, progress, 2, shrink > 0)
+        runner = _Runner(data, executor, progress, 2, shrink > 0)
         (clean,) = runner.run_pass([clean_probe], f"correction {variant}: clean model")
         reference = {n: clean[s.tensor] for n, s in clean_specs.items()}
         clean_samples = runner.sample_means[0]
-        batch_specs = {n: _batch_correction(nodes[n], reference[n], variant, ratio) for n in names}
+        batch_specs = {
+            n: rule.batch_form(reference[n], ratio, nbsmt_channel_axis(nodes[n])) for n in names
+        }
         probed = correct_with_batch_statistics(model, batch_specs, only_statistics=True)
         (measured,) = runner.run_pass(
             [probed], f"correction {variant}: {len(names)} layers from batch statistics"
@@ -754,7 +714,7 @@ def correct_fused_layers(
         results.sort(key=lambda c: c.level)
         current = apply_channel_corrections(model, {c.name: c.correction for c in results})
         return CorrectionResult(variant, current, tuple(results), runner.passes, runner.model_runs)
-    runner = _Runner(data, session_factory, progress, len(groups), shrink > 0)
+    runner = _Runner(data, executor, progress, len(groups), shrink > 0)
     current = model
     for level, group in enumerate(groups):
         specs = {n: ProbeSpec(nodes[n].output[0], nbsmt_channel_axis(nodes[n])) for n in group}
@@ -791,47 +751,13 @@ def _correction(
     ratio: VarianceRatio,
     factor: np.ndarray | None = None,
 ) -> ChannelAffine:
-    """``y' = a*y + b`` moving the measured statistics to the reference's (docs/spec.md §5.2).
-
-    With a shrinkage ``factor`` f: ``y' = a*(y - mu_n) + mu_n + f*(mu_c - mu_n)``
-    (f = 1 is the plain correction; f = 0 keeps the mean and only rescales).
-    """
+    """The host half of correction ``variant`` for layer ``name`` (channels checked first)."""
     if measured.channels != reference.channels:
         raise ModelError(
             f"layer {name!r} has {measured.channels} output channels in the NB-SMT model and "
             f"{reference.channels} in the float model"
         )
-    if variant == "mean":
-        a = np.ones(measured.channels)
-    else:
-        a = np.sqrt(
-            ratio(
-                reference.variance,
-                measured.variance,
-                reference.variance,
-                limits=ratio.correction_limits(),
-            )
-        )
-    if factor is None:
-        return ChannelAffine(a, reference.mean - a * measured.mean)
-    b = (1.0 - a) * measured.mean + factor * (reference.mean - measured.mean)
-    return ChannelAffine(a, b)
-
-
-def _batch_correction(
-    node: onnx.NodeProto, reference: ChannelStatistics, variant: str, ratio: VarianceRatio
-) -> BatchCorrection:
-    """The in-graph form of :func:`_correction` (same float64 operations, same order)."""
-    e = ratio.offset(reference.variance)
-    return BatchCorrection(
-        mean_reference=reference.mean,
-        numerator=reference.variance + e,
-        offset=e,
-        low=ratio.correction_limits()[0],
-        high=ratio.correction_limits()[1],
-        scale=variant != "mean",
-        channel_axis=nbsmt_channel_axis(node),
-    )
+    return correction_rule(variant).affine(measured, reference, ratio, factor)
 
 
 @dataclass(frozen=True)
@@ -880,8 +806,8 @@ def _memory_probe(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def plan_batches(
-    model: onnx.ModelProto, data: CalibrationData | DataSource, samples: int | None, memory_mb: int
-) -> tuple[BatchPlan, DataSource]:
+    model: onnx.ModelProto, data: Data, samples: int | None, memory_mb: int
+) -> tuple[BatchPlan, BatchSource]:
     """Re-batch ``data`` for the exact recalibration routes (see ``RecalibrationConfig``).
 
     Returns the plan and the data source to use: one batch of as many samples
@@ -889,11 +815,12 @@ def plan_batches(
     Data that cannot be re-batched (not a ``CalibrationData``, a model with a
     fixed batch size, feeds without a common batch axis) is used as given.
     """
-    source: DataSource = data.batches if hasattr(data, "batches") else data
+    given = _batches(data)
+    source = given.batches
 
-    def as_given(note: str) -> tuple[BatchPlan, DataSource]:
+    def as_given(note: str) -> tuple[BatchPlan, BatchSource]:
         logger.info("recalibration uses the calibration batches as given: %s", note)
-        return BatchPlan(None, None, None, None, None, memory_mb, note), source
+        return BatchPlan(None, None, None, None, None, memory_mb, note), given
 
     if not isinstance(data, CalibrationData):
         return as_given("not a CalibrationData")
@@ -952,7 +879,8 @@ def plan_batches(
             memory_mb,
         )
     plan = BatchPlan(wanted, batch, available, fit, memory.per_sample, memory_mb, note)
-    return plan, rebatch(source, batch, wanted)
+    regrouped = data.regrouped(batch, wanted)
+    return plan, regrouped if regrouped is not None else FeedStream(rebatch(source, batch, wanted))
 
 
 @dataclass(frozen=True)
@@ -976,7 +904,7 @@ def recalibrate(
     data: Any,
     config: Any,
     progress: bool | ProgressCallback | None = None,
-    session_factory: SessionFactory = default_session,
+    executor: Executor | None = None,
     relative_ratio: VarianceRatio | None = None,
     correction_ratio: VarianceRatio = DEFAULT_RATIO,
     auto_batch: bool = True,
@@ -1000,12 +928,13 @@ def recalibrate(
     ``auto_batch``: regroup a ``CalibrationData`` for the exact routes
     (:func:`plan_batches`, ``config.samples`` / ``config.memory_mb``); False
     uses its batches as given (``bench/recalibration_study.py`` sets batches itself).
+    ``executor``: where the passes run (``runtime.executor``; in process by default).
     """
     defaults = RecalibrationConfig()
     if relative_ratio is None:
         bound = getattr(config, "variance_bound", defaults.variance_bound)
         relative_ratio = VarianceRatio(floor=DEFAULT_RELATIVE_RATIO.floor, bound=bound)
-    given: DataSource = data.batches if hasattr(data, "batches") else data
+    given = _batches(data)
     plan, source = None, given
     if auto_batch:
         plan, source = plan_batches(
@@ -1019,11 +948,11 @@ def recalibrate(
     bn = recalibrate_batchnorm(
         sim_model,
         # train-mode normalises with each batch's statistics: its batch size is the method's
-        given if config.strategy == "train-mode" else source,
+        given if strategy_entry(config.strategy).schedule == BATCH_STATISTICS else source,
         strategy=config.strategy,
         float_model=float_model,
         ratio=relative_ratio,
-        session_factory=session_factory,
+        executor=executor,
         progress=callback,
         shrink=shrink,
     )
@@ -1039,7 +968,7 @@ def recalibrate(
             variant=config.correction,
             layers=layers,
             ratio=correction_ratio,
-            session_factory=session_factory,
+            executor=executor,
             progress=callback,
             shrink=shrink,
         )
@@ -1222,8 +1151,8 @@ __all__ = [
     "DataSource",
     "LayerCorrection",
     "PassProgress",
+    "ProbeReducer",
     "RecalibrationResult",
-    "SessionFactory",
     "TransformRecalibration",
     "VarianceRatio",
     "apply_recalibration",

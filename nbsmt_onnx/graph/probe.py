@@ -359,7 +359,7 @@ class RelativeShift:
 
     where ``var_reference`` already includes the offset (``var_c + offset``).
     The node order of this arithmetic is the one
-    ``calibration.recalibrate`` uses on the host in float64, so when the
+    ``calibration.strategies`` uses on the host in float64, so when the
     batch is the whole calibration set the BN sees bit for bit the
     statistics the level-by-level passes would write.
     """

@@ -21,6 +21,10 @@ Backends:
   the workers; a worker that dies is restarted and its shard run again, which
   gives the same partials. :meth:`Executor.map` runs several passes (e.g. the
   rows of a sweep) concurrently.
+
+A *lockstep* job (``Job.lockstep``) runs several models on each batch, one
+after the other, and hands the reducer all their outputs: how a scoring pass
+compares every model with a reference sample by sample without keeping outputs.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -40,11 +45,12 @@ from nbsmt_onnx import io
 from nbsmt_onnx.calibration.data import (
     CalibrationData,
     Feed,
+    feed_samples,
     model_inputs,
     open_calibration_data,
 )
 from nbsmt_onnx.config import ImagePreprocessing
-from nbsmt_onnx.errors import ConfigError, DataError
+from nbsmt_onnx.errors import ConfigError, DataError, InternalError
 from nbsmt_onnx.ops import schema
 from nbsmt_onnx.runtime.session import SessionOptions, create_session
 
@@ -60,17 +66,79 @@ class Reducer(Protocol[P]):
     """What a pass computes. Must be picklable (a module-level class) to run on Ray."""
 
     @property
-    def outputs(self) -> Sequence[str]:
-        """Model outputs to fetch, in the order ``reduce`` receives them."""
+    def outputs(self) -> Sequence[Any]:
+        """Model outputs to fetch, in the order ``reduce`` receives them.
+
+        Names (``str``); for a lockstep job (``Job.lockstep``), one sequence of
+        names per model.
+        """
         ...
 
-    def reduce(self, outputs: Sequence[np.ndarray], batch: Feed, first_sample: int) -> P:
-        """The partial result of one batch; ``first_sample`` is its position in the pass."""
+    def reduce(self, outputs: Sequence[Any], batch: Feed, first_sample: int) -> P:
+        """The partial result of one batch; ``first_sample`` is its position in the pass.
+
+        ``outputs``: one array per name of :attr:`outputs`; for a lockstep job,
+        one :class:`ModelRun` per model.
+        """
         ...
 
     def merge(self, left: P, right: P) -> P:
         """Combine the partials of two consecutive runs of batches (left comes first)."""
         ...
+
+
+class BatchSource(Protocol):
+    """Re-iterable batches: what a job runs over (:class:`CalibrationData`, :class:`FeedStream`)."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def num_batches(self) -> int | None:
+        """None when the count is only known after a read (feed iterables)."""
+        ...
+
+    def batches(self, start: int = 0, stop: int | None = None) -> Iterator[Feed]: ...
+
+    def samples_in(self, feed: Feed) -> int: ...
+
+
+@dataclass(frozen=True)
+class FeedStream:
+    """Data given as a callable that returns the feed dicts afresh on every call.
+
+    For callers of the library API that hold their own batches (an iterable
+    cannot be read twice, so a pass calls ``feeds()`` again). The feeds are
+    used as given: no validation, no re-batching.
+    """
+
+    feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]]
+    #: unknown for a stream; positions are counted from the feeds (see ``samples_in``)
+    batch_size: int = 0
+    num_batches: int | None = None
+
+    def batches(self, start: int = 0, stop: int | None = None) -> Iterator[Feed]:
+        if not callable(self.feeds):
+            raise ConfigError(
+                "calibration data must be a callable returning an iterable of feed dicts "
+                "(it is read once per pass)"
+            )
+        count = 0
+        for index, feed in enumerate(self.feeds()):
+            if stop is not None and index >= stop:
+                break
+            count += 1
+            if index >= start:
+                yield dict(feed)
+        if count == 0:
+            raise DataError(
+                "the data yielded no batches; pass a callable that returns a fresh iterator each "
+                "time (every pass reads the data again)"
+            )
+
+    def samples_in(self, feed: Feed) -> int:
+        """The feeds' common batch dimension (1 when the inputs have none)."""
+        return feed_samples(feed) or 1
 
 
 @dataclass(frozen=True)
@@ -104,13 +172,49 @@ class Job(Generic[P]):
     """One pass: run ``model`` over ``data`` and reduce with ``reducer``."""
 
     model: onnx.ModelProto
-    data: CalibrationData | DataSpec
+    data: BatchSource | DataSpec
     reducer: Reducer[P]
     session: SessionOptions = field(default_factory=SessionOptions)
     #: Only the first ``max_batches`` batches (None: all), e.g. a one-batch check run.
     max_batches: int | None = None
+    #: Start at this batch (with ``max_batches``: batches ``start`` .. ``max_batches - 1``).
+    start: int = 0
     #: How errors name the model ("float model", "simulation model", ...).
     what: str | None = None
+    #: Further models run on every batch right after ``model``, in this order: a lockstep
+    #: pass. Its reducer's ``outputs`` then names each model's outputs (one sequence per
+    #: model) and ``reduce`` receives one :class:`ModelRun` per model, all of the same batch.
+    lockstep: tuple[onnx.ModelProto, ...] = ()
+
+    @property
+    def models(self) -> tuple[onnx.ModelProto, ...]:
+        return (self.model, *self.lockstep)
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model's outputs on one batch of a lockstep job, and the seconds its run took."""
+
+    values: list[np.ndarray]
+    seconds: float
+
+
+class _Sessions:
+    """The sessions of one job's models; ``run`` runs them all on one batch."""
+
+    def __init__(self, sessions: Sequence[Any], lockstep: bool) -> None:
+        self.sessions = list(sessions)
+        self.lockstep = lockstep
+
+    def run(self, names: Sequence[Any], feed: Feed) -> Any:
+        if not self.lockstep:
+            return self.sessions[0].run(list(names), feed)
+        runs = []
+        for session, wanted in zip(self.sessions, names, strict=True):
+            start = time.perf_counter()
+            values = session.run(list(wanted), feed)
+            runs.append(ModelRun(values, time.perf_counter() - start))
+        return runs
 
 
 ProgressFn = Callable[[int, int | None], None]
@@ -126,9 +230,11 @@ def fold(reducer: Reducer[P], partials: Sequence[P]) -> P:
     return result
 
 
-def _session_options(job: Job[Any], default_threads: int = 0) -> SessionOptions:
-    """The job's options; the op library is registered only for models that use it."""
-    uses_library = any(op.domain == schema.DOMAIN for op in job.model.opset_import)
+def _session_options(
+    job: Job[Any], model: onnx.ModelProto, default_threads: int = 0
+) -> SessionOptions:
+    """The job's options for ``model``; the op library is registered only for models using it."""
+    uses_library = any(op.domain == schema.DOMAIN for op in model.opset_import)
     return replace(
         job.session,
         intra_op_threads=job.session.intra_op_threads or default_threads,
@@ -136,12 +242,56 @@ def _session_options(job: Job[Any], default_threads: int = 0) -> SessionOptions:
     )
 
 
+class _Folder(Generic[P]):
+    """Merges partials as they arrive, strictly left to right, holding only those out of order.
+
+    ``fold`` over the same partials gives the same bits: the merges happen in
+    the same order, only earlier (so a pass holds one partial result, not one
+    per batch).
+    """
+
+    def __init__(self, reducer: Reducer[P]) -> None:
+        self._reducer = reducer
+        self._result: list[P] = []  # empty until the first partial
+        self._next = 0
+        self._waiting: dict[int, list[P]] = {}
+
+    def add(self, index: int, parts: Sequence[P]) -> None:
+        """Partials of consecutive batches; ``index`` orders the runs (0, 1, 2, ...)."""
+        self._waiting[index] = list(parts)
+        while self._next in self._waiting:
+            for part in self._waiting.pop(self._next):
+                if self._result:
+                    self._result[0] = self._reducer.merge(self._result[0], part)
+                else:
+                    self._result.append(part)
+            self._next += 1
+
+    def result(self) -> P:
+        if self._waiting:
+            raise InternalError(
+                f"partials of runs {sorted(self._waiting)} came before earlier ones"
+            )
+        if not self._result:
+            raise DataError("the data yielded no batches")
+        return self._result[0]
+
+
+def _first_sample(data: BatchSource, start: int) -> int:
+    """Position of batch ``start``'s first sample in the pass."""
+    if start == 0:
+        return 0
+    if data.num_batches is not None:  # indexed: every batch before the last is full
+        return start * data.batch_size
+    return sum(data.samples_in(feed) for feed in data.batches(0, start))
+
+
 def _batch_partials(
-    session: Any, data: CalibrationData, reducer: Reducer[P], start: int, stop: int | None
+    session: Any, data: BatchSource, reducer: Reducer[P], start: int, stop: int | None
 ) -> Iterator[P]:
     """Partials of batches ``start`` .. ``stop`` (exclusive; None = to the end)."""
     names = list(reducer.outputs)
-    first = start * data.batch_size
+    first = _first_sample(data, start)
     for feed in data.batches(start, stop):
         outputs = session.run(names, feed)
         yield reducer.reduce(outputs, feed, first)
@@ -176,14 +326,23 @@ class LocalExecutor(Executor):
         results = []
         for job in jobs:
             data = job.data.open(job.model) if isinstance(job.data, DataSpec) else job.data
-            with io.session_source(job.model) as source:
-                session = create_session(source, _session_options(job), what=job.what)
-            partials = []
-            for part in _batch_partials(session, data, job.reducer, 0, job.max_batches):
-                partials.append(part)
+            sessions = []
+            for model in job.models:
+                with io.session_source(model) as source:
+                    options = _session_options(job, model)
+                    sessions.append(create_session(source, options, what=job.what))
+            session = _Sessions(sessions, bool(job.lockstep))
+            merged: _Folder[Any] = _Folder(job.reducer)
+            stop = data.num_batches
+            if stop is not None and job.max_batches is not None:
+                stop = min(stop, job.max_batches)
+            for index, part in enumerate(
+                _batch_partials(session, data, job.reducer, job.start, job.max_batches)
+            ):
+                merged.add(index, [part])
                 if progress is not None:
-                    progress(len(partials), data.num_batches)
-            results.append(fold(job.reducer, partials))
+                    progress(index + 1, None if stop is None else stop - job.start)
+            results.append(merged.result())
         return results
 
 
@@ -220,22 +379,31 @@ class _ShardWorker:
 
     def run_shard(
         self,
-        key: str,
-        model_bytes: bytes,
-        options: SessionOptions,
+        keys: tuple[str, ...],
+        options: tuple[SessionOptions, ...],
         what: str | None,
         data: DataSpec | tuple[list[Feed], list[int]],
         reducer: Reducer[Any],
         batches: tuple[int, int],
         first_sample: int,
+        *model_bytes: bytes,
     ) -> list[Any]:
         """Partials of batches ``batches[0]`` .. ``batches[1] - 1`` of the pass, in order.
 
         ``data``: a spec the worker opens, or the shard's feeds with their sample counts.
+        ``keys`` / ``options`` / ``model_bytes``: one per model of the job (more than one:
+        a lockstep job).
         """
-        session = self._session(key, model_bytes, options, what)
+        self._keep = max(self._keep, len(keys))
+        session = _Sessions(
+            [
+                self._session(key, blob, option, what)
+                for key, option, blob in zip(keys, options, model_bytes, strict=True)
+            ],
+            len(keys) > 1,
+        )
         if isinstance(data, DataSpec):
-            opened = data.open(onnx.load_from_string(model_bytes))
+            opened = data.open(onnx.load_from_string(model_bytes[0]))
             return list(_batch_partials(session, opened, reducer, *batches))
         names = list(reducer.outputs)
         out, first = [], first_sample
@@ -306,50 +474,72 @@ class RayExecutor(Executor):
     def map(self, jobs: Sequence[Job[Any]], progress: ProgressFn | None = None) -> list[Any]:
         ray = self._ray
         pending: dict[Any, _Shard] = {}
-        slots: list[list[Any]] = []
+        folders: list[_Folder[Any]] = []
         total = 0
         for j, job in enumerate(jobs):
-            model_bytes = job.model.SerializeToString()
-            key = hashlib.blake2b(model_bytes, digest_size=16).hexdigest()
-            model_ref = ray.put(model_bytes)
-            options = _session_options(job, self.threads_per_worker)
-            if isinstance(job.data, DataSpec):
-                opened = job.data.open(job.model)
-                count = opened.num_batches or 0
-                shards = plan_shards(
-                    count if job.max_batches is None else min(count, job.max_batches), self.workers
-                )
-                payloads: list[Any] = [job.data] * len(shards)
-                firsts = [a * opened.batch_size for a, _ in shards]
-            else:  # in-memory data: the driver reads it and ships each shard's batches
-                batches = list(job.data.batches(0, job.max_batches))
-                counts = [job.data.samples_in(b) for b in batches]
-                starts = np.cumsum([0, *counts])
-                shards = plan_shards(len(batches), self.workers)
-                payloads = [ray.put((batches[a:b], counts[a:b])) for a, b in shards]
-                firsts = [int(starts[a]) for a, _ in shards]
-            slots.append([None] * len(shards))
-            for s, (bounds, payload, first) in enumerate(
-                zip(shards, payloads, firsts, strict=True)
-            ):
-                actor = self._actors[(total + s) % self.workers]
+            keys, options, model_refs = [], [], []
+            for model in job.models:
+                model_bytes = model.SerializeToString()
+                keys.append(hashlib.blake2b(model_bytes, digest_size=16).hexdigest())
+                options.append(_session_options(job, model, self.threads_per_worker))
+                model_refs.append(ray.put(model_bytes))
+            reducer_ref = ray.put(job.reducer)  # shipped once, not with every shard
+            folders.append(_Folder(job.reducer))
+            for s, (bounds, payload, first) in enumerate(self._shards(job)):
+                actor = self._actors[total % self.workers]
                 ref = actor.run_shard.remote(
-                    key, model_ref, options, job.what, payload, job.reducer, bounds, first
-                )
+                    tuple(keys), tuple(options), job.what, payload, reducer_ref, bounds, first,
+                    *model_refs,
+                )  # fmt: skip
                 pending[ref] = _Shard(j, s)
-            total += len(shards)
+                total += 1
         done = 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             shard = pending.pop(ready[0])
-            slots[shard.job][shard.index] = ray.get(ready[0])
+            folders[shard.job].add(shard.index, ray.get(ready[0]))
             done += 1
             if progress is not None:
                 progress(done, total)
-        results = []
-        for job, parts in zip(jobs, slots, strict=True):
-            results.append(fold(job.reducer, [p for shard in parts for p in shard]))
-        return results
+        return [folder.result() for folder in folders]
+
+    def _shards(self, job: Job[Any]) -> Iterator[tuple[tuple[int, int], Any, int]]:
+        """(batch range, payload, first sample) of each shard of ``job``, in batch order.
+
+        Data the workers can open (:class:`DataSpec`) is sent as the spec. Other
+        data is read here and sent shard by shard as each fills, so the driver
+        holds one shard's batches at a time; a stream whose batch count is
+        unknown is counted by reading it once first.
+        """
+        ray = self._ray
+        start = job.start
+        if isinstance(job.data, DataSpec):
+            opened = job.data.open(job.model)
+            count = opened.num_batches or 0
+            if job.max_batches is not None:
+                count = min(count, job.max_batches)
+            for a, b in plan_shards(count - start, self.workers):
+                yield (a + start, b + start), job.data, (a + start) * opened.batch_size
+            return
+        data = job.data
+        known = data.num_batches
+        if known is None:
+            known = sum(1 for _ in data.batches(0, job.max_batches))
+        elif job.max_batches is not None:
+            known = min(known, job.max_batches)
+        shards = [(a + start, b + start) for a, b in plan_shards(known - start, self.workers)]
+        feeds = data.batches(start, known)
+        first = _first_sample(data, start)
+        for a, b in shards:
+            batches = [feed for _, feed in zip(range(b - a), feeds, strict=False)]
+            if len(batches) != b - a:
+                raise DataError(
+                    f"the data yielded {a + len(batches)} batches, fewer than the {known} it "
+                    "held when counted; use a deterministic data source"
+                )
+            counts = [data.samples_in(feed) for feed in batches]
+            yield (a, b), ray.put((batches, counts)), first
+            first += sum(counts)
 
     def close(self) -> None:
         for actor in self._actors:

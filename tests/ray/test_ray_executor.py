@@ -165,3 +165,82 @@ def test_transform_and_evaluate_on_ray_equal_local(
     rows_ray = evaluate(model, held_out, calib, eval_config, executor=ray_executor).to_dict()
     rows_local = evaluate(model, held_out, calib, eval_config).to_dict()
     assert [r["metrics"] for r in rows_ray["rows"]] == [r["metrics"] for r in rows_local["rows"]]
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, bytes]:
+    return {t.name: t.SerializeToString() for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("strategy", ["relative", "sequential", "train-mode"])
+def test_recalibration_on_ray_equals_local(
+    ray_executor: RayExecutor, nbsmt_library: str, strategy: str
+) -> None:
+    """Streamed recalibration passes (several batches, per-sample means for shrinkage) on two
+    workers give the very same BN statistics, layer corrections and folded scales/biases."""
+    from nbsmt_onnx.calibration.recalibrate import recalibrate
+
+    model = tm.conv_bn_relu(1)
+    calib = {
+        "x": np.abs(np.random.default_rng(5).standard_normal((44, 2, 6, 6))).astype(np.float32)
+    }
+    off = nb.TransformConfig(
+        num_samples=44, threads=4, recalibration=nb.RecalibrationConfig(enabled=False)
+    )
+    sim = nb.transform(model, calib, off).sim_model
+    data = open_calibration_data(calib, model_inputs(model), num_samples=44, batch_size=8, seed=2)
+    config = nb.RecalibrationConfig(strategy=strategy, shrink=2.0, fold=True)
+    args = {"float_model": model, "sim_model": sim, "data": data, "config": config}
+    on_ray = recalibrate(**args, auto_batch=False, executor=ray_executor)
+    local = recalibrate(**args, auto_batch=False)
+    assert on_ray.batchnorm is not None and on_ray.batchnorm.passes >= 1
+    assert on_ray.correction is not None and on_ray.correction.corrections
+    assert _initializers(on_ray.model) == _initializers(local.model)  # bit for bit
+    assert on_ray.report == local.report
+
+
+def test_transform_with_recalibration_on_ray_equals_local(
+    ray_executor: RayExecutor, nbsmt_library: str
+) -> None:
+    """The whole transform (ranges, recalibration, guard, statistics) on two workers: the same
+    folded scales and biases and the same guard decision."""
+    model = tm.conv_bn_relu(2)
+    calib = {
+        "x": np.abs(np.random.default_rng(6).standard_normal((48, 2, 6, 6))).astype(np.float32)
+    }
+    config = nb.TransformConfig(num_samples=48, batch_size=8, threads=4)
+    on_ray = nb.transform(model, calib, config, executor=ray_executor)
+    local = nb.transform(model, calib, config)
+    assert _initializers(on_ray.sim_model) == _initializers(local.sim_model)
+    assert on_ray.report["recalibration"] == local.report["recalibration"]
+
+
+@pytest.mark.parametrize("layer_samples", [0, 20])
+def test_scoring_pass_on_ray_equals_local(
+    ray_executor: RayExecutor, nbsmt_library: str, layer_samples: int
+) -> None:
+    """evaluate's lockstep scoring pass (every row on each batch; the first batches also fetch
+    per-layer tensors) on two workers: every number of every row is the local one."""
+    from nbsmt_onnx.api import evaluate
+
+    model = tm.conv_bn_relu(4)
+    rng = np.random.default_rng(8)
+    calib = {"x": np.abs(rng.standard_normal((32, 2, 6, 6))).astype(np.float32)}
+    held_out = {"x": np.abs(rng.standard_normal((70, 2, 6, 6))).astype(np.float32)}
+    config = nb.EvaluateConfig(
+        transform=nb.TransformConfig(num_samples=32, threads=4),
+        threads=(2, 4),
+        layer_samples=layer_samples,
+        eval_batch_size=8,
+    )
+
+    def rows(result: object) -> list[dict[str, object]]:
+        timing = ("prepare_s", "inference_s", "wall_s")
+        return [
+            {k: v for k, v in row.items() if k not in timing}
+            for row in result.to_dict()["rows"]  # type: ignore[attr-defined]
+        ]
+
+    on_ray = rows(evaluate(model, held_out, calib, config, executor=ray_executor))
+    local = rows(evaluate(model, held_out, calib, config))
+    assert on_ray == local
+    assert all(row["samples"] == 70 for row in local if row["available"])

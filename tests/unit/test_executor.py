@@ -7,19 +7,22 @@ this one is tested in tests/ray/ (inside a network namespace).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import executor_support as es
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from nbsmt_onnx.calibration.data import model_inputs, open_calibration_data
+from nbsmt_onnx.calibration.data import Feed, model_inputs, open_calibration_data
 from nbsmt_onnx.calibration.statistics import ChannelStatistics
 from nbsmt_onnx.errors import ConfigError, DataError
 from nbsmt_onnx.runtime.executor import (
     DataSpec,
     Job,
     LocalExecutor,
+    ModelRun,
     create_executor,
     fold,
     plan_shards,
@@ -122,3 +125,73 @@ def test_unknown_executor_is_a_config_error() -> None:
     assert isinstance(create_executor("local"), LocalExecutor)
     with pytest.raises(ConfigError, match="'local' or 'ray'"):
         create_executor("spark")
+
+
+def test_partials_merged_as_they_arrive_equal_the_fold_in_batch_order() -> None:
+    """Runs of batches may arrive in any order; the merges still happen left to right."""
+    from nbsmt_onnx.runtime.executor import _Folder
+
+    model = es.float_model()
+    data = open_calibration_data(
+        _arrays(), model_inputs(model), num_samples=37, batch_size=4, seed=2
+    )
+    reducer = es.ChannelStats("c1")
+    trace = LocalExecutor().run(Job(model, data, es.Trace("c1")))
+    parts = LocalExecutor().map(
+        [Job(model, data, reducer, start=a, max_batches=a + 1) for a in range(len(trace))]
+    )
+    runs = [parts[0:3], parts[3:4], parts[4:8], parts[8:]]
+    folder = _Folder(reducer)
+    for index in (2, 0, 3, 1):
+        folder.add(index, runs[index])
+    assert es.same_statistics(folder.result(), fold(reducer, parts))
+    assert es.same_statistics(folder.result(), LocalExecutor().run(Job(model, data, reducer)))
+
+
+def test_start_and_stop_select_a_run_of_batches() -> None:
+    model = es.identity_model()
+    data = open_calibration_data(
+        _arrays(), model_inputs(model), num_samples=23, batch_size=5, seed=0
+    )
+    trace = LocalExecutor().run(Job(model, data, es.Trace("y"), start=2, max_batches=4))
+    assert [(first, size) for first, size, *_ in trace] == [(10, 5), (15, 5)]
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """A lockstep reducer: both models' outputs of every batch, and that their runs were timed."""
+
+    @property
+    def outputs(self) -> tuple[tuple[str, ...], ...]:
+        return (("y",), ("c1",))
+
+    def reduce(self, outputs: Sequence[ModelRun], batch: Feed, first_sample: int) -> list:  # type: ignore[type-arg]
+        assert all(run.seconds >= 0 for run in outputs)
+        (y,), (c1,) = (run.values for run in outputs)
+        np.testing.assert_array_equal(y, batch["x"])  # the same batch went through both
+        return [(first_sample, y.shape[0], c1.shape)]
+
+    def merge(self, left: list, right: list) -> list:  # type: ignore[type-arg]
+        return left + right
+
+
+def test_lockstep_job_runs_every_model_on_the_same_batch() -> None:
+    data = open_calibration_data(
+        _arrays(), model_inputs(es.identity_model()), num_samples=13, batch_size=5, seed=4
+    )
+    job = Job(es.identity_model(), data, _Pair(), lockstep=(es.float_model(),))
+    got = LocalExecutor().run(job)
+    assert [(first, n) for first, n, _ in got] == [(0, 5), (5, 5), (10, 3)]
+
+
+def test_feed_streams_count_positions_from_their_feeds() -> None:
+    """Feeds of uneven sizes given as a callable: positions come from the feeds themselves."""
+    from nbsmt_onnx.runtime.executor import FeedStream
+
+    x = _arrays(12)["x"]
+    stream = FeedStream(lambda: [{"x": x[:5]}, {"x": x[5:7]}, {"x": x[7:]}])
+    model = es.identity_model()
+    trace = LocalExecutor().run(Job(model, stream, es.Trace("y"), start=1))
+    assert [(first, size) for first, size, *_ in trace] == [(5, 2), (7, 5)]
+    with pytest.raises(DataError, match="fresh iterator"):
+        LocalExecutor().run(Job(model, FeedStream(lambda: iter([])), es.Trace("y")))

@@ -169,7 +169,7 @@ def _spec(model: onnx.ModelProto):  # type: ignore[no-untyped-def]
 
 
 def _sizes(source) -> list[int]:  # type: ignore[no-untyped-def]
-    return [len(f["x"]) for f in source()]
+    return [len(f["x"]) for f in source.batches()]
 
 
 def test_plan_puts_everything_in_one_batch_when_it_fits() -> None:
@@ -178,7 +178,7 @@ def test_plan_puts_everything_in_one_batch_when_it_fits() -> None:
     assert plan.one_batch and plan.samples == plan.batch_size == plan.available == 20
     assert plan.fit is not None and plan.fit >= 20
     assert _sizes(source) == [20]
-    got = np.concatenate([f["x"] for f in source()])
+    got = np.concatenate([f["x"] for f in source.batches()])
     np.testing.assert_array_equal(got, np.concatenate([f["x"] for f in data.batches()]))
 
 
@@ -212,7 +212,7 @@ def test_plan_counts_the_samples_of_feed_iterables() -> None:
     plan, source = plan_batches(model, data, None, memory_mb=64)
     assert plan.available == plan.samples == 11 and _sizes(source) == [11]
     np.testing.assert_array_equal(
-        np.concatenate([f["x"] for f in source()]), np.concatenate([f["x"] for f in feeds])
+        np.concatenate([f["x"] for f in source.batches()]), np.concatenate([f["x"] for f in feeds])
     )
 
 
@@ -220,7 +220,7 @@ def test_plan_keeps_data_it_cannot_rebatch() -> None:
     model, _ = _nbsmt_model()
     source = image_batches(seed=6)
     plan, got = plan_batches(model, source, None, memory_mb=64)
-    assert got is source and plan.samples is None and "CalibrationData" in plan.note
+    assert got.feeds is source and plan.samples is None and "CalibrationData" in plan.note
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4

@@ -113,9 +113,7 @@ def _assert_stats(result, expected, rtol=RTOL):  # type: ignore[no-untyped-def]
 def test_sequential_equals_brute_force_one_bn_at_a_time() -> None:
     nb = _chain(perturbed=True)
     data = image_batches(seed=22)
-    result = recalibrate_batchnorm(
-        nb, data, strategy="sequential", batchnorms=BNS, session_factory=plain_session
-    )
+    result = recalibrate_batchnorm(nb, data, strategy="sequential", batchnorms=BNS)
     expected = _brute_sequential(nb, data, lambda bn, mu, var: (mu, var), BNS)
     _assert_stats(result, expected)
     assert result.passes == 3 and result.model_runs == 3  # 3 chained BNs: 3 levels
@@ -134,9 +132,7 @@ def test_sequential_first_bn_recovers_analytic_statistics() -> None:
     z = collect(clean, ["conv1.out"], data)["conv1.out"]
     mu_z, var_z = channel_moments(z)
     a, b = PERTURB["bn1"]
-    result = recalibrate_batchnorm(
-        nb, data, strategy="sequential", batchnorms=["bn1"], session_factory=plain_session
-    )
+    result = recalibrate_batchnorm(nb, data, strategy="sequential", batchnorms=["bn1"])
     got = result.statistics["bn1"]
     # float32 Mul/Add round each element to 2^-24 relative; stats inherit ~1e-7.
     np.testing.assert_allclose(got.mean, a * mu_z + b, rtol=1e-5, atol=1e-6)
@@ -146,15 +142,12 @@ def test_sequential_first_bn_recovers_analytic_statistics() -> None:
 def test_one_batch_sequential_shortcut_equals_level_passes() -> None:
     nb = _chain(perturbed=True)
     data = image_batches(seed=24, sizes=((6, 5),))
-    shortcut = recalibrate_batchnorm(
-        nb, data, strategy="sequential", batchnorms=BNS, session_factory=plain_session
-    )
+    shortcut = recalibrate_batchnorm(nb, data, strategy="sequential", batchnorms=BNS)
     passes = recalibrate_batchnorm(
         nb,
         data,
         strategy="sequential",
         batchnorms=BNS,
-        session_factory=plain_session,
         single_batch_shortcut=False,
     )
     assert shortcut.passes == 1 and passes.passes == 3
@@ -178,7 +171,6 @@ def test_one_batch_relative_equals_level_passes(amplify_only: bool) -> None:
             float_model=clean,
             batchnorms=BNS,
             ratio=ratio,
-            session_factory=plain_session,
             single_batch_shortcut=shortcut,
         )
         for shortcut in (True, False)
@@ -210,11 +202,8 @@ def test_one_batch_relative_differs_from_one_pass_replacement() -> None:
         strategy="relative",
         float_model=clean,
         batchnorms=BNS,
-        session_factory=plain_session,
     )
-    seq = recalibrate_batchnorm(
-        nb, data, strategy="sequential", batchnorms=BNS, session_factory=plain_session
-    )
+    seq = recalibrate_batchnorm(nb, data, strategy="sequential", batchnorms=BNS)
     for bn in BNS:
         assert not np.allclose(rel.statistics[bn].mean, seq.statistics[bn].mean, rtol=1e-3)
 
@@ -262,9 +251,7 @@ def _train_mode_reference(model: onnx.ModelProto, bns: list[str]) -> onnx.ModelP
 def test_train_mode_equals_float32_batch_statistics_reference() -> None:
     nb = _chain(perturbed=True)
     data = image_batches(seed=25)
-    result = recalibrate_batchnorm(
-        nb, data, strategy="train-mode", batchnorms=BNS, session_factory=plain_session
-    )
+    result = recalibrate_batchnorm(nb, data, strategy="train-mode", batchnorms=BNS)
     assert result.passes == 1 and result.model_runs == 1
     ref_model = _train_mode_reference(nb, BNS)
     inputs = [_bn_nodes(nb)[bn].input[0] for bn in BNS]
@@ -276,9 +263,7 @@ def test_train_mode_equals_float32_batch_statistics_reference() -> None:
     # of batch statistics: O(1); unbiased instead of population variance: >= 1/(2*7*7) = 1%).
     _assert_stats(result, expected, rtol=1e-4)
     # and it is not the sequential answer on multi-batch data (BN2/3 inputs differ)
-    seq = recalibrate_batchnorm(
-        nb, data, strategy="sequential", batchnorms=BNS, session_factory=plain_session
-    )
+    seq = recalibrate_batchnorm(nb, data, strategy="sequential", batchnorms=BNS)
     assert not np.allclose(seq.statistics["bn3"].var, result.statistics["bn3"].var, rtol=1e-3)
 
 
@@ -293,7 +278,6 @@ def test_relative_equals_brute_force_and_analytic_first_layer() -> None:
         float_model=clean,
         batchnorms=BNS,
         ratio=ratio,
-        session_factory=plain_session,
     )
     assert result.passes == 3 and result.model_runs == 4  # clean model rides along in pass 1
     clean_inputs = {bn: _bn_nodes(clean)[bn].input[0] for bn in BNS}
@@ -329,9 +313,7 @@ def test_relative_equals_brute_force_and_analytic_first_layer() -> None:
 def test_one_pass_measures_everything_on_the_old_model() -> None:
     nb = _chain(perturbed=True)
     data = image_batches(seed=27)
-    result = recalibrate_batchnorm(
-        nb, data, strategy="one-pass", batchnorms=BNS, session_factory=plain_session
-    )
+    result = recalibrate_batchnorm(nb, data, strategy="one-pass", batchnorms=BNS)
     assert result.passes == 1
     inputs = [_bn_nodes(nb)[bn].input[0] for bn in BNS]
     got = collect(nb, inputs, data)
@@ -361,7 +343,6 @@ def test_independent_bns_share_a_pass_and_progress_is_reported() -> None:
         data,
         strategy="sequential",
         batchnorms=["bn_a", "bn_b", "bn_c"],
-        session_factory=plain_session,
         progress=events.append,
     )
     assert result.passes == 2
@@ -381,7 +362,6 @@ def test_default_selection_skips_bns_without_nbsmt_upstream() -> None:
         _chain(perturbed=True),
         image_batches(seed=30),
         strategy="sequential",
-        session_factory=plain_session,
     )
     assert result.passes == 0 and not result.updates
     assert [s.node for s in result.skipped] == BNS
@@ -404,7 +384,6 @@ def test_configuration_and_data_errors() -> None:
             lambda: once,
             strategy="sequential",
             batchnorms=BNS,
-            session_factory=plain_session,
         )
     calls = iter([image_batches(seed=1), image_batches(seed=2, sizes=((1, 4), (2, 4)))] * 3)
     with pytest.raises(DataError, match="changed between passes"):
@@ -413,7 +392,6 @@ def test_configuration_and_data_errors() -> None:
             lambda: next(calls)(),
             strategy="sequential",
             batchnorms=BNS,
-            session_factory=plain_session,
         )
     with pytest.raises(ConfigError, match="bound"):
         VarianceRatio(bound=0.5)
@@ -428,7 +406,6 @@ def test_default_relative_moves_the_mean_only() -> None:
         strategy="relative",
         float_model=clean,
         batchnorms=BNS,
-        session_factory=plain_session,
     )
     for u in result.updates:
         np.testing.assert_array_equal(u.new.var, u.old.var)
