@@ -345,7 +345,7 @@ def _recalibrate(
         log.warning("recalibration is not validated: %s", off)
         report["guard"] = {"decision": "off", "reason": off}
         return result.model, report
-    decision = _guard(float_model, result, heldout, config)
+    decision = _guard(float_model, result, heldout, config, executor)
     retry = rc.guard_retry_shrink
     # Shrinkage changes `relative` BN shifts and fused-layer corrections only.
     shrinkable = rc.strategy == "relative" or result.correction is not None
@@ -359,8 +359,9 @@ def _recalibrate(
             data=estimation,
             config=replace(rc, shrink=retry),
             progress=config.progress,
+            executor=executor,
         )
-        second = _guard(float_model, shrunk, heldout, config)
+        second = _guard(float_model, shrunk, heldout, config, executor)
         first = decision.to_dict()
         if second is not None and second.kept:
             result, decision, report = shrunk, second, dict(shrunk.report)
@@ -385,6 +386,7 @@ def _guard(
     result: TransformRecalibration,
     heldout: CalibrationData,
     config: TransformConfig,
+    executor: Executor | None = None,
 ) -> guard_mod.GuardResult | None:
     """The guard's decision on ``result``'s corrections (None: recalibration changed nothing)."""
     rc = config.recalibration
