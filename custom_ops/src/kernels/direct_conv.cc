@@ -122,6 +122,10 @@ void dc_quantize_generic(const float* x, int64_t n, int64_t stride, float scale,
   }
 }
 
+void dc_split_generic(const float* src, int64_t n, int64_t stride, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = src[i * stride];
+}
+
 void dc_reduce_generic(const float* q, int64_t n, bool sgn, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = reduce_float(q[i], sgn);
 }
@@ -212,56 +216,100 @@ Planes make_planes(const ConvGeometry& geo) {
 using QuantizeFn = void (*)(const float*, int64_t, int64_t, float, bool, float*);
 using ReduceFn = void (*)(const float*, int64_t, bool, float*);
 using ChannelFn = void (*)(const detail::DcChannel&);
+using SplitFn = void (*)(const float*, int64_t, int64_t, float*);
+using Depthwise8Fn = void (*)(const detail::DwBlock&);
 
 struct Isa {
   QuantizeFn quantize;
   ReduceFn reduce;
   ChannelFn channel;
+  SplitFn split;
+  Depthwise8Fn depthwise8;  // null: depthwise layers take the per-channel kernel too
 };
 
 Isa pick_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
   // AVX-512 machines run the AVX2 kernel (it is not the bottleneck there).
   if (detail::selected_backend().isa != detail::Isa::kGeneric) {
-    return {detail::dc_quantize_avx2, detail::dc_reduce_avx2, detail::dc_channel_avx2};
+    return {detail::dc_quantize_avx2, detail::dc_reduce_avx2, detail::dc_channel_avx2,
+            detail::dc_split_avx2, detail::dc_depthwise8_avx2};
   }
 #endif
-  return {detail::dc_quantize_generic, detail::dc_reduce_generic, detail::dc_channel_generic};
+  return {detail::dc_quantize_generic, detail::dc_reduce_generic, detail::dc_channel_generic,
+          detail::dc_split_generic, nullptr};
 }
 
-// Fills phase plane `ph` of one channel from q, the channel's [in] activations
-// already quantized (zero outside the image).
-void fill_plane(const ConvGeometry& geo, const Planes& p, int64_t ph, const float* q,
-                float* out) {
-  const int64_t b[3] = {ph / (p.s[1] * p.s[2]), (ph / p.s[2]) % p.s[1], ph % p.s[2]};
-  const int64_t s2 = p.s[2], q2 = p.q[2];
-  // Valid i2: 0 <= i2 * s2 + b2 - pb2 < in2.
-  const int64_t first = b[2] - geo.pad_begin[2];
-  int64_t lo = first >= 0 ? 0 : ceil_div(-first, s2);
-  int64_t hi = geo.in[2] - 1 - first < 0 ? 0 : (geo.in[2] - 1 - first) / s2 + 1;
-  lo = std::min(lo, q2);
-  hi = std::clamp(hi, lo, q2);
-  for (int64_t i0 = 0; i0 < p.q[0]; ++i0) {
-    const int64_t j0 = i0 * p.s[0] + b[0] - geo.pad_begin[0];
-    for (int64_t i1 = 0; i1 < p.q[1]; ++i1) {
-      const int64_t j1 = i1 * p.s[1] + b[1] - geo.pad_begin[1];
-      float* row = out + (i0 * p.q[1] + i1) * q2;
-      if (j0 < 0 || j0 >= geo.in[0] || j1 < 0 || j1 >= geo.in[1] || hi <= lo) {
-        std::fill(row, row + q2, 0.0f);
-        continue;
+// Scratch of one task: the quantized phase planes of one group of one image
+// (and their R(x) copies), plus one quantized input row. Kept per worker thread
+// between tasks so that no task allocates; a large one is released at the end of
+// its task (see kKeepScratchFloats).
+struct Scratch {
+  std::vector<float> planes, row;
+};
+constexpr size_t kKeepScratchFloats = size_t{1} << 20;
+
+// Quantizes one channel x[in] into its phase planes (plane ph at out + ph * p.size;
+// zero outside the image, slack included). Every input element is quantized once,
+// straight into its plane row when the innermost stride is 1, else into `row` and
+// then split into the stride phases of the innermost axis.
+void fill_channel_planes(const ConvGeometry& geo, const Planes& p, const Isa& isa, const float* x,
+                         float scale, bool sgn, float* row, float* out) {
+  const int64_t s0 = p.s[0], s1 = p.s[1], s2 = p.s[2];
+  const int64_t q0 = p.q[0], q1 = p.q[1], q2 = p.q[2];
+  const int64_t in1 = geo.in[1], in2 = geo.in[2];
+  // Phase b2 of the innermost axis: plane positions [lo, hi) hold the input
+  // elements first + i * s2 (first = b2 - pad).
+  auto range = [&](int64_t b2, int64_t* first, int64_t* lo, int64_t* hi) {
+    *first = b2 - geo.pad_begin[2];
+    const int64_t l = std::min(*first >= 0 ? 0 : ceil_div(-*first, s2), q2);
+    const int64_t h = in2 - 1 - *first < 0 ? 0 : (in2 - 1 - *first) / s2 + 1;
+    *lo = l;
+    *hi = std::clamp(h, l, q2);
+  };
+  for (int64_t b0 = 0; b0 < s0; ++b0) {
+    for (int64_t b1 = 0; b1 < s1; ++b1) {
+      const int64_t ph01 = (b0 * s1 + b1) * s2;
+      bool any = false;
+      for (int64_t b2 = 0; b2 < s2; ++b2) any |= p.used[ph01 + b2] != 0;
+      if (!any) continue;
+      for (int64_t i0 = 0; i0 < q0; ++i0) {
+        const int64_t j0 = i0 * s0 + b0 - geo.pad_begin[0];
+        for (int64_t i1 = 0; i1 < q1; ++i1) {
+          const int64_t j1 = i1 * s1 + b1 - geo.pad_begin[1];
+          const int64_t r = (i0 * q1 + i1) * q2;
+          if (j0 < 0 || j0 >= geo.in[0] || j1 < 0 || j1 >= in1) {
+            for (int64_t b2 = 0; b2 < s2; ++b2) {
+              if (p.used[ph01 + b2]) std::fill_n(out + (ph01 + b2) * p.size + r, q2, 0.0f);
+            }
+            continue;
+          }
+          const float* src = x + (j0 * in1 + j1) * in2;
+          int64_t first, lo, hi;
+          if (s2 == 1) {
+            range(0, &first, &lo, &hi);
+            float* dst = out + ph01 * p.size + r;
+            std::fill(dst, dst + lo, 0.0f);
+            if (hi > lo) isa.quantize(src + lo + first, hi - lo, 1, scale, sgn, dst + lo);
+            std::fill(dst + hi, dst + q2, 0.0f);
+            continue;
+          }
+          isa.quantize(src, in2, 1, scale, sgn, row);
+          for (int64_t b2 = 0; b2 < s2; ++b2) {
+            if (!p.used[ph01 + b2]) continue;
+            range(b2, &first, &lo, &hi);
+            float* dst = out + (ph01 + b2) * p.size + r;
+            std::fill(dst, dst + lo, 0.0f);
+            if (hi > lo) isa.split(row + lo * s2 + first, hi - lo, s2, dst + lo);
+            std::fill(dst + hi, dst + q2, 0.0f);
+          }
+        }
       }
-      std::fill(row, row + lo, 0.0f);
-      const float* src = q + (j0 * geo.in[1] + j1) * geo.in[2] + lo * s2 + first;
-      if (s2 == 1) {
-        std::memcpy(row + lo, src, static_cast<size_t>(hi - lo) * sizeof(float));
-      } else {
-        for (int64_t i = lo; i < hi; ++i) row[i] = src[(i - lo) * s2];
+      const int64_t used_floats = q0 * q1 * q2;
+      for (int64_t b2 = 0; b2 < s2; ++b2) {
+        if (p.used[ph01 + b2]) std::fill(out + (ph01 + b2) * p.size + used_floats, out + (ph01 + b2 + 1) * p.size, 0.0f);
       }
-      std::fill(row + hi, row + q2, 0.0f);
     }
   }
-  const int64_t used = p.q[0] * p.q[1] * q2;
-  std::fill(out + used, out + p.size, 0.0f);
 }
 
 struct Job {
@@ -269,58 +317,98 @@ struct Job {
   const ConvGeometry* geo;
   const Planes* planes;
   Isa isa;
-  const float* x;      // first image of the chunk
-  int64_t C, images;
+  const float* x;
+  int64_t C;
   float x_scale;
   bool need_reduced;
-  float* buf;          // images x C x nph x size floats (+ the same again for R(x))
-  int64_t image_floats, reduced_delta;
+  int64_t group_floats;  // Cg x nph x size: the planes of one group (R(x) planes follow)
   const std::vector<detail::DcTerm>* exact;
   const std::vector<detail::DcTerm>* cterms;
   const float* out_scale;
   const float* bias;
-  float* y;            // first image of the chunk
+  float* y;
 };
 
-void quantize_task(const Job& j, int64_t task) {
-  const int64_t img = task / j.C, c = task % j.C;
-  const Planes& p = *j.planes;
-  const int64_t in = j.geo->in_size();
-  const bool sgn = j.w->cfg.act_signed;
-  // The channel quantized once, contiguously, then laid out into its phase planes.
-  thread_local std::vector<float> q;
-  if (q.size() < static_cast<size_t>(in)) q.resize(static_cast<size_t>(in));
-  j.isa.quantize(j.x + (img * j.C + c) * in, in, 1, j.x_scale, sgn, q.data());
-  for (int64_t ph = 0; ph < p.nph; ++ph) {
-    if (!p.used[ph]) continue;
-    float* plane = j.buf + img * j.image_floats + (c * p.nph + ph) * p.size;
-    fill_plane(*j.geo, p, ph, q.data(), plane);
-    if (j.need_reduced) j.isa.reduce(plane, p.size, sgn, plane + j.reduced_delta);
-  }
-}
-
-void channel_task(const Job& j, int64_t task) {
+// One group of one image: its channels quantized into phase planes (in cache),
+// then every output channel of the group computed from them.
+void group_task(const Job& j, int64_t task) {
   const DirectConvWeights& w = *j.w;
-  const int64_t img = task / w.M, m = task % w.M;
+  const int64_t img = task / w.groups, g = task % w.groups;
+  const Planes& p = *j.planes;
   const ConvGeometry& geo = *j.geo;
+  const int64_t in = geo.in_size(), Cg = w.Cg, Mg = w.M / w.groups;
+  const bool sgn = w.cfg.act_signed;
+  thread_local Scratch scratch;
+  const size_t floats = static_cast<size_t>(j.group_floats * (j.need_reduced ? 2 : 1));
+  if (scratch.planes.size() < floats) scratch.planes.resize(floats);
+  if (scratch.row.size() < static_cast<size_t>(geo.in[2] + kSlack)) {
+    scratch.row.resize(static_cast<size_t>(geo.in[2] + kSlack));
+  }
+  float* planes = scratch.planes.data();
+  for (int64_t c = 0; c < Cg; ++c) {
+    fill_channel_planes(geo, p, j.isa, j.x + (img * j.C + g * Cg + c) * in, j.x_scale, sgn,
+                        scratch.row.data(), planes + c * p.nph * p.size);
+  }
+  if (j.need_reduced) {
+    for (int64_t c = 0; c < Cg; ++c) {
+      for (int64_t ph = 0; ph < p.nph; ++ph) {
+        if (!p.used[ph]) continue;
+        const float* plane = planes + (c * p.nph + ph) * p.size;
+        j.isa.reduce(plane, p.size, sgn, const_cast<float*>(plane) + j.group_floats);
+      }
+    }
+  }
   detail::DcChannel ch{};
-  ch.exact = j.exact->data() + w.exact_begin[m];
-  ch.nexact = w.exact_begin[m + 1] - w.exact_begin[m];
-  ch.steps = w.steps.data() + w.step_begin[m];
-  ch.nsteps = w.step_begin[m + 1] - w.step_begin[m];
   ch.cterms = j.cterms->data();
-  ch.planes = j.buf + img * j.image_floats;
-  ch.reduced_delta = j.reduced_delta;
+  ch.planes = planes;
+  ch.reduced_delta = j.group_floats;
   ch.reduce_activations = w.cfg.reduce == Reduce::kActivations;
   ch.out0 = geo.out[0];
   ch.out1 = geo.out[1];
   ch.out2 = geo.out[2];
-  ch.q1 = j.planes->q[1];
-  ch.q2 = j.planes->q[2];
-  ch.y = j.y + (img * w.M + m) * geo.out_size();
-  ch.scale = j.out_scale[m];
-  ch.bias = j.bias != nullptr ? j.bias + m : nullptr;
-  j.isa.channel(ch);
+  ch.q1 = p.q[1];
+  ch.q2 = p.q[2];
+  for (int64_t m = g * Mg; m < (g + 1) * Mg; ++m) {
+    ch.exact = j.exact->data() + w.exact_begin[m];
+    ch.nexact = w.exact_begin[m + 1] - w.exact_begin[m];
+    ch.steps = w.steps.data() + w.step_begin[m];
+    ch.nsteps = w.step_begin[m + 1] - w.step_begin[m];
+    ch.y = j.y + (img * w.M + m) * geo.out_size();
+    ch.scale = j.out_scale[m];
+    ch.bias = j.bias != nullptr ? j.bias + m : nullptr;
+    j.isa.channel(ch);
+  }
+  if (scratch.planes.size() > kKeepScratchFloats) std::vector<float>().swap(scratch.planes);
+}
+
+struct Depthwise8Job {
+  detail::DwBlock proto;  // everything but the block's channels and buffer
+  Depthwise8Fn run;
+  int64_t C, blocks, in, out, plane_floats;
+  const float* x;
+  const float* wv;  // [blocks][ks][8]
+  const float* out_scale;
+  const float* bias;
+  float* y;
+};
+
+void depthwise8_task(const Depthwise8Job& j, int64_t task) {
+  const int64_t img = task / j.blocks, blk = task % j.blocks;
+  const int64_t c0 = blk * 8;
+  thread_local Scratch scratch;
+  if (scratch.planes.size() < static_cast<size_t>(j.plane_floats)) {
+    scratch.planes.resize(static_cast<size_t>(j.plane_floats));
+  }
+  detail::DwBlock b = j.proto;
+  b.x = j.x + (img * j.C + c0) * j.in;
+  b.nc = static_cast<int>(std::min<int64_t>(8, j.C - c0));
+  b.w = j.wv + blk * b.ks * 8;
+  b.buf = scratch.planes.data();
+  b.y = j.y + (img * j.C + c0) * j.out;
+  b.scale = j.out_scale + c0;
+  b.bias = j.bias != nullptr ? j.bias + c0 : nullptr;
+  j.run(b);
+  if (scratch.planes.size() > kKeepScratchFloats) std::vector<float>().swap(scratch.planes);
 }
 
 }  // namespace
@@ -329,65 +417,101 @@ void direct_conv(const DirectConvWeights& w, const ConvGeometry& geo, int64_t N,
                  float x_scale, const float* out_scale, const float* bias, float* y,
                  const Parallel& parallel) {
   if (N <= 0 || w.M <= 0 || geo.out_size() <= 0) return;
-  const int64_t KS = geo.kernel_size();
-  const int64_t M = w.M, Mg = M / w.groups, Cg = w.Cg, C = w.groups * Cg;
+  const int64_t M = w.M, Cg = w.Cg, C = w.groups * Cg;
   const Planes planes = make_planes(geo);
+  const Isa isa = pick_isa();
+  if (isa.depthwise8 != nullptr && Cg == 1 && M == w.groups && w.steps.empty()) {
+    // Depthwise without collision steps: 8 channels per vector (DwBlock).
+    const int64_t KS = geo.kernel_size(), blocks = ceil_div(C, 8);
+    std::vector<float> wv(static_cast<size_t>(blocks * KS * 8), 0.0f);
+    std::vector<int64_t> off(static_cast<size_t>(KS)), kdil(static_cast<size_t>(2 * KS));
+    for (int64_t k = 0; k < KS; ++k) {
+      off[k] = planes.kph[k] * planes.size + planes.koff[k];
+      kdil[2 * k] = (k / (geo.kernel[1] * geo.kernel[2])) * geo.dilation[0];
+      kdil[2 * k + 1] = ((k / geo.kernel[2]) % geo.kernel[1]) * geo.dilation[1];
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t i = w.exact_begin[m]; i < w.exact_begin[m + 1]; ++i) {
+        wv[((m / 8) * KS + w.exact[i].kpos) * 8 + m % 8] = w.exact[i].w;
+      }
+    }
+    Depthwise8Job job{};
+    detail::DwBlock& b = job.proto;
+    for (int d = 0; d < 3; ++d) {
+      b.in[d] = geo.in[d];
+      b.pad_begin[d] = geo.pad_begin[d];
+      b.out[d] = geo.out[d];
+      b.q[d] = planes.q[d];
+      b.s[d] = planes.s[d];
+    }
+    b.nph = planes.nph;
+    b.size = planes.size;
+    b.used = planes.used.data();
+    b.off = off.data();
+    b.ks = KS;
+    b.stride[0] = geo.stride[0];
+    b.stride[1] = geo.stride[1];
+    b.kdil = kdil.data();
+    b.x_scale = x_scale;
+    b.sgn = w.cfg.act_signed;
+    job.run = isa.depthwise8;
+    job.C = C;
+    job.blocks = blocks;
+    job.in = geo.in_size();
+    job.out = geo.out_size();
+    job.plane_floats = planes.nph * planes.size * 8;
+    job.x = x;
+    job.wv = wv.data();
+    job.out_scale = out_scale;
+    job.bias = bias;
+    job.y = y;
+    parallel(
+        [](void* data, size_t i) {
+          depthwise8_task(*static_cast<Depthwise8Job*>(data), static_cast<int64_t>(i));
+        },
+        static_cast<size_t>(N * blocks), &job);
+    return;
+  }
+
   // The terms with their plane offsets for this geometry.
-  auto resolve = [&](const std::vector<DirectConvWeights::Term>& terms, int64_t m,
-                     int64_t begin, int64_t end, std::vector<detail::DcTerm>* out) {
+  auto resolve = [&](const std::vector<DirectConvWeights::Term>& terms, int64_t begin, int64_t end, std::vector<detail::DcTerm>* out) {
     for (int64_t i = begin; i < end; ++i) {
       const DirectConvWeights::Term& t = terms[i];
-      const int64_t c = (m / Mg) * Cg + t.c_local;
+      // Offsets within the planes of the channel's group (group_task's buffer).
+      const int64_t c = t.c_local;
       (*out)[i] = detail::DcTerm{
           (c * planes.nph + planes.kph[t.kpos]) * planes.size + planes.koff[t.kpos], t.w, t.rw};
     }
   };
   std::vector<detail::DcTerm> exact(w.exact.size()), cterms(w.cterms.size());
   for (int64_t m = 0; m < M; ++m) {
-    resolve(w.exact, m, w.exact_begin[m], w.exact_begin[m + 1], &exact);
+    resolve(w.exact, w.exact_begin[m], w.exact_begin[m + 1], &exact);
     for (int64_t s = w.step_begin[m]; s < w.step_begin[m + 1]; ++s) {
       const detail::DcStep& st = w.steps[s];
-      resolve(w.cterms, m, st.first, st.first + st.count, &cterms);
+      resolve(w.cterms, st.first, st.first + st.count, &cterms);
     }
   }
-  (void)KS;
 
   const bool need_reduced = !w.steps.empty() &&
                             (w.cfg.reduce == Reduce::kActivations || w.cfg.threads == 4);
-  const int64_t plane_floats = C * planes.nph * planes.size;
-  const int64_t image_floats = plane_floats * (need_reduced ? 2 : 1);
-  const int64_t chunk = std::clamp<int64_t>(
-      kChunkBudgetBytes / std::max<int64_t>(1, image_floats * 4), 1, N);
-  // Not zero-filled: quantize_task writes every plane the channel tasks read.
-  const std::unique_ptr<float[]> buf(new float[static_cast<size_t>(chunk * image_floats)]);
-
   Job job{};
   job.w = &w;
   job.geo = &geo;
   job.planes = &planes;
-  job.isa = pick_isa();
+  job.isa = isa;
+  job.x = x;
   job.C = C;
   job.x_scale = x_scale;
   job.need_reduced = need_reduced;
-  job.buf = buf.get();
-  job.image_floats = image_floats;
-  job.reduced_delta = plane_floats;
+  job.group_floats = Cg * planes.nph * planes.size;
   job.exact = &exact;
   job.cterms = &cterms;
   job.out_scale = out_scale;
   job.bias = bias;
-  const int64_t in = geo.in_size(), out = geo.out_size();
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    job.images = std::min(chunk, N - n0);
-    job.x = x + n0 * C * in;
-    job.y = y + n0 * M * out;
-    parallel(
-        [](void* data, size_t i) { quantize_task(*static_cast<Job*>(data), static_cast<int64_t>(i)); },
-        static_cast<size_t>(job.images * C), &job);
-    parallel(
-        [](void* data, size_t i) { channel_task(*static_cast<Job*>(data), static_cast<int64_t>(i)); },
-        static_cast<size_t>(job.images * M), &job);
-  }
+  job.y = y;
+  parallel(
+      [](void* data, size_t i) { group_task(*static_cast<Job*>(data), static_cast<int64_t>(i)); },
+      static_cast<size_t>(N * w.groups), &job);
 }
 
 }  // namespace nbsmt
