@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <memory>
 #include <vector>
 
@@ -244,7 +246,31 @@ Isa pick_isa() {
 // between tasks so that no task allocates; a large one is released at the end of
 // its task (see kKeepScratchFloats).
 struct Scratch {
-  std::vector<float> planes, row;
+  // 64-byte aligned floats (the depthwise kernel's vectors are aligned loads).
+  struct Floats {
+    float* data = nullptr;
+    size_t size = 0;
+    Floats() = default;
+    Floats(const Floats&) = delete;
+    Floats& operator=(const Floats&) = delete;
+    ~Floats() { std::free(data); }
+    float* get(size_t n) {
+      if (n > size) {
+        std::free(data);
+        const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+        data = static_cast<float*>(std::aligned_alloc(64, bytes));
+        if (data == nullptr) throw std::bad_alloc();
+        size = bytes / sizeof(float);
+      }
+      return data;
+    }
+    void release() {
+      std::free(data);
+      data = nullptr;
+      size = 0;
+    }
+  };
+  Floats planes, row;
 };
 constexpr size_t kKeepScratchFloats = size_t{1} << 20;
 
@@ -339,15 +365,11 @@ void group_task(const Job& j, int64_t task) {
   const int64_t in = geo.in_size(), Cg = w.Cg, Mg = w.M / w.groups;
   const bool sgn = w.cfg.act_signed;
   thread_local Scratch scratch;
-  const size_t floats = static_cast<size_t>(j.group_floats * (j.need_reduced ? 2 : 1));
-  if (scratch.planes.size() < floats) scratch.planes.resize(floats);
-  if (scratch.row.size() < static_cast<size_t>(geo.in[2] + kSlack)) {
-    scratch.row.resize(static_cast<size_t>(geo.in[2] + kSlack));
-  }
-  float* planes = scratch.planes.data();
+  float* planes = scratch.planes.get(static_cast<size_t>(j.group_floats * (j.need_reduced ? 2 : 1)));
+  float* row = scratch.row.get(static_cast<size_t>(geo.in[2] + kSlack));
   for (int64_t c = 0; c < Cg; ++c) {
     fill_channel_planes(geo, p, j.isa, j.x + (img * j.C + g * Cg + c) * in, j.x_scale, sgn,
-                        scratch.row.data(), planes + c * p.nph * p.size);
+                        row, planes + c * p.nph * p.size);
   }
   if (j.need_reduced) {
     for (int64_t c = 0; c < Cg; ++c) {
@@ -378,7 +400,7 @@ void group_task(const Job& j, int64_t task) {
     ch.bias = j.bias != nullptr ? j.bias + m : nullptr;
     j.isa.channel(ch);
   }
-  if (scratch.planes.size() > kKeepScratchFloats) std::vector<float>().swap(scratch.planes);
+  if (scratch.planes.size > kKeepScratchFloats) scratch.planes.release();
 }
 
 struct Depthwise8Job {
@@ -396,19 +418,16 @@ void depthwise8_task(const Depthwise8Job& j, int64_t task) {
   const int64_t img = task / j.blocks, blk = task % j.blocks;
   const int64_t c0 = blk * 8;
   thread_local Scratch scratch;
-  if (scratch.planes.size() < static_cast<size_t>(j.plane_floats)) {
-    scratch.planes.resize(static_cast<size_t>(j.plane_floats));
-  }
   detail::DwBlock b = j.proto;
   b.x = j.x + (img * j.C + c0) * j.in;
   b.nc = static_cast<int>(std::min<int64_t>(8, j.C - c0));
   b.w = j.wv + blk * b.ks * 8;
-  b.buf = scratch.planes.data();
+  b.buf = scratch.planes.get(static_cast<size_t>(j.plane_floats));
   b.y = j.y + (img * j.C + c0) * j.out;
   b.scale = j.out_scale + c0;
   b.bias = j.bias != nullptr ? j.bias + c0 : nullptr;
   j.run(b);
-  if (scratch.planes.size() > kKeepScratchFloats) std::vector<float>().swap(scratch.planes);
+  if (scratch.planes.size > kKeepScratchFloats) scratch.planes.release();
 }
 
 }  // namespace

@@ -193,7 +193,7 @@ NBSMT_DC_AVX2 inline __m256i first_lanes(int64_t n) {
 }
 
 NBSMT_DC_AVX2 inline void zero_positions(float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) _mm256_storeu_ps(dst + i * 8, _mm256_setzero_ps());
+  for (int64_t i = 0; i < n; ++i) _mm256_store_ps(dst + i * 8, _mm256_setzero_ps());
 }
 
 // The block's channels quantized (docs/spec.md §2, as dc_quantize_avx2) into
@@ -255,11 +255,25 @@ NBSMT_DC_AVX2 void dw_fill(const DwBlock& b) {
               t[l] = _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             }
             transpose8x8_ps(t, u);
-            for (int64_t k = 0; k < n; ++k) {
-              const int64_t E = e + k + b.pad_begin[2];
-              const int64_t b2 = E % s2, i = E / s2;
-              if (i < q2 && b.used[ph01 + b2]) {
-                _mm256_storeu_ps(b.buf + ((ph01 + b2) * b.size + r + i) * 8, u[k]);
+            if (s2 == 1) {  // element e + k at position e + k + pad of the one phase
+              const int64_t i0 = e + b.pad_begin[2];
+              float* dst = b.buf + (ph01 * b.size + r + i0) * 8;
+              const int64_t nk = std::min(n, q2 - i0);
+              // A constant trip count (a variable one became a slow `rep movs` memcpy).
+              for (int k = 0; k < 8; ++k) {
+                if (k < nk) _mm256_store_ps(dst + k * 8, u[k]);
+              }
+              continue;
+            }
+            // Element E = e + k + pad goes to phase E % s2, position E / s2.
+            int64_t b2 = (e + b.pad_begin[2]) % s2, i = (e + b.pad_begin[2]) / s2;
+            for (int k = 0; k < 8; ++k) {
+              if (k < n && i < q2 && b.used[ph01 + b2]) {
+                _mm256_store_ps(b.buf + ((ph01 + b2) * b.size + r + i) * 8, u[k]);
+              }
+              if (++b2 == s2) {
+                b2 = 0;
+                ++i;
               }
             }
           }
@@ -309,7 +323,7 @@ NBSMT_DC_AVX2 void dc_depthwise8_avx2(const DwBlock& b) {
           const int64_t k = off[i];
           const __m256 wv = _mm256_loadu_ps(b.w + k * 8);
           const float* p = base + b.off[k] * 8;
-          for (int v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(p + v * 8), wv, acc[v]);
+          for (int v = 0; v < 8; ++v) acc[v] = _mm256_fmadd_ps(_mm256_load_ps(p + v * 8), wv, acc[v]);
         }
         for (int v = 0; v < 8; ++v) {
           acc[v] = _mm256_mul_ps(scale, acc[v]);

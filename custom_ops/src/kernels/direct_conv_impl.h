@@ -57,7 +57,7 @@ struct DwBlock {
   int64_t stride[2];   // the convolution's strides along axes 0 and 1
   const int64_t* kdil; // [ks][2]: kernel position's dilated offsets along axes 0 and 1
   const float* w;      // [ks][8] weights (0 in unused lanes)
-  float* buf;          // nph * size * 8 floats
+  float* buf;          // nph * size * 8 floats, 32-byte aligned
   float x_scale;
   bool sgn;
   float* y;            // the first channel's output; channel l at y + l * out_size
