@@ -15,6 +15,7 @@
 #include "nbsmt/direct_conv.h"
 #include "nbsmt/kernels.h"
 #include "nbsmt/pack.h"
+#include "nbsmt/pointwise.h"
 #include "op_common.h"
 #include "op_kernel.h"
 #include "parallel.h"
@@ -174,6 +175,11 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     // Depthwise and narrow grouped convs run through the direct kernel
     // (direct_conv.h) unless the node asks for statistics (the GEMM path counts them).
     const bool direct = stats.counters() == nullptr && direct_conv_preferred(group, Cg, Mg, KS);
+    // 1x1 convolutions with stride 1 and no padding run on NCHW directly (pointwise.h)
+    // where that kernel is preferred, unless the node asks for statistics.
+    bool pointwise = stats.counters() == nullptr && group == 1 && KS == 1 && in_size == P &&
+                     pointwise_conv_preferred(cfg);
+    for (int d = 0; d < 3; ++d) pointwise &= geo.pad_begin[d] == 0 && geo.stride[d] == 1;
     // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq
     // (the choice of path is fixed per node: it depends on shapes and outputs only).
     const std::shared_ptr<const PreparedSet> prepared = weights.get(w, [&](PreparedSet& set) {
@@ -181,6 +187,11 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
         set.direct = prepare_direct_conv(cfg, layout, static_cast<const int8_t*>(w.data), M,
                                          group, Cg);
         if (set.direct == nullptr) {
+          throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
+        }
+      } else if (pointwise) {
+        set.pointwise = prepare_pointwise_conv(cfg, layout, static_cast<const int8_t*>(w.data), M);
+        if (set.pointwise == nullptr) {
           throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
         }
       } else {
@@ -192,6 +203,13 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     std::vector<float> scale(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) scale[m] = x_scale * w_scale[m];
     const float* xdata = static_cast<const float*>(x.data);
+    // The path is the one the cached weights were prepared for (every path gives
+    // the same results; the kernel ISA, which the choice also depends on, can change).
+    if (prepared->pointwise != nullptr) {
+      pointwise_conv(*prepared->pointwise, N, P, xdata, x_scale, scale.data(), bias, y, par.get());
+      stats.write();
+      return;
+    }
     if (prepared->direct != nullptr || prepared->groups.empty()) {
       if (prepared->direct == nullptr) throw OpError(label + ": internal error: no prepared weights");
       direct_conv(*prepared->direct, geo, N, xdata, x_scale, scale.data(), bias, y, par.get());

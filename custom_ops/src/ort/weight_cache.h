@@ -24,6 +24,7 @@
 
 #include "nbsmt/direct_conv.h"
 #include "nbsmt/kernels.h"
+#include "nbsmt/pointwise.h"
 #include "ort_api.h"
 
 namespace nbsmt::ort {
@@ -34,6 +35,7 @@ struct PreparedSet {
   std::vector<int8_t> raw;    // its bytes
   std::vector<std::shared_ptr<const PreparedWeights>> groups;  // one per Conv group (GEMM path)
   std::shared_ptr<const DirectConvWeights> direct;  // Conv direct path (direct_conv.h), or null
+  std::shared_ptr<const PointwiseWeights> pointwise;  // Conv pointwise path (pointwise.h), or null
 };
 
 class PreparedWeightsCache {
