@@ -121,6 +121,28 @@ def test_pointwise_cases_cover_the_kernel() -> None:
     assert not missing, f"never generated: {missing}"
 
 
+def test_conv_cases_cover_the_small_dense_direct_path() -> None:
+    """Dense convs (one group) with a reduction of at most 32 elements and no stats run
+    through the direct kernel (nbsmt::kDirectSmallK), on shared planes when there are
+    few (image, group) tasks; the random conv cases reach it at every thread count,
+    with one and several images, and wider ones with 16+ outputs (GEMM when they collide)."""
+    seen: collections.Counter[str] = collections.Counter()
+    for seed in range(CONV_CASES):
+        c = conv_case(seed)
+        x, wq = c.inputs[0], c.inputs[1]
+        a = c.attributes
+        k = math.prod(wq.shape[1:])  # type: ignore[union-attr]
+        if c.with_stats or a["group"] != 1 or k > 32:
+            continue
+        seen[f"T={a['threads']}"] += 1
+        seen["several images"] += x.shape[0] > 1  # type: ignore[union-attr]
+        seen["strided"] += any(v > 1 for v in a.get("strides", [1]))
+        seen["16+ outputs"] += wq.shape[0] >= 16  # type: ignore[union-attr]
+    required = ["T=1", "T=2", "T=4", "several images", "strided", "16+ outputs"]
+    missing = [r for r in required if seen[r] == 0]
+    assert not missing, f"never generated: {missing}"
+
+
 def test_grouped_cases_cover_the_direct_kernel() -> None:
     """The grouped generator reaches every setting on the direct kernel (no stats,
     K <= 512), depthwise and grouped, strided, dilated and padded, and also the GEMM

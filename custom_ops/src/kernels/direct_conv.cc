@@ -32,8 +32,9 @@ struct DirectConvWeights {
 
 bool direct_conv_preferred(int64_t groups, int64_t channels_per_group, int64_t outputs_per_group,
                            int64_t kernel_size) {
-  return groups > 1 && outputs_per_group < 16 && channels_per_group * kernel_size >= 1 &&
-         channels_per_group * kernel_size <= kDirectMaxK;
+  const int64_t K = channels_per_group * kernel_size;
+  if (K < 1 || K > kDirectMaxK) return false;
+  return (groups > 1 && outputs_per_group < 16) || K <= kDirectSmallK;
 }
 
 std::shared_ptr<const DirectConvWeights> prepare_direct_conv(const SmtConfig& cfg,
@@ -86,6 +87,8 @@ std::shared_ptr<const DirectConvWeights> prepare_direct_conv(const SmtConfig& cf
   }
   return pw;
 }
+
+bool direct_conv_has_collision_steps(const DirectConvWeights& w) { return !w.steps.empty(); }
 
 namespace detail {
 
@@ -348,6 +351,9 @@ struct Job {
   float x_scale;
   bool need_reduced;
   int64_t group_floats;  // Cg x nph x size: the planes of one group (R(x) planes follow)
+  int64_t mchunk, mchunks;  // shared planes: a task computes mchunk output channels of a group
+  float* shared;            // shared planes: [image][group][group_stride]
+  int64_t group_stride;     // group_floats, twice that with R(x) planes
   const std::vector<detail::DcTerm>* exact;
   const std::vector<detail::DcTerm>* cterms;
   const float* out_scale;
@@ -357,29 +363,27 @@ struct Job {
 
 // One group of one image: its channels quantized into phase planes (in cache),
 // then every output channel of the group computed from them.
-void group_task(const Job& j, int64_t task) {
+// Channel c of group g of image img quantized into its phase planes (and their
+// R(x) copies) in `planes`, the group's buffer.
+void fill_channel(const Job& j, int64_t img, int64_t g, int64_t c, float* row, float* planes) {
   const DirectConvWeights& w = *j.w;
-  const int64_t img = task / w.groups, g = task % w.groups;
   const Planes& p = *j.planes;
   const ConvGeometry& geo = *j.geo;
-  const int64_t in = geo.in_size(), Cg = w.Cg, Mg = w.M / w.groups;
   const bool sgn = w.cfg.act_signed;
-  thread_local Scratch scratch;
-  float* planes = scratch.planes.get(static_cast<size_t>(j.group_floats * (j.need_reduced ? 2 : 1)));
-  float* row = scratch.row.get(static_cast<size_t>(geo.in[2] + kSlack));
-  for (int64_t c = 0; c < Cg; ++c) {
-    fill_channel_planes(geo, p, j.isa, j.x + (img * j.C + g * Cg + c) * in, j.x_scale, sgn,
-                        row, planes + c * p.nph * p.size);
+  float* cp = planes + c * p.nph * p.size;
+  fill_channel_planes(geo, p, j.isa, j.x + (img * j.C + g * w.Cg + c) * geo.in_size(), j.x_scale,
+                      sgn, row, cp);
+  if (!j.need_reduced) return;
+  for (int64_t ph = 0; ph < p.nph; ++ph) {
+    if (p.used[ph]) j.isa.reduce(cp + ph * p.size, p.size, sgn, cp + ph * p.size + j.group_floats);
   }
-  if (j.need_reduced) {
-    for (int64_t c = 0; c < Cg; ++c) {
-      for (int64_t ph = 0; ph < p.nph; ++ph) {
-        if (!p.used[ph]) continue;
-        const float* plane = planes + (c * p.nph + ph) * p.size;
-        j.isa.reduce(plane, p.size, sgn, const_cast<float*>(plane) + j.group_floats);
-      }
-    }
-  }
+}
+
+// Output channels [m0, m1) of image img from their group's planes.
+void compute_channels(const Job& j, int64_t img, int64_t m0, int64_t m1, const float* planes) {
+  const DirectConvWeights& w = *j.w;
+  const Planes& p = *j.planes;
+  const ConvGeometry& geo = *j.geo;
   detail::DcChannel ch{};
   ch.cterms = j.cterms->data();
   ch.planes = planes;
@@ -390,7 +394,7 @@ void group_task(const Job& j, int64_t task) {
   ch.out2 = geo.out[2];
   ch.q1 = p.q[1];
   ch.q2 = p.q[2];
-  for (int64_t m = g * Mg; m < (g + 1) * Mg; ++m) {
+  for (int64_t m = m0; m < m1; ++m) {
     ch.exact = j.exact->data() + w.exact_begin[m];
     ch.nexact = w.exact_begin[m + 1] - w.exact_begin[m];
     ch.steps = w.steps.data() + w.step_begin[m];
@@ -400,7 +404,38 @@ void group_task(const Job& j, int64_t task) {
     ch.bias = j.bias != nullptr ? j.bias + m : nullptr;
     j.isa.channel(ch);
   }
+}
+
+// One group of one image: its channels quantized into phase planes (in cache),
+// then every output channel of the group computed from them.
+void group_task(const Job& j, int64_t task) {
+  const DirectConvWeights& w = *j.w;
+  const int64_t img = task / w.groups, g = task % w.groups, Mg = w.M / w.groups;
+  thread_local Scratch scratch;
+  float* planes = scratch.planes.get(static_cast<size_t>(j.group_floats * (j.need_reduced ? 2 : 1)));
+  float* row = scratch.row.get(static_cast<size_t>(j.geo->in[2] + kSlack));
+  for (int64_t c = 0; c < w.Cg; ++c) fill_channel(j, img, g, c, row, planes);
+  compute_channels(j, img, g * Mg, (g + 1) * Mg, planes);
   if (scratch.planes.size > kKeepScratchFloats) scratch.planes.release();
+}
+
+// Few groups (a dense layer with a small reduction has one): the planes of a
+// chunk of images are quantized once into a shared buffer (one task per
+// channel), then tasks of mchunk output channels compute from them.
+void shared_fill_task(const Job& j, int64_t task) {
+  const DirectConvWeights& w = *j.w;
+  const int64_t c = task % w.Cg, g = task / w.Cg % w.groups, img = task / w.Cg / w.groups;
+  thread_local Scratch scratch;
+  float* row = scratch.row.get(static_cast<size_t>(j.geo->in[2] + kSlack));
+  fill_channel(j, img, g, c, row, j.shared + (img * w.groups + g) * j.group_stride);
+}
+
+void shared_compute_task(const Job& j, int64_t task) {
+  const DirectConvWeights& w = *j.w;
+  const int64_t chunk = task % j.mchunks, g = task / j.mchunks % w.groups;
+  const int64_t img = task / j.mchunks / w.groups, Mg = w.M / w.groups;
+  const int64_t m0 = g * Mg + chunk * j.mchunk, m1 = std::min((g + 1) * Mg, m0 + j.mchunk);
+  compute_channels(j, img, m0, m1, j.shared + (img * w.groups + g) * j.group_stride);
 }
 
 struct Depthwise8Job {
@@ -528,9 +563,39 @@ void direct_conv(const DirectConvWeights& w, const ConvGeometry& geo, int64_t N,
   job.out_scale = out_scale;
   job.bias = bias;
   job.y = y;
-  parallel(
-      [](void* data, size_t i) { group_task(*static_cast<Job*>(data), static_cast<int64_t>(i)); },
-      static_cast<size_t>(N * w.groups), &job);
+  // Fewer (image, group) tasks than the runtime may have threads: split the
+  // output channels of a group among tasks, over planes quantized once.
+  const int64_t Mg = M / w.groups;
+  const int64_t split = std::min(Mg, std::max<int64_t>(1, ceil_div(8, N * w.groups)));
+  if (split == 1) {
+    parallel(
+        [](void* data, size_t i) { group_task(*static_cast<Job*>(data), static_cast<int64_t>(i)); },
+        static_cast<size_t>(N * w.groups), &job);
+    return;
+  }
+  job.mchunk = ceil_div(Mg, split);
+  job.mchunks = ceil_div(Mg, job.mchunk);
+  job.group_stride = job.group_floats * (need_reduced ? 2 : 1);
+  const int64_t image_floats = w.groups * job.group_stride;
+  const int64_t chunk = std::clamp<int64_t>(
+      kChunkBudgetBytes / std::max<int64_t>(1, image_floats * 4), 1, N);
+  const std::unique_ptr<float[]> shared(new float[static_cast<size_t>(chunk * image_floats)]);
+  job.shared = shared.get();
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t images = std::min(chunk, N - n0);
+    job.x = x + n0 * C * geo.in_size();
+    job.y = y + n0 * M * geo.out_size();
+    parallel(
+        [](void* data, size_t i) {
+          shared_fill_task(*static_cast<Job*>(data), static_cast<int64_t>(i));
+        },
+        static_cast<size_t>(images * w.groups * Cg), &job);
+    parallel(
+        [](void* data, size_t i) {
+          shared_compute_task(*static_cast<Job*>(data), static_cast<int64_t>(i));
+        },
+        static_cast<size_t>(images * w.groups * job.mchunks), &job);
+  }
 }
 
 }  // namespace nbsmt

@@ -183,20 +183,25 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq
     // (the choice of path is fixed per node: it depends on shapes and outputs only).
     const std::shared_ptr<const PreparedSet> prepared = weights.get(w, [&](PreparedSet& set) {
-      if (direct) {
-        set.direct = prepare_direct_conv(cfg, layout, static_cast<const int8_t*>(w.data), M,
-                                         group, Cg);
-        if (set.direct == nullptr) {
-          throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
-        }
-      } else if (pointwise) {
-        set.pointwise = prepare_pointwise_conv(cfg, layout, static_cast<const int8_t*>(w.data), M);
+      const auto* wq = static_cast<const int8_t*>(w.data);
+      if (pointwise) {
+        set.pointwise = prepare_pointwise_conv(cfg, layout, wq, M);
         if (set.pointwise == nullptr) {
           throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
         }
-      } else {
-        set.groups = prepare_weight_groups(cfg, layout, w, "Wq", M, K, 1, group, label, par.get());
+        return;
       }
+      if (direct) {
+        set.direct = prepare_direct_conv(cfg, layout, wq, M, group, Cg);
+        if (set.direct == nullptr) {
+          throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
+        }
+        // A wide group whose steps can collide: the direct kernel resolves collisions
+        // per output position, the GEMM kernels with full 16-channel vectors do better.
+        if (Mg < 16 || !direct_conv_has_collision_steps(*set.direct)) return;
+        set.direct = nullptr;
+      }
+      set.groups = prepare_weight_groups(cfg, layout, w, "Wq", M, K, 1, group, label, par.get());
     });
     const float* w_scale = static_cast<const float*>(ws.data);
     const float* bias = b.present() ? static_cast<const float*>(b.data) : nullptr;
