@@ -298,8 +298,14 @@ def pointwise_conv_case(seed: int) -> Case:
     rank = int(rng.choice([1, 2, 2, 2, 3]))
     max_extent = {1: 300, 2: 24, 3: 7}[rank]
     spatial = [int(rng.integers(1, max_extent + 1)) for _ in range(rank)]
-    c = int(rng.choice([int(rng.integers(1, 12)), int(rng.integers(12, 100)), int(rng.integers(100, 400))]))
-    m = int(rng.choice([int(rng.integers(1, 8)), int(rng.integers(8, 40)), int(rng.integers(40, 100))]))
+    c = int(
+        rng.choice(
+            [int(rng.integers(1, 12)), int(rng.integers(12, 100)), int(rng.integers(100, 400))]
+        )
+    )
+    m = int(
+        rng.choice([int(rng.integers(1, 8)), int(rng.integers(8, 40)), int(rng.integers(40, 100))])
+    )
     attrs: dict[str, Any] = {}
     style = rng.integers(0, 4)
     if style == 0:
@@ -316,7 +322,13 @@ def pointwise_conv_case(seed: int) -> Case:
     return Case(
         op=schema.CONV,
         seed=seed,
-        inputs=[x, _weights(rng, [m, c, *([1] * rank)]), np.array(x_scale, np.float32), w_scale, bias],
+        inputs=[
+            x,
+            _weights(rng, [m, c, *([1] * rank)]),
+            np.array(x_scale, np.float32),
+            w_scale,
+            bias,
+        ],
         attributes=attrs,
         with_stats=bool(rng.random() < 0.1),
         kind=kind,

@@ -86,7 +86,8 @@ def test_grouped_conv_random(seeds: range) -> None:
 def test_pointwise_conv_random(seeds: range) -> None:
     # 1x1 stride-1 convs (the pointwise kernel on AVX2) under 1, 2 and 4 runtime threads
     check_cases(
-        [pointwise_conv_case(s) for s in seeds], intra_op_threads=(1, 2, 4)[(seeds.start // CHUNK) % 3]
+        [pointwise_conv_case(s) for s in seeds],
+        intra_op_threads=(1, 2, 4)[(seeds.start // CHUNK) % 3],
     )
 
 
