@@ -337,6 +337,46 @@ def pointwise_conv_case(seed: int) -> Case:
     )
 
 
+def gather_runs_conv_case(seed: int) -> Case:
+    """A T = 4 conv with a kernel larger than 1x1, the channel mapping and no stats: rows
+    are runs of quantized pixels with entry records made once per pixel. Wide reductions
+    (up to 200 channels x 9 positions) split the steps into several blocks whose
+    boundaries fall inside a kernel position's run; a few images, groups and strides."""
+    rng = np.random.default_rng([seed, 7])
+    group = int(rng.choice([1, 1, 1, 2]))
+    c_g = int(rng.integers(20, 201))
+    m_g = int(rng.choice([int(rng.integers(1, 17)), int(rng.integers(17, 140))]))
+    kernel = [int(k) for k in rng.choice([2, 3], 2)]
+    spatial = [int(v) for v in rng.integers(3, 9, 2)]
+    attrs: dict[str, Any] = {
+        "pads": [int(p) for p in rng.integers(0, 2, 4)],
+        "strides": [int(v) for v in rng.integers(1, 3, 2)],
+        "group": group,
+        "threads": 4,
+        "mapping": "channel",
+        "reduce": str(rng.choice(schema.REDUCE_CHOICES)),
+        "act_signed": int(rng.integers(0, 2)),
+    }
+    kind = str(rng.choice(["relu", "relu", "signed", "saturating"]))
+    x_scale = _scale(rng, kind)
+    x = _activations(rng, [int(rng.integers(1, 3)), group * c_g, *spatial], kind, x_scale)
+    w_scale, bias = _vectors(rng, group * m_g)
+    return Case(
+        op=schema.CONV,
+        seed=seed,
+        inputs=[
+            x,
+            _weights(rng, [group * m_g, c_g, *kernel]),
+            np.array(x_scale, np.float32),
+            w_scale,
+            bias,
+        ],
+        attributes=attrs,
+        with_stats=False,
+        kind=kind,
+    )
+
+
 # ----------------------------------------------------------------------------- models
 
 

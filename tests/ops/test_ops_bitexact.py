@@ -20,6 +20,7 @@ from ops_cases import (
     check_cases,
     chunks,
     conv_case,
+    gather_runs_conv_case,
     grouped_conv_case,
     large_conv_case,
     large_matmul_case,
@@ -142,6 +143,15 @@ def test_conv_cases_cover_the_small_dense_direct_path() -> None:
     required = ["T=1", "T=2", "T=4", "several images", "strided", "16+ outputs"]
     missing = [r for r in required if seen[r] == 0]
     assert not missing, f"never generated: {missing}"
+
+
+@pytest.mark.parametrize("seeds", chunks(0, 60, 20), ids=lambda r: f"seeds{r.start}-{r.stop - 1}")
+def test_gather_runs_conv_random(seeds: range) -> None:
+    # T = 4 convs read as runs with per-pixel entry records, several blocks per row
+    check_cases(
+        [gather_runs_conv_case(s) for s in seeds],
+        intra_op_threads=(1, 2, 4)[(seeds.start // 20) % 3],
+    )
 
 
 def test_grouped_cases_cover_the_direct_kernel() -> None:
