@@ -251,8 +251,6 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     // pixel-major); their packed rows are made by im2col inside the kernel tasks
     // (RowSource), a few rows at a time, and never stored for the whole chunk.
     const int64_t image_entries = static_cast<int64_t>(plan.image_entries());
-    const int64_t image_bytes = image_entries * static_cast<int64_t>(sizeof(int16_t));
-    const int64_t chunk_images = std::clamp<int64_t>(kChunkBudgetBytes / image_bytes, 1, N);
     // Rows as runs read in place (no im2col) where the kernels can: each kernel
     // position is one contiguous run of a pixel's group entries.
     const int64_t gw = plan.group_width;
@@ -266,6 +264,11 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     const bool gather_runs = as_runs && KS > 1 && reads_gather_runs(*prepared->groups[0], gw);
     const bool runs_ok = gather_runs || (as_runs && reads_runs(*prepared->groups[0], gw));
     const bool two_terms = runs_ok && !gather_runs && cfg.threads == 2;
+    // The chunk's quantized images and their entry records (T = 4) stay within the budget.
+    const int64_t rec_ints = gather_runs ? gather_record_ints(gw) : 0;
+    const int64_t image_bytes = image_entries * static_cast<int64_t>(sizeof(int16_t)) +
+                                image_entries / gw * rec_ints * static_cast<int64_t>(sizeof(int32_t));
+    const int64_t chunk_images = std::clamp<int64_t>(kChunkBudgetBytes / image_bytes, 1, N);
     // Buffer: the quantized images (E entries), a zero run; with T = 2 the same
     // again for the correction operands (RunSource::term1_offset = E + Z).
     const int64_t E = chunk_images * image_entries, Z = runs_ok ? gw : 0;
@@ -280,7 +283,6 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     const bool act_signed = cfg.act_signed;
     // Entry records of the runs (T = 4): one per (image, pixel, group) of the chunk,
     // then the zero run's (empty).
-    const int64_t rec_ints = gather_runs ? gather_record_ints(gw) : 0;
     const std::unique_ptr<int32_t[]> records(
         gather_runs ? new int32_t[static_cast<size_t>((E / gw + 1) * rec_ints)] : nullptr);
     if (gather_runs) gather_run_entries(*prepared->groups[0], xq + E, gw, records.get() + (E / gw) * rec_ints);
