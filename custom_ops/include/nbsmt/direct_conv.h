@@ -1,5 +1,6 @@
-// Direct NB-SMT convolution for depthwise and narrow grouped convolutions: pure
-// math on pointers and shapes, no ONNX Runtime types.
+// Direct NB-SMT convolution for depthwise and narrow grouped convolutions, and
+// for convolutions with a small reduction (first layers): pure math on pointers
+// and shapes, no ONNX Runtime types.
 //
 // The GEMM kernels (kernels.h) vectorise over output channels of one group, 16
 // at a time; a depthwise convolution has one output channel per group, so they

@@ -1,5 +1,6 @@
-// Direct convolution for depthwise / narrow grouped Convs (nbsmt/direct_conv.h):
-// weight programs, stride-phase planes, the parallel driver and the portable kernel.
+// Direct convolution for depthwise / narrow grouped Convs and small reductions
+// (nbsmt/direct_conv.h): weight programs, stride-phase planes, the parallel
+// driver and the portable kernel.
 #include "nbsmt/direct_conv.h"
 
 #include <algorithm>
@@ -361,8 +362,6 @@ struct Job {
   float* y;
 };
 
-// One group of one image: its channels quantized into phase planes (in cache),
-// then every output channel of the group computed from them.
 // Channel c of group g of image img quantized into its phase planes (and their
 // R(x) copies) in `planes`, the group's buffer.
 void fill_channel(const Job& j, int64_t img, int64_t g, int64_t c, float* row, float* planes) {

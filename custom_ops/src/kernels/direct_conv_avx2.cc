@@ -1,7 +1,8 @@
 // AVX2 pieces of the direct convolution (nbsmt/direct_conv.h): 8 output
 // positions per vector, up to 8 vectors (from any rows of the channel) per pass
 // over the weight program, float32 FMA on integer values (exact, see the header),
-// the output scaling fused into the store. Also used on AVX-512 machines.
+// the output scaling fused into the store; and the depthwise kernel with 8
+// channels per vector (DwBlock). Also used on AVX-512 machines.
 #include "direct_conv_impl.h"
 
 #if defined(__x86_64__) || defined(_M_X64)

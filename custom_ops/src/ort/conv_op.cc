@@ -5,7 +5,8 @@
 // quantized once (pixel-major, a bounded chunk of images at a time); the kernel
 // tasks im2col the packed rows they need on demand (RowSource) and accumulate
 // them against the prepared weights; the result is scaled to float
-// by the kernels' tile writer (FloatOutput, kernels.h; direct_conv.h likewise):
+// by the kernels' tile writer (FloatOutput, kernels.h; direct_conv.h and
+// pointwise.h, the paths that skip the GEMM, likewise):
 //   Y[n, m, p] = float32(x_scale * w_scale[m]) * float32(acc) (+ B[m])
 // each operation rounded to float32 (the build forbids FMA contraction).
 #include <algorithm>
@@ -203,8 +204,9 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     bool pointwise = stats.counters() == nullptr && group == 1 && KS == 1 && in_size == P &&
                      pointwise_conv_preferred(cfg);
     for (int d = 0; d < 3; ++d) pointwise &= geo.pad_begin[d] == 0 && geo.stride[d] == 1;
-    // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq
-    // (the choice of path is fixed per node: it depends on shapes and outputs only).
+    // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq.
+    // The path is chosen when the weights are prepared (from the shapes, the outputs,
+    // the kernel ISA and, for the direct kernel, the weights) and recorded in the set.
     const std::shared_ptr<const PreparedSet> prepared = weights.get(w, [&](PreparedSet& set) {
       const auto* wq = static_cast<const int8_t*>(w.data);
       if (pointwise) {
