@@ -731,7 +731,10 @@ void gather_run_entries(const PreparedWeights& w, const int16_t* x, int64_t run_
   sub.nblocks = 1;
   int32_t sum = 0;
   auto* entries = reinterpret_cast<detail::GatherEntry*>(record + 2);
-  record[0] = static_cast<int32_t>(w.be->gather_entries(sub, 0, x, entries, &sum));
+  const int64_t count = w.be->gather_entries(sub, 0, x, entries, &sum);
+  // Readers copy four entries at a time: the (at most three) after the last are defined.
+  for (int64_t i = count; i < count + 3; ++i) entries[i] = detail::GatherEntry{0, 0};
+  record[0] = static_cast<int32_t>(count);
   record[1] = sum;
 }
 
