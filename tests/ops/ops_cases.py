@@ -288,6 +288,95 @@ def grouped_conv_case(seed: int) -> Case:
     )
 
 
+def pointwise_conv_case(seed: int) -> Case:
+    """A 1x1 conv with stride 1, no padding and one group, mostly without stats: the
+    shapes the pointwise kernel (custom_ops/include/nbsmt/pointwise.h) runs at T = 1
+    and 2 on AVX2, with position counts that leave vector tails, channel counts odd
+    and even (idle slots), a few images and wide reductions; T = 4 and the cases
+    with stats take the GEMM path."""
+    rng = np.random.default_rng([seed, 6])
+    rank = int(rng.choice([1, 2, 2, 2, 3]))
+    max_extent = {1: 300, 2: 24, 3: 7}[rank]
+    spatial = [int(rng.integers(1, max_extent + 1)) for _ in range(rank)]
+    c = int(
+        rng.choice(
+            [int(rng.integers(1, 12)), int(rng.integers(12, 100)), int(rng.integers(100, 400))]
+        )
+    )
+    m = int(
+        rng.choice([int(rng.integers(1, 8)), int(rng.integers(8, 40)), int(rng.integers(40, 100))])
+    )
+    attrs: dict[str, Any] = {}
+    style = rng.integers(0, 4)
+    if style == 0:
+        attrs.update(strides=[1] * rank, pads=[0] * (2 * rank), kernel_shape=[1] * rank)
+    elif style == 1:
+        attrs["auto_pad"] = str(rng.choice(["VALID", "SAME_UPPER", "SAME_LOWER"]))
+    elif style == 2:
+        attrs["dilations"] = [int(d) for d in rng.integers(1, 4, rank)]
+    attrs.update(_smt(rng))
+    kind = str(rng.choice(DATA_KINDS, p=[0.45, 0.2, 0.05, 0.1, 0.1, 0.1]))
+    x_scale = _scale(rng, kind)
+    x = _activations(rng, [int(rng.choice([1, 1, 2, 3])), c, *spatial], kind, x_scale)
+    w_scale, bias = _vectors(rng, m)
+    return Case(
+        op=schema.CONV,
+        seed=seed,
+        inputs=[
+            x,
+            _weights(rng, [m, c, *([1] * rank)]),
+            np.array(x_scale, np.float32),
+            w_scale,
+            bias,
+        ],
+        attributes=attrs,
+        with_stats=bool(rng.random() < 0.1),
+        kind=kind,
+        runtime_weights=bool(rng.random() < 0.1),
+        empty_bias_name=bias is None and bool(rng.random() < 0.3),
+    )
+
+
+def gather_runs_conv_case(seed: int) -> Case:
+    """A T = 4 conv with a kernel larger than 1x1, the channel mapping and no stats: rows
+    are runs of quantized pixels with entry records made once per pixel. Wide reductions
+    (up to 200 channels x 9 positions) split the steps into several blocks whose
+    boundaries fall inside a kernel position's run; a few images, groups and strides."""
+    rng = np.random.default_rng([seed, 7])
+    group = int(rng.choice([1, 1, 1, 2]))
+    c_g = int(rng.integers(20, 201))
+    m_g = int(rng.choice([int(rng.integers(1, 17)), int(rng.integers(17, 140))]))
+    kernel = [int(k) for k in rng.choice([2, 3], 2)]
+    spatial = [int(v) for v in rng.integers(3, 9, 2)]
+    attrs: dict[str, Any] = {
+        "pads": [int(p) for p in rng.integers(0, 2, 4)],
+        "strides": [int(v) for v in rng.integers(1, 3, 2)],
+        "group": group,
+        "threads": 4,
+        "mapping": "channel",
+        "reduce": str(rng.choice(schema.REDUCE_CHOICES)),
+        "act_signed": int(rng.integers(0, 2)),
+    }
+    kind = str(rng.choice(["relu", "relu", "signed", "saturating"]))
+    x_scale = _scale(rng, kind)
+    x = _activations(rng, [int(rng.integers(1, 3)), group * c_g, *spatial], kind, x_scale)
+    w_scale, bias = _vectors(rng, group * m_g)
+    return Case(
+        op=schema.CONV,
+        seed=seed,
+        inputs=[
+            x,
+            _weights(rng, [group * m_g, c_g, *kernel]),
+            np.array(x_scale, np.float32),
+            w_scale,
+            bias,
+        ],
+        attributes=attrs,
+        with_stats=False,
+        kind=kind,
+    )
+
+
 # ----------------------------------------------------------------------------- models
 
 

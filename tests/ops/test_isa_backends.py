@@ -2,7 +2,7 @@
 
 The library picks its kernels once per process (``NBSMT_KERNEL_ISA`` or the
 best the CPU supports), so each ISA runs in a subprocess of its own: random
-Conv (dense, depthwise, grouped) and MatMul cases through ONNX Runtime, compared
+Conv (dense, pointwise, depthwise, grouped) and MatMul cases through ONNX Runtime, compared
 with the NumPy reference integer for integer (ops_cases.check_cases). ISAs the
 CPU lacks are skipped (the C++ self-test, test_cpp_kernels.py, covers the
 GEMM kernels of each ISA the same way).
@@ -22,10 +22,13 @@ HERE = Path(__file__).resolve().parent
 _SCRIPT = """
 import sys
 sys.path.insert(0, {here!r})
-from ops_cases import check_cases, conv_case, grouped_conv_case, matmul_case
+from ops_cases import check_cases, conv_case, grouped_conv_case, matmul_case, pointwise_conv_case
 for start in range(0, 300, 100):
     check_cases([grouped_conv_case(s) for s in range(start, start + 100)],
                 intra_op_threads=1 + start // 100 % 2)
+for start in range(0, 300, 100):
+    check_cases([pointwise_conv_case(s) for s in range(start, start + 100)],
+                intra_op_threads=(1, 2, 4)[start // 100])
 check_cases([conv_case(s) for s in range(300)], intra_op_threads=2)
 check_cases([matmul_case(s) for s in range(200)])
 print("ok")

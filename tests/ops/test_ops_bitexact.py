@@ -20,10 +20,12 @@ from ops_cases import (
     check_cases,
     chunks,
     conv_case,
+    gather_runs_conv_case,
     grouped_conv_case,
     large_conv_case,
     large_matmul_case,
     matmul_case,
+    pointwise_conv_case,
     run_model,
     same_bits,
 )
@@ -36,6 +38,7 @@ MATMUL_CASES = 2000
 LARGE_CONV_CASES = 300
 LARGE_MATMUL_CASES = 400
 GROUPED_CONV_CASES = 1000
+POINTWISE_CONV_CASES = 600
 CHUNK = 100
 
 
@@ -75,6 +78,79 @@ def test_grouped_conv_random(seeds: range) -> None:
     # depthwise / grouped convs: the direct kernel (or the GEMM path with stats or K > 512)
     check_cases(
         [grouped_conv_case(s) for s in seeds], intra_op_threads=1 + (seeds.start // CHUNK) % 2
+    )
+
+
+@pytest.mark.parametrize(
+    "seeds", chunks(0, POINTWISE_CONV_CASES, CHUNK), ids=lambda r: f"seeds{r.start}-{r.stop - 1}"
+)
+def test_pointwise_conv_random(seeds: range) -> None:
+    # 1x1 stride-1 convs (the pointwise kernel on AVX2) under 1, 2 and 4 runtime threads
+    check_cases(
+        [pointwise_conv_case(s) for s in seeds],
+        intra_op_threads=(1, 2, 4)[(seeds.start // CHUNK) % 3],
+    )
+
+
+def test_pointwise_cases_cover_the_kernel() -> None:
+    """The pointwise generator reaches every T = 1 / 2 setting without stats, position
+    counts that are not multiples of the kernel's 16-position tiles, single and odd
+    channel counts, several images, wide reductions, and the GEMM fallbacks."""
+    seen: collections.Counter[str] = collections.Counter()
+    for seed in range(POINTWISE_CONV_CASES):
+        c = pointwise_conv_case(seed)
+        x, wq = c.inputs[0], c.inputs[1]
+        a = c.attributes
+        if c.with_stats or a["threads"] == 4:
+            seen["gemm path"] += 1
+            continue
+        seen[f"T={a['threads']} {a['mapping']} {a['reduce']} signed={a['act_signed']}"] += 1
+        positions = math.prod(x.shape[2:])  # type: ignore[union-attr]
+        seen["position tail"] += positions % 16 != 0
+        seen["fewer than 16 positions"] += positions < 16
+        seen["one channel"] += x.shape[1] == 1  # type: ignore[union-attr]
+        seen["odd channels"] += x.shape[1] % 2 == 1  # type: ignore[union-attr]
+        seen["K >= 100"] += x.shape[1] >= 100  # type: ignore[union-attr]
+        seen["several images"] += x.shape[0] > 1  # type: ignore[union-attr]
+        seen["outputs not a multiple of 6"] += wq.shape[0] % 6 != 0  # type: ignore[union-attr]
+        seen[f"rank{x.ndim - 2}"] += 1  # type: ignore[union-attr]
+    required = [f"T={s['threads']} {s['mapping']} {s['reduce']} signed={s['act_signed']}"
+                for s in all_settings() if s["threads"] < 4]  # fmt: skip
+    required += ["gemm path", "position tail", "fewer than 16 positions", "one channel"]
+    required += ["odd channels", "K >= 100", "several images", "outputs not a multiple of 6"]
+    required += ["rank1", "rank2", "rank3"]
+    missing = [r for r in required if seen[r] == 0]
+    assert not missing, f"never generated: {missing}"
+
+
+def test_conv_cases_cover_the_small_dense_direct_path() -> None:
+    """Dense convs (one group) with a reduction of at most 32 elements and no stats run
+    through the direct kernel (nbsmt::kDirectSmallK), on shared planes when there are
+    few (image, group) tasks; the random conv cases reach it at every thread count,
+    with one and several images, and wider ones with 16+ outputs (GEMM when they collide)."""
+    seen: collections.Counter[str] = collections.Counter()
+    for seed in range(CONV_CASES):
+        c = conv_case(seed)
+        x, wq = c.inputs[0], c.inputs[1]
+        a = c.attributes
+        k = math.prod(wq.shape[1:])  # type: ignore[union-attr]
+        if c.with_stats or a["group"] != 1 or k > 32:
+            continue
+        seen[f"T={a['threads']}"] += 1
+        seen["several images"] += x.shape[0] > 1  # type: ignore[union-attr]
+        seen["strided"] += any(v > 1 for v in a.get("strides", [1]))
+        seen["16+ outputs"] += wq.shape[0] >= 16  # type: ignore[union-attr]
+    required = ["T=1", "T=2", "T=4", "several images", "strided", "16+ outputs"]
+    missing = [r for r in required if seen[r] == 0]
+    assert not missing, f"never generated: {missing}"
+
+
+@pytest.mark.parametrize("seeds", chunks(0, 60, 20), ids=lambda r: f"seeds{r.start}-{r.stop - 1}")
+def test_gather_runs_conv_random(seeds: range) -> None:
+    # T = 4 convs read as runs with per-pixel entry records, several blocks per row
+    check_cases(
+        [gather_runs_conv_case(s) for s in seeds],
+        intra_op_threads=(1, 2, 4)[(seeds.start // 20) % 3],
     )
 
 

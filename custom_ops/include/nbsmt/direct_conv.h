@@ -1,5 +1,6 @@
-// Direct NB-SMT convolution for depthwise and narrow grouped convolutions: pure
-// math on pointers and shapes, no ONNX Runtime types.
+// Direct NB-SMT convolution for depthwise and narrow grouped convolutions, and
+// for convolutions with a small reduction (first layers): pure math on pointers
+// and shapes, no ONNX Runtime types.
 //
 // The GEMM kernels (kernels.h) vectorise over output channels of one group, 16
 // at a time; a depthwise convolution has one output channel per group, so they
@@ -43,8 +44,14 @@ namespace nbsmt {
 // Largest reduction length (C/group * kernel size) of the direct kernel (exact float sums).
 constexpr int64_t kDirectMaxK = 512;
 
-// Whether a Conv with these shapes runs through the direct kernel: group > 1,
-// fewer than 16 output channels per group, K <= kDirectMaxK.
+// Reductions up to this length (C/group * kernel size) run through the direct
+// kernel whatever the group count: with so few products per output (first
+// layers on 1-3 input channels), the GEMM kernels spend their time making rows.
+constexpr int64_t kDirectSmallK = 32;
+
+// Whether a Conv with these shapes runs through the direct kernel: K <= kDirectMaxK
+// and either group > 1 with fewer than 16 output channels per group, or
+// K <= kDirectSmallK.
 bool direct_conv_preferred(int64_t groups, int64_t channels_per_group, int64_t outputs_per_group,
                            int64_t kernel_size);
 
@@ -60,6 +67,10 @@ std::shared_ptr<const DirectConvWeights> prepare_direct_conv(const SmtConfig& cf
                                                              const int8_t* w, int64_t M,
                                                              int64_t groups,
                                                              int64_t channels_per_group);
+
+// Whether some step of some output channel has two or more non-zero weights (a
+// possible collision, resolved per output position).
+bool direct_conv_has_collision_steps(const DirectConvWeights& w);
 
 // Y[n][m][out] = float32(out_scale[m] * acc[n][m][out]) (+ bias[m] if bias != null)
 // for N images x [C][geo.in] (C = groups * C_g). Quantizes the activations itself.

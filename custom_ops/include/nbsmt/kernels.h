@@ -115,7 +115,23 @@ struct RunSource {
   void* ctx = nullptr;
   void (*fill)(void* ctx, int64_t p0, int64_t p1, const int16_t** out) = nullptr;
   int64_t runs = 0, run_length = 0, term1_offset = 0;
+  // T = 4 (gather method): the entries of every run, made once per run by
+  // gather_run_entries() (a pixel's entries then serve every row that reads
+  // it, instead of being made again per row). fill_records(ctx, p0, p1, out)
+  // writes, for rows [p0, p1), the record of run k of row p at
+  // out[(p - p0) * runs + k]. Null: T = 4 rows are made by the RowSource.
+  void (*fill_records)(void* ctx, int64_t p0, int64_t p1, const int32_t** out) = nullptr;
 };
+
+// T = 4 with a RunSource: the int32 size of one run's entry record, and the
+// record of the run of `run_length` slots at x (its steps in order; entry
+// indexes count from the run's first step).
+// Used by accumulate_prepared() when the weights take that path (reads_gather_runs).
+int64_t gather_record_ints(int64_t run_length);
+void gather_run_entries(const PreparedWeights& w, const int16_t* x, int64_t run_length,
+                        int32_t* record);
+// Whether accumulate_prepared() uses the runs' entry records for these weights.
+bool reads_gather_runs(const PreparedWeights& w, int64_t run_length);
 
 // Whether accumulate_prepared() reads a RunSource with runs of `run_length`
 // slots in place for these weights (and then, for T = 2, its correction operands).

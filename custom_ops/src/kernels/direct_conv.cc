@@ -1,10 +1,13 @@
-// Direct convolution for depthwise / narrow grouped Convs (nbsmt/direct_conv.h):
-// weight programs, stride-phase planes, the parallel driver and the portable kernel.
+// Direct convolution for depthwise / narrow grouped Convs and small reductions
+// (nbsmt/direct_conv.h): weight programs, stride-phase planes, the parallel
+// driver and the portable kernel.
 #include "nbsmt/direct_conv.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <memory>
 #include <vector>
 
@@ -30,8 +33,9 @@ struct DirectConvWeights {
 
 bool direct_conv_preferred(int64_t groups, int64_t channels_per_group, int64_t outputs_per_group,
                            int64_t kernel_size) {
-  return groups > 1 && outputs_per_group < 16 && channels_per_group * kernel_size >= 1 &&
-         channels_per_group * kernel_size <= kDirectMaxK;
+  const int64_t K = channels_per_group * kernel_size;
+  if (K < 1 || K > kDirectMaxK) return false;
+  return (groups > 1 && outputs_per_group < 16) || K <= kDirectSmallK;
 }
 
 std::shared_ptr<const DirectConvWeights> prepare_direct_conv(const SmtConfig& cfg,
@@ -85,6 +89,8 @@ std::shared_ptr<const DirectConvWeights> prepare_direct_conv(const SmtConfig& cf
   return pw;
 }
 
+bool direct_conv_has_collision_steps(const DirectConvWeights& w) { return !w.steps.empty(); }
+
 namespace detail {
 
 namespace {
@@ -120,6 +126,10 @@ void dc_quantize_generic(const float* x, int64_t n, int64_t stride, float scale,
     q = q > hi ? hi : q;
     out[i] = round_small(q);
   }
+}
+
+void dc_split_generic(const float* src, int64_t n, int64_t stride, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = src[i * stride];
 }
 
 void dc_reduce_generic(const float* q, int64_t n, bool sgn, float* out) {
@@ -212,56 +222,124 @@ Planes make_planes(const ConvGeometry& geo) {
 using QuantizeFn = void (*)(const float*, int64_t, int64_t, float, bool, float*);
 using ReduceFn = void (*)(const float*, int64_t, bool, float*);
 using ChannelFn = void (*)(const detail::DcChannel&);
+using SplitFn = void (*)(const float*, int64_t, int64_t, float*);
+using Depthwise8Fn = void (*)(const detail::DwBlock&);
 
 struct Isa {
   QuantizeFn quantize;
   ReduceFn reduce;
   ChannelFn channel;
+  SplitFn split;
+  Depthwise8Fn depthwise8;  // null: depthwise layers take the per-channel kernel too
 };
 
 Isa pick_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
   // AVX-512 machines run the AVX2 kernel (it is not the bottleneck there).
   if (detail::selected_backend().isa != detail::Isa::kGeneric) {
-    return {detail::dc_quantize_avx2, detail::dc_reduce_avx2, detail::dc_channel_avx2};
+    return {detail::dc_quantize_avx2, detail::dc_reduce_avx2, detail::dc_channel_avx2,
+            detail::dc_split_avx2, detail::dc_depthwise8_avx2};
   }
 #endif
-  return {detail::dc_quantize_generic, detail::dc_reduce_generic, detail::dc_channel_generic};
+  return {detail::dc_quantize_generic, detail::dc_reduce_generic, detail::dc_channel_generic,
+          detail::dc_split_generic, nullptr};
 }
 
-// Fills phase plane `ph` of one channel from q, the channel's [in] activations
-// already quantized (zero outside the image).
-void fill_plane(const ConvGeometry& geo, const Planes& p, int64_t ph, const float* q,
-                float* out) {
-  const int64_t b[3] = {ph / (p.s[1] * p.s[2]), (ph / p.s[2]) % p.s[1], ph % p.s[2]};
-  const int64_t s2 = p.s[2], q2 = p.q[2];
-  // Valid i2: 0 <= i2 * s2 + b2 - pb2 < in2.
-  const int64_t first = b[2] - geo.pad_begin[2];
-  int64_t lo = first >= 0 ? 0 : ceil_div(-first, s2);
-  int64_t hi = geo.in[2] - 1 - first < 0 ? 0 : (geo.in[2] - 1 - first) / s2 + 1;
-  lo = std::min(lo, q2);
-  hi = std::clamp(hi, lo, q2);
-  for (int64_t i0 = 0; i0 < p.q[0]; ++i0) {
-    const int64_t j0 = i0 * p.s[0] + b[0] - geo.pad_begin[0];
-    for (int64_t i1 = 0; i1 < p.q[1]; ++i1) {
-      const int64_t j1 = i1 * p.s[1] + b[1] - geo.pad_begin[1];
-      float* row = out + (i0 * p.q[1] + i1) * q2;
-      if (j0 < 0 || j0 >= geo.in[0] || j1 < 0 || j1 >= geo.in[1] || hi <= lo) {
-        std::fill(row, row + q2, 0.0f);
-        continue;
+// Scratch of one task: the quantized phase planes of one group of one image
+// (and their R(x) copies), plus one quantized input row. Kept per worker thread
+// between tasks so that no task allocates; a large one is released at the end of
+// its task (see kKeepScratchFloats).
+struct Scratch {
+  // 64-byte aligned floats (the depthwise kernel's vectors are aligned loads).
+  struct Floats {
+    float* data = nullptr;
+    size_t size = 0;
+    Floats() = default;
+    Floats(const Floats&) = delete;
+    Floats& operator=(const Floats&) = delete;
+    ~Floats() { std::free(data); }
+    float* get(size_t n) {
+      if (n > size) {
+        std::free(data);
+        const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+        data = static_cast<float*>(std::aligned_alloc(64, bytes));
+        if (data == nullptr) throw std::bad_alloc();
+        size = bytes / sizeof(float);
       }
-      std::fill(row, row + lo, 0.0f);
-      const float* src = q + (j0 * geo.in[1] + j1) * geo.in[2] + lo * s2 + first;
-      if (s2 == 1) {
-        std::memcpy(row + lo, src, static_cast<size_t>(hi - lo) * sizeof(float));
-      } else {
-        for (int64_t i = lo; i < hi; ++i) row[i] = src[(i - lo) * s2];
+      return data;
+    }
+    void release() {
+      std::free(data);
+      data = nullptr;
+      size = 0;
+    }
+  };
+  Floats planes, row;
+};
+constexpr size_t kKeepScratchFloats = size_t{1} << 20;
+
+// Quantizes one channel x[in] into its phase planes (plane ph at out + ph * p.size;
+// zero outside the image, slack included). Every input element is quantized once,
+// straight into its plane row when the innermost stride is 1, else into `row` and
+// then split into the stride phases of the innermost axis.
+void fill_channel_planes(const ConvGeometry& geo, const Planes& p, const Isa& isa, const float* x,
+                         float scale, bool sgn, float* row, float* out) {
+  const int64_t s0 = p.s[0], s1 = p.s[1], s2 = p.s[2];
+  const int64_t q0 = p.q[0], q1 = p.q[1], q2 = p.q[2];
+  const int64_t in1 = geo.in[1], in2 = geo.in[2];
+  // Phase b2 of the innermost axis: plane positions [lo, hi) hold the input
+  // elements first + i * s2 (first = b2 - pad).
+  auto range = [&](int64_t b2, int64_t* first, int64_t* lo, int64_t* hi) {
+    *first = b2 - geo.pad_begin[2];
+    const int64_t l = std::min(*first >= 0 ? 0 : ceil_div(-*first, s2), q2);
+    const int64_t h = in2 - 1 - *first < 0 ? 0 : (in2 - 1 - *first) / s2 + 1;
+    *lo = l;
+    *hi = std::clamp(h, l, q2);
+  };
+  for (int64_t b0 = 0; b0 < s0; ++b0) {
+    for (int64_t b1 = 0; b1 < s1; ++b1) {
+      const int64_t ph01 = (b0 * s1 + b1) * s2;
+      bool any = false;
+      for (int64_t b2 = 0; b2 < s2; ++b2) any |= p.used[ph01 + b2] != 0;
+      if (!any) continue;
+      for (int64_t i0 = 0; i0 < q0; ++i0) {
+        const int64_t j0 = i0 * s0 + b0 - geo.pad_begin[0];
+        for (int64_t i1 = 0; i1 < q1; ++i1) {
+          const int64_t j1 = i1 * s1 + b1 - geo.pad_begin[1];
+          const int64_t r = (i0 * q1 + i1) * q2;
+          if (j0 < 0 || j0 >= geo.in[0] || j1 < 0 || j1 >= in1) {
+            for (int64_t b2 = 0; b2 < s2; ++b2) {
+              if (p.used[ph01 + b2]) std::fill_n(out + (ph01 + b2) * p.size + r, q2, 0.0f);
+            }
+            continue;
+          }
+          const float* src = x + (j0 * in1 + j1) * in2;
+          int64_t first, lo, hi;
+          if (s2 == 1) {
+            range(0, &first, &lo, &hi);
+            float* dst = out + ph01 * p.size + r;
+            std::fill(dst, dst + lo, 0.0f);
+            if (hi > lo) isa.quantize(src + lo + first, hi - lo, 1, scale, sgn, dst + lo);
+            std::fill(dst + hi, dst + q2, 0.0f);
+            continue;
+          }
+          isa.quantize(src, in2, 1, scale, sgn, row);
+          for (int64_t b2 = 0; b2 < s2; ++b2) {
+            if (!p.used[ph01 + b2]) continue;
+            range(b2, &first, &lo, &hi);
+            float* dst = out + (ph01 + b2) * p.size + r;
+            std::fill(dst, dst + lo, 0.0f);
+            if (hi > lo) isa.split(row + lo * s2 + first, hi - lo, s2, dst + lo);
+            std::fill(dst + hi, dst + q2, 0.0f);
+          }
+        }
       }
-      std::fill(row + hi, row + q2, 0.0f);
+      const int64_t used_floats = q0 * q1 * q2;
+      for (int64_t b2 = 0; b2 < s2; ++b2) {
+        if (p.used[ph01 + b2]) std::fill(out + (ph01 + b2) * p.size + used_floats, out + (ph01 + b2 + 1) * p.size, 0.0f);
+      }
     }
   }
-  const int64_t used = p.q[0] * p.q[1] * q2;
-  std::fill(out + used, out + p.size, 0.0f);
 }
 
 struct Job {
@@ -269,58 +347,121 @@ struct Job {
   const ConvGeometry* geo;
   const Planes* planes;
   Isa isa;
-  const float* x;      // first image of the chunk
-  int64_t C, images;
+  const float* x;
+  int64_t C;
   float x_scale;
   bool need_reduced;
-  float* buf;          // images x C x nph x size floats (+ the same again for R(x))
-  int64_t image_floats, reduced_delta;
+  int64_t group_floats;  // Cg x nph x size: the planes of one group (R(x) planes follow)
+  int64_t mchunk, mchunks;  // shared planes: a task computes mchunk output channels of a group
+  float* shared;            // shared planes: [image][group][group_stride]
+  int64_t group_stride;     // group_floats, twice that with R(x) planes
   const std::vector<detail::DcTerm>* exact;
   const std::vector<detail::DcTerm>* cterms;
   const float* out_scale;
   const float* bias;
-  float* y;            // first image of the chunk
+  float* y;
 };
 
-void quantize_task(const Job& j, int64_t task) {
-  const int64_t img = task / j.C, c = task % j.C;
+// Channel c of group g of image img quantized into its phase planes (and their
+// R(x) copies) in `planes`, the group's buffer.
+void fill_channel(const Job& j, int64_t img, int64_t g, int64_t c, float* row, float* planes) {
+  const DirectConvWeights& w = *j.w;
   const Planes& p = *j.planes;
-  const int64_t in = j.geo->in_size();
-  const bool sgn = j.w->cfg.act_signed;
-  // The channel quantized once, contiguously, then laid out into its phase planes.
-  thread_local std::vector<float> q;
-  if (q.size() < static_cast<size_t>(in)) q.resize(static_cast<size_t>(in));
-  j.isa.quantize(j.x + (img * j.C + c) * in, in, 1, j.x_scale, sgn, q.data());
+  const ConvGeometry& geo = *j.geo;
+  const bool sgn = w.cfg.act_signed;
+  float* cp = planes + c * p.nph * p.size;
+  fill_channel_planes(geo, p, j.isa, j.x + (img * j.C + g * w.Cg + c) * geo.in_size(), j.x_scale,
+                      sgn, row, cp);
+  if (!j.need_reduced) return;
   for (int64_t ph = 0; ph < p.nph; ++ph) {
-    if (!p.used[ph]) continue;
-    float* plane = j.buf + img * j.image_floats + (c * p.nph + ph) * p.size;
-    fill_plane(*j.geo, p, ph, q.data(), plane);
-    if (j.need_reduced) j.isa.reduce(plane, p.size, sgn, plane + j.reduced_delta);
+    if (p.used[ph]) j.isa.reduce(cp + ph * p.size, p.size, sgn, cp + ph * p.size + j.group_floats);
   }
 }
 
-void channel_task(const Job& j, int64_t task) {
+// Output channels [m0, m1) of image img from their group's planes.
+void compute_channels(const Job& j, int64_t img, int64_t m0, int64_t m1, const float* planes) {
   const DirectConvWeights& w = *j.w;
-  const int64_t img = task / w.M, m = task % w.M;
+  const Planes& p = *j.planes;
   const ConvGeometry& geo = *j.geo;
   detail::DcChannel ch{};
-  ch.exact = j.exact->data() + w.exact_begin[m];
-  ch.nexact = w.exact_begin[m + 1] - w.exact_begin[m];
-  ch.steps = w.steps.data() + w.step_begin[m];
-  ch.nsteps = w.step_begin[m + 1] - w.step_begin[m];
   ch.cterms = j.cterms->data();
-  ch.planes = j.buf + img * j.image_floats;
-  ch.reduced_delta = j.reduced_delta;
+  ch.planes = planes;
+  ch.reduced_delta = j.group_floats;
   ch.reduce_activations = w.cfg.reduce == Reduce::kActivations;
   ch.out0 = geo.out[0];
   ch.out1 = geo.out[1];
   ch.out2 = geo.out[2];
-  ch.q1 = j.planes->q[1];
-  ch.q2 = j.planes->q[2];
-  ch.y = j.y + (img * w.M + m) * geo.out_size();
-  ch.scale = j.out_scale[m];
-  ch.bias = j.bias != nullptr ? j.bias + m : nullptr;
-  j.isa.channel(ch);
+  ch.q1 = p.q[1];
+  ch.q2 = p.q[2];
+  for (int64_t m = m0; m < m1; ++m) {
+    ch.exact = j.exact->data() + w.exact_begin[m];
+    ch.nexact = w.exact_begin[m + 1] - w.exact_begin[m];
+    ch.steps = w.steps.data() + w.step_begin[m];
+    ch.nsteps = w.step_begin[m + 1] - w.step_begin[m];
+    ch.y = j.y + (img * w.M + m) * geo.out_size();
+    ch.scale = j.out_scale[m];
+    ch.bias = j.bias != nullptr ? j.bias + m : nullptr;
+    j.isa.channel(ch);
+  }
+}
+
+// One group of one image: its channels quantized into phase planes (in cache),
+// then every output channel of the group computed from them.
+void group_task(const Job& j, int64_t task) {
+  const DirectConvWeights& w = *j.w;
+  const int64_t img = task / w.groups, g = task % w.groups, Mg = w.M / w.groups;
+  thread_local Scratch scratch;
+  float* planes = scratch.planes.get(static_cast<size_t>(j.group_floats * (j.need_reduced ? 2 : 1)));
+  float* row = scratch.row.get(static_cast<size_t>(j.geo->in[2] + kSlack));
+  for (int64_t c = 0; c < w.Cg; ++c) fill_channel(j, img, g, c, row, planes);
+  compute_channels(j, img, g * Mg, (g + 1) * Mg, planes);
+  if (scratch.planes.size > kKeepScratchFloats) scratch.planes.release();
+}
+
+// Few groups (a dense layer with a small reduction has one): the planes of a
+// chunk of images are quantized once into a shared buffer (one task per
+// channel), then tasks of mchunk output channels compute from them.
+void shared_fill_task(const Job& j, int64_t task) {
+  const DirectConvWeights& w = *j.w;
+  const int64_t c = task % w.Cg, g = task / w.Cg % w.groups, img = task / w.Cg / w.groups;
+  thread_local Scratch scratch;
+  float* row = scratch.row.get(static_cast<size_t>(j.geo->in[2] + kSlack));
+  fill_channel(j, img, g, c, row, j.shared + (img * w.groups + g) * j.group_stride);
+}
+
+void shared_compute_task(const Job& j, int64_t task) {
+  const DirectConvWeights& w = *j.w;
+  const int64_t chunk = task % j.mchunks, g = task / j.mchunks % w.groups;
+  const int64_t img = task / j.mchunks / w.groups, Mg = w.M / w.groups;
+  const int64_t m0 = g * Mg + chunk * j.mchunk, m1 = std::min((g + 1) * Mg, m0 + j.mchunk);
+  compute_channels(j, img, m0, m1, j.shared + (img * w.groups + g) * j.group_stride);
+}
+
+struct Depthwise8Job {
+  detail::DwBlock proto;  // everything but the block's channels and buffer
+  Depthwise8Fn run;
+  int64_t C, blocks, in, out, plane_floats;
+  const float* x;
+  const float* wv;  // [blocks][ks][8]
+  const float* out_scale;
+  const float* bias;
+  float* y;
+};
+
+void depthwise8_task(const Depthwise8Job& j, int64_t task) {
+  const int64_t img = task / j.blocks, blk = task % j.blocks;
+  const int64_t c0 = blk * 8;
+  thread_local Scratch scratch;
+  detail::DwBlock b = j.proto;
+  b.x = j.x + (img * j.C + c0) * j.in;
+  b.nc = static_cast<int>(std::min<int64_t>(8, j.C - c0));
+  b.w = j.wv + blk * b.ks * 8;
+  b.buf = scratch.planes.get(static_cast<size_t>(j.plane_floats));
+  b.y = j.y + (img * j.C + c0) * j.out;
+  b.scale = j.out_scale + c0;
+  b.bias = j.bias != nullptr ? j.bias + c0 : nullptr;
+  j.run(b);
+  if (scratch.planes.size > kKeepScratchFloats) scratch.planes.release();
 }
 
 }  // namespace
@@ -329,64 +470,130 @@ void direct_conv(const DirectConvWeights& w, const ConvGeometry& geo, int64_t N,
                  float x_scale, const float* out_scale, const float* bias, float* y,
                  const Parallel& parallel) {
   if (N <= 0 || w.M <= 0 || geo.out_size() <= 0) return;
-  const int64_t KS = geo.kernel_size();
-  const int64_t M = w.M, Mg = M / w.groups, Cg = w.Cg, C = w.groups * Cg;
+  const int64_t M = w.M, Cg = w.Cg, C = w.groups * Cg;
   const Planes planes = make_planes(geo);
+  const Isa isa = pick_isa();
+  if (isa.depthwise8 != nullptr && Cg == 1 && M == w.groups && w.steps.empty()) {
+    // Depthwise without collision steps: 8 channels per vector (DwBlock).
+    const int64_t KS = geo.kernel_size(), blocks = ceil_div(C, 8);
+    std::vector<float> wv(static_cast<size_t>(blocks * KS * 8), 0.0f);
+    std::vector<int64_t> off(static_cast<size_t>(KS)), kdil(static_cast<size_t>(2 * KS));
+    for (int64_t k = 0; k < KS; ++k) {
+      off[k] = planes.kph[k] * planes.size + planes.koff[k];
+      kdil[2 * k] = (k / (geo.kernel[1] * geo.kernel[2])) * geo.dilation[0];
+      kdil[2 * k + 1] = ((k / geo.kernel[2]) % geo.kernel[1]) * geo.dilation[1];
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t i = w.exact_begin[m]; i < w.exact_begin[m + 1]; ++i) {
+        wv[((m / 8) * KS + w.exact[i].kpos) * 8 + m % 8] = w.exact[i].w;
+      }
+    }
+    Depthwise8Job job{};
+    detail::DwBlock& b = job.proto;
+    for (int d = 0; d < 3; ++d) {
+      b.in[d] = geo.in[d];
+      b.pad_begin[d] = geo.pad_begin[d];
+      b.out[d] = geo.out[d];
+      b.q[d] = planes.q[d];
+      b.s[d] = planes.s[d];
+    }
+    b.nph = planes.nph;
+    b.size = planes.size;
+    b.used = planes.used.data();
+    b.off = off.data();
+    b.ks = KS;
+    b.stride[0] = geo.stride[0];
+    b.stride[1] = geo.stride[1];
+    b.kdil = kdil.data();
+    b.x_scale = x_scale;
+    b.sgn = w.cfg.act_signed;
+    job.run = isa.depthwise8;
+    job.C = C;
+    job.blocks = blocks;
+    job.in = geo.in_size();
+    job.out = geo.out_size();
+    job.plane_floats = planes.nph * planes.size * 8;
+    job.x = x;
+    job.wv = wv.data();
+    job.out_scale = out_scale;
+    job.bias = bias;
+    job.y = y;
+    parallel(
+        [](void* data, size_t i) {
+          depthwise8_task(*static_cast<Depthwise8Job*>(data), static_cast<int64_t>(i));
+        },
+        static_cast<size_t>(N * blocks), &job);
+    return;
+  }
+
   // The terms with their plane offsets for this geometry.
-  auto resolve = [&](const std::vector<DirectConvWeights::Term>& terms, int64_t m,
-                     int64_t begin, int64_t end, std::vector<detail::DcTerm>* out) {
+  auto resolve = [&](const std::vector<DirectConvWeights::Term>& terms, int64_t begin, int64_t end, std::vector<detail::DcTerm>* out) {
     for (int64_t i = begin; i < end; ++i) {
       const DirectConvWeights::Term& t = terms[i];
-      const int64_t c = (m / Mg) * Cg + t.c_local;
+      // Offsets within the planes of the channel's group (group_task's buffer).
+      const int64_t c = t.c_local;
       (*out)[i] = detail::DcTerm{
           (c * planes.nph + planes.kph[t.kpos]) * planes.size + planes.koff[t.kpos], t.w, t.rw};
     }
   };
   std::vector<detail::DcTerm> exact(w.exact.size()), cterms(w.cterms.size());
   for (int64_t m = 0; m < M; ++m) {
-    resolve(w.exact, m, w.exact_begin[m], w.exact_begin[m + 1], &exact);
+    resolve(w.exact, w.exact_begin[m], w.exact_begin[m + 1], &exact);
     for (int64_t s = w.step_begin[m]; s < w.step_begin[m + 1]; ++s) {
       const detail::DcStep& st = w.steps[s];
-      resolve(w.cterms, m, st.first, st.first + st.count, &cterms);
+      resolve(w.cterms, st.first, st.first + st.count, &cterms);
     }
   }
-  (void)KS;
 
   const bool need_reduced = !w.steps.empty() &&
                             (w.cfg.reduce == Reduce::kActivations || w.cfg.threads == 4);
-  const int64_t plane_floats = C * planes.nph * planes.size;
-  const int64_t image_floats = plane_floats * (need_reduced ? 2 : 1);
-  const int64_t chunk = std::clamp<int64_t>(
-      kChunkBudgetBytes / std::max<int64_t>(1, image_floats * 4), 1, N);
-  // Not zero-filled: quantize_task writes every plane the channel tasks read.
-  const std::unique_ptr<float[]> buf(new float[static_cast<size_t>(chunk * image_floats)]);
-
   Job job{};
   job.w = &w;
   job.geo = &geo;
   job.planes = &planes;
-  job.isa = pick_isa();
+  job.isa = isa;
+  job.x = x;
   job.C = C;
   job.x_scale = x_scale;
   job.need_reduced = need_reduced;
-  job.buf = buf.get();
-  job.image_floats = image_floats;
-  job.reduced_delta = plane_floats;
+  job.group_floats = Cg * planes.nph * planes.size;
   job.exact = &exact;
   job.cterms = &cterms;
   job.out_scale = out_scale;
   job.bias = bias;
-  const int64_t in = geo.in_size(), out = geo.out_size();
+  job.y = y;
+  // Fewer (image, group) tasks than the runtime may have threads: split the
+  // output channels of a group among tasks, over planes quantized once.
+  const int64_t Mg = M / w.groups;
+  const int64_t split = std::min(Mg, std::max<int64_t>(1, ceil_div(8, N * w.groups)));
+  if (split == 1) {
+    parallel(
+        [](void* data, size_t i) { group_task(*static_cast<Job*>(data), static_cast<int64_t>(i)); },
+        static_cast<size_t>(N * w.groups), &job);
+    return;
+  }
+  job.mchunk = ceil_div(Mg, split);
+  job.mchunks = ceil_div(Mg, job.mchunk);
+  job.group_stride = job.group_floats * (need_reduced ? 2 : 1);
+  const int64_t image_floats = w.groups * job.group_stride;
+  const int64_t chunk = std::clamp<int64_t>(
+      kChunkBudgetBytes / std::max<int64_t>(1, image_floats * 4), 1, N);
+  const std::unique_ptr<float[]> shared(new float[static_cast<size_t>(chunk * image_floats)]);
+  job.shared = shared.get();
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    job.images = std::min(chunk, N - n0);
-    job.x = x + n0 * C * in;
-    job.y = y + n0 * M * out;
+    const int64_t images = std::min(chunk, N - n0);
+    job.x = x + n0 * C * geo.in_size();
+    job.y = y + n0 * M * geo.out_size();
     parallel(
-        [](void* data, size_t i) { quantize_task(*static_cast<Job*>(data), static_cast<int64_t>(i)); },
-        static_cast<size_t>(job.images * C), &job);
+        [](void* data, size_t i) {
+          shared_fill_task(*static_cast<Job*>(data), static_cast<int64_t>(i));
+        },
+        static_cast<size_t>(images * w.groups * Cg), &job);
     parallel(
-        [](void* data, size_t i) { channel_task(*static_cast<Job*>(data), static_cast<int64_t>(i)); },
-        static_cast<size_t>(job.images * M), &job);
+        [](void* data, size_t i) {
+          shared_compute_task(*static_cast<Job*>(data), static_cast<int64_t>(i));
+        },
+        static_cast<size_t>(images * w.groups * job.mchunks), &job);
   }
 }
 

@@ -38,6 +38,33 @@ struct DcChannel {
   const float* bias;  // nullable
 };
 
+// Depthwise convolution of up to 8 channels of one image (one input and one
+// output channel per group, every step exact: no two non-zero weights share a
+// step), 8 channels per vector: the channels' quantized phase planes are
+// interleaved [phase][position][8 lanes] in `buf`, each kernel position is one
+// vector of 8 weights, and 8 output positions accumulate at once (no per-channel
+// loop, so small images cost little per channel).
+constexpr int64_t kMaxDwKernel = 512;  // = kDirectMaxK: C/group = 1
+struct DwBlock {
+  const float* x;   // the first channel's input; channel l at x + l * in_size
+  int nc;           // channels in the block (1..8)
+  int64_t in[3], pad_begin[3], out[3];
+  int64_t q[3], s[3];  // phase planes: extent and stride (phases) per axis
+  int64_t nph, size;   // phases; positions per plane (slack of >= 8 positions included)
+  const char* used;    // [nph]: phase read by some kernel position
+  const int64_t* off;  // [ks]: kernel position -> position offset (phase * size + offset)
+  int64_t ks;          // kernel positions, at most kMaxDwKernel
+  int64_t stride[2];   // the convolution's strides along axes 0 and 1
+  const int64_t* kdil; // [ks][2]: kernel position's dilated offsets along axes 0 and 1
+  const float* w;      // [ks][8] weights (0 in unused lanes)
+  float* buf;          // nph * size * 8 floats, 32-byte aligned
+  float x_scale;
+  bool sgn;
+  float* y;            // the first channel's output; channel l at y + l * out_size
+  const float* scale;  // [nc]
+  const float* bias;   // [nc] or null
+};
+
 // Computes and stores every output of one channel.
 void dc_channel_generic(const DcChannel& ch);
 #if defined(__x86_64__) || defined(_M_X64)
@@ -46,10 +73,14 @@ void dc_channel_avx2(const DcChannel& ch);
 void dc_quantize_avx2(const float* x, int64_t n, int64_t stride, float scale, bool sgn,
                       float* out);
 void dc_reduce_avx2(const float* q, int64_t n, bool sgn, float* out);
+void dc_split_avx2(const float* src, int64_t n, int64_t stride, float* out);
+void dc_depthwise8_avx2(const DwBlock& b);
 #endif
 void dc_quantize_generic(const float* x, int64_t n, int64_t stride, float scale, bool sgn,
                          float* out);
 void dc_reduce_generic(const float* q, int64_t n, bool sgn, float* out);
+// out[i] = src[i * stride] for i < n (one stride phase of a quantized row).
+void dc_split_generic(const float* src, int64_t n, int64_t stride, float* out);
 
 }  // namespace detail
 }  // namespace nbsmt

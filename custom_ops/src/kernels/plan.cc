@@ -476,6 +476,84 @@ void gather_task(const Run& j, TaskScratch& scratch, const int16_t* x, int64_t x
   store_tile(j, p0, rows, c0, std::min(c1, plan.M), c, ldc, sgn ? rowsum : nullptr);
 }
 
+// T = 4 rows as runs with precomputed entry records (RunSource::entries): the
+// entries of a row for block b are its runs' entries whose steps lie in the
+// block, re-indexed from the run's first step to the block's.
+void gather_runs_task(const Run& j, TaskScratch& scratch, int64_t p0, int64_t rows,
+                      int64_t pan0, int64_t pan1) {
+  const Plan& plan = j.pw->plan;
+  const RunSource& src = *j.runs;
+  const int64_t c0 = plan.panel_col0(pan0);
+  const int64_t c1 = std::min(plan.panel_col0(pan1), plan.mpad16);
+  const int64_t ldc = c1 - c0;
+  const int64_t run_steps = src.run_length / plan.T;
+  const int64_t cap = 2 * plan.block_steps + 16;
+  const auto** recs = scratch.a.get<const int32_t*>(rows * src.runs);
+  detail::GatherEntry* e = scratch.entries.get<detail::GatherEntry>(rows * cap);
+  int64_t* n = scratch.counts.get<int64_t>(rows);
+  int32_t* rowsum = scratch.rowsum.get<int32_t>(rows);
+  uint8_t* slice = scratch.slice.get<uint8_t>(plan.slice_bytes());
+  int32_t* c = scratch.c.get<int32_t>(rows * ldc);
+  src.fill_records(src.ctx, p0, p0 + rows, recs);
+  std::fill(rowsum, rowsum + rows, 0);
+  for (int64_t b = 0; b < plan.nblocks; ++b) {
+    const int64_t s0 = plan.block_step0(b), s1 = s0 + plan.block_len(b);
+    for (int64_t r = 0; r < rows; ++r) {
+      detail::GatherEntry* out = e + r * cap;
+      int64_t count = 0;
+      uint32_t sum = 0;
+      for (int64_t k = 0; k < src.runs; ++k) {
+        const int64_t first = k * run_steps;  // the run's first step in the row
+        if (first + run_steps <= s0 || first >= s1) continue;
+        const int32_t* rec = recs[r * src.runs + k];
+        const auto* re = reinterpret_cast<const detail::GatherEntry*>(rec + 2);
+        const int32_t shift = static_cast<int32_t>((first - s0) * detail::kGatherDwords);
+        if (first >= s0 && first + run_steps <= s1) {  // the whole run is in the block
+          // Four entries at a time (records and rows have slack for the overshoot).
+          const int32_t* src_i = rec + 2;
+          int32_t* dst_i = reinterpret_cast<int32_t*>(out + count);
+          for (int32_t i = 0; i < rec[0]; i += 4) {
+            for (int q = 0; q < 8; q += 2) {
+              dst_i[2 * i + q] = src_i[2 * i + q] + shift;
+              dst_i[2 * i + q + 1] = src_i[2 * i + q + 1];
+            }
+          }
+          count += rec[0];
+          sum += static_cast<uint32_t>(rec[1]);
+          continue;
+        }
+        for (int32_t i = 0; i < rec[0]; ++i) {  // entries of the steps in the block only
+          const int64_t step = first + re[i].index / detail::kGatherDwords;
+          if (step < s0 || step >= s1) continue;
+          out[count++] = {re[i].index + shift, re[i].bytes};
+          if (plan.cfg.act_signed) {
+            for (int q = 0; q < 4; ++q) sum += static_cast<uint32_t>(static_cast<int8_t>(re[i].bytes >> (8 * q)));
+          }
+        }
+      }
+      n[r] = count;
+      rowsum[r] = static_cast<int32_t>(static_cast<uint32_t>(rowsum[r]) + sum);
+    }
+    for (int64_t p = pan0; p < pan1; ++p) {
+      const int nv = plan.panel_vectors(p);
+      j.be->gather_expand(plan, j.pw->bytes.data() + plan.source_panel_offset(p), s0,
+                          plan.block_len(b), nv, slice);
+      int32_t* cp = c + (plan.panel_col0(p) - c0);
+      for (int64_t r = 0; r < rows; ++r) {
+        j.be->gather_gemm(e + r * cap, n[r], slice, nv, plan.cfg.act_signed, cp + r * ldc,
+                          b == 0);
+      }
+    }
+  }
+  const bool sgn = plan.cfg.act_signed;
+  if (sgn) {
+    for (int64_t r = 0; r < rows; ++r) {
+      rowsum[r] = static_cast<int32_t>(0u - 128u * static_cast<uint32_t>(rowsum[r]));
+    }
+  }
+  store_tile(j, p0, rows, c0, std::min(c1, plan.M), c, ldc, sgn ? rowsum : nullptr);
+}
+
 void run_task(const Run& j, int64_t task) {
   const Plan& plan = j.pw->plan;
   const int64_t rt = task % j.row_tasks;
@@ -485,6 +563,11 @@ void run_task(const Run& j, int64_t task) {
   const int64_t pan0 = ct * j.panels_per_task;
   const int64_t pan1 = std::min(pan0 + j.panels_per_task, plan.npanels);
   TaskScratch* scratch = j.pool->acquire();
+  if (j.runs != nullptr && plan.gather) {
+    gather_runs_task(j, *scratch, p0, rows, pan0, pan1);
+    j.pool->release(scratch);
+    return;
+  }
   if (j.runs != nullptr) {
     runs_task(j, *scratch, p0, rows, pan0, pan1);
     j.pool->release(scratch);
@@ -541,9 +624,12 @@ void run(const PreparedWeights& pw, int64_t P, const int16_t* x, int64_t x_strid
   j.source = source;
   // Runs are read in place only by a backend with that kernel, for the dense
   // method in one block, without statistics (stats_rows reads whole rows).
-  const bool in_place = runs != nullptr && stats == nullptr && reads_runs(pw, runs->run_length) &&
-                        runs->runs * runs->run_length == plan.K &&
-                        (plan.T == 1 || runs->term1_offset != 0);
+  bool in_place = runs != nullptr && stats == nullptr && reads_runs(pw, runs->run_length) &&
+                  runs->runs * runs->run_length == plan.K &&
+                  (plan.T == 1 || runs->term1_offset != 0);
+  // T = 4: runs with precomputed entry records.
+  in_place |= runs != nullptr && stats == nullptr && runs->fill_records != nullptr &&
+              reads_gather_runs(pw, runs->run_length) && runs->runs * runs->run_length == plan.K;
   j.runs = in_place ? runs : nullptr;
   j.acc = acc;
   j.ars = ars;
@@ -621,6 +707,35 @@ void accumulate_prepared(const PreparedWeights& w, int64_t P, const RowSource& r
                          const RunSource& runs, const FloatOutput& out, SmtStats* stats,
                          const Parallel& parallel) {
   run(w, P, nullptr, 0, &rows, &runs, nullptr, 0, 0, &out, stats, parallel);
+}
+
+bool reads_gather_runs(const PreparedWeights& w, int64_t run_length) {
+  const Plan& plan = w.plan;
+  return w.be != nullptr && plan.gather && run_length > 0 && run_length % plan.T == 0 &&
+         plan.K % run_length == 0;
+}
+
+int64_t gather_record_ints(int64_t run_length) {
+  // count, byte sum, then at most two entries (two int32 each) per step of 4 slots,
+  // plus slack for the vector stores of the entry makers and the readers
+  return 2 + 2 * (2 * ((run_length + 3) / 4) + 8);
+}
+
+void gather_run_entries(const PreparedWeights& w, const int16_t* x, int64_t run_length,
+                        int32_t* record) {
+  // The run's steps as a plan of their own: one block, entry indexes from its first step.
+  Plan sub = w.plan;
+  sub.steps = run_length / sub.T;
+  sub.K = run_length;
+  sub.block_steps = std::max<int64_t>(sub.steps, 1);
+  sub.nblocks = 1;
+  int32_t sum = 0;
+  auto* entries = reinterpret_cast<detail::GatherEntry*>(record + 2);
+  const int64_t count = w.be->gather_entries(sub, 0, x, entries, &sum);
+  // Readers copy four entries at a time: the (at most three) after the last are defined.
+  for (int64_t i = count; i < count + 3; ++i) entries[i] = detail::GatherEntry{0, 0};
+  record[0] = static_cast<int32_t>(count);
+  record[1] = sum;
 }
 
 bool reads_runs(const PreparedWeights& w, int64_t run_length) {

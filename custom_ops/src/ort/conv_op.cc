@@ -5,7 +5,8 @@
 // quantized once (pixel-major, a bounded chunk of images at a time); the kernel
 // tasks im2col the packed rows they need on demand (RowSource) and accumulate
 // them against the prepared weights; the result is scaled to float
-// by the kernels' tile writer (FloatOutput, kernels.h; direct_conv.h likewise):
+// by the kernels' tile writer (FloatOutput, kernels.h; direct_conv.h and
+// pointwise.h, the paths that skip the GEMM, likewise):
 //   Y[n, m, p] = float32(x_scale * w_scale[m]) * float32(acc) (+ B[m])
 // each operation rounded to float32 (the build forbids FMA contraction).
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include "nbsmt/direct_conv.h"
 #include "nbsmt/kernels.h"
 #include "nbsmt/pack.h"
+#include "nbsmt/pointwise.h"
 #include "op_common.h"
 #include "op_kernel.h"
 #include "parallel.h"
@@ -68,18 +70,40 @@ struct Im2ColRuns {
   const int16_t* xq;    // the chunk's images, image_entries each
   const int16_t* zero;  // run_length zeros (and zeros at + term1_offset)
   int64_t image_entries, P, group;
+  // T = 4: entry records, one per (image, pixel, group) of the chunk in xq's
+  // order (record_ints each), then the zero run's.
+  const int32_t* records = nullptr;
+  const int32_t* zero_record = nullptr;
+  int64_t record_ints = 0;
 
   static void fill(void* ctx, int64_t r0, int64_t r1, const int16_t** out) {
     const auto& s = *static_cast<const Im2ColRuns*>(ctx);
+    const int64_t gw = s.plan->group_width;
+    s.visit(r0, r1, s.xq + s.group * gw, s.plan->pixel_stride, s.image_entries, s.zero, out);
+  }
+  static void fill_records(void* ctx, int64_t r0, int64_t r1, const int32_t** out) {
+    const auto& s = *static_cast<const Im2ColRuns*>(ctx);
+    const int64_t gw = s.plan->group_width, groups = s.plan->pixel_stride / gw;
+    const int64_t R = s.record_ints;
+    s.visit(r0, r1, s.records + s.group * R, groups * R, s.image_entries / gw * R, s.zero_record,
+            out);
+  }
+
+  // out[(r - r0) * KS + kpos] = first + img * image_step + pixel * pixel_step for the
+  // input pixel under kernel position kpos of row r, or `pad` in the padding.
+  template <class T>
+  void visit(int64_t r0, int64_t r1, const T* first, int64_t pixel_step, int64_t image_step,
+             const T* pad, const T** out) const {
+    const Im2ColRuns& s = *this;
     const ConvGeometry& geo = s.plan->geo;
-    const int64_t ps = s.plan->pixel_stride, gw = s.plan->group_width;
+    const int64_t ps = pixel_step;
     const int64_t KS = geo.kernel_size();
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t img = r / s.P, p = r % s.P;
       const int64_t o2 = p % geo.out[2], o1 = (p / geo.out[2]) % geo.out[1];
       const int64_t o0 = p / (geo.out[2] * geo.out[1]);
-      const int16_t* base = s.xq + img * s.image_entries + s.group * gw;
-      const int16_t** dst = out + (r - r0) * KS;
+      const T* base = first + img * image_step;
+      const T** dst = out + (r - r0) * KS;
       int64_t kpos = 0;
       for (int64_t k0 = 0; k0 < geo.kernel[0]; ++k0) {
         const int64_t i0 = o0 * geo.stride[0] - geo.pad_begin[0] + k0 * geo.dilation[0];
@@ -90,7 +114,7 @@ struct Im2ColRuns {
           for (int64_t k2 = 0; k2 < geo.kernel[2]; ++k2, ++kpos) {
             const int64_t i2 = o2 * geo.stride[2] - geo.pad_begin[2] + k2 * geo.dilation[2];
             const bool valid = v1 && i2 >= 0 && i2 < geo.in[2];
-            dst[kpos] = valid ? base + ((i0 * geo.in[1] + i1) * geo.in[2] + i2) * ps : s.zero;
+            dst[kpos] = valid ? base + ((i0 * geo.in[1] + i1) * geo.in[2] + i2) * ps : pad;
           }
         }
       }
@@ -103,7 +127,8 @@ struct ConvKernel {
   ConvKernel(const OrtApi* api_, const OrtKernelInfo* info)
       : api(api_),
         label(node_label(api, info, kOpType)),
-        attrs(read_conv_attributes(KernelInfoAttrs(api, info, label), label)) {}
+        attrs(read_conv_attributes(KernelInfoAttrs(api, info, label), label)),
+        weights(is_constant_input(api, info, kWq)) {}
   void compute(OrtKernelContext* ctx) const;
   // Output shapes for ORT (InferOutputShapeFn), best effort.
   static OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* op, OrtShapeInferContext* ctx);
@@ -174,24 +199,47 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     // Depthwise and narrow grouped convs run through the direct kernel
     // (direct_conv.h) unless the node asks for statistics (the GEMM path counts them).
     const bool direct = stats.counters() == nullptr && direct_conv_preferred(group, Cg, Mg, KS);
-    // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq
-    // (the choice of path is fixed per node: it depends on shapes and outputs only).
+    // 1x1 convolutions with stride 1 and no padding run on NCHW directly (pointwise.h)
+    // where that kernel is preferred, unless the node asks for statistics.
+    bool pointwise = stats.counters() == nullptr && group == 1 && KS == 1 && in_size == P &&
+                     pointwise_conv_preferred(cfg);
+    for (int d = 0; d < 3; ++d) pointwise &= geo.pad_begin[d] == 0 && geo.stride[d] == 1;
+    // The layout depends only on Wq's shape and the attributes: the cache is keyed by Wq.
+    // The path is chosen when the weights are prepared (from the shapes, the outputs,
+    // the kernel ISA and, for the direct kernel, the weights) and recorded in the set.
     const std::shared_ptr<const PreparedSet> prepared = weights.get(w, [&](PreparedSet& set) {
+      const auto* wq = static_cast<const int8_t*>(w.data);
+      if (pointwise) {
+        set.pointwise = prepare_pointwise_conv(cfg, layout, wq, M);
+        if (set.pointwise == nullptr) {
+          throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
+        }
+        return;
+      }
       if (direct) {
-        set.direct = prepare_direct_conv(cfg, layout, static_cast<const int8_t*>(w.data), M,
-                                         group, Cg);
+        set.direct = prepare_direct_conv(cfg, layout, wq, M, group, Cg);
         if (set.direct == nullptr) {
           throw OpError(label + ": Wq contains -128; quantized weights must be in [-127, 127]");
         }
-      } else {
-        set.groups = prepare_weight_groups(cfg, layout, w, "Wq", M, K, 1, group, label, par.get());
+        // A wide group whose steps can collide: the direct kernel resolves collisions
+        // per output position, the GEMM kernels with full 16-channel vectors do better.
+        if (Mg < 16 || !direct_conv_has_collision_steps(*set.direct)) return;
+        set.direct = nullptr;
       }
+      set.groups = prepare_weight_groups(cfg, layout, w, "Wq", M, K, 1, group, label, par.get());
     });
     const float* w_scale = static_cast<const float*>(ws.data);
     const float* bias = b.present() ? static_cast<const float*>(b.data) : nullptr;
     std::vector<float> scale(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) scale[m] = x_scale * w_scale[m];
     const float* xdata = static_cast<const float*>(x.data);
+    // The path is the one the cached weights were prepared for (every path gives
+    // the same results; the kernel ISA, which the choice also depends on, can change).
+    if (prepared->pointwise != nullptr) {
+      pointwise_conv(*prepared->pointwise, N, P, xdata, x_scale, scale.data(), bias, y, par.get());
+      stats.write();
+      return;
+    }
     if (prepared->direct != nullptr || prepared->groups.empty()) {
       if (prepared->direct == nullptr) throw OpError(label + ": internal error: no prepared weights");
       direct_conv(*prepared->direct, geo, N, xdata, x_scale, scale.data(), bias, y, par.get());
@@ -205,17 +253,24 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     // pixel-major); their packed rows are made by im2col inside the kernel tasks
     // (RowSource), a few rows at a time, and never stored for the whole chunk.
     const int64_t image_entries = static_cast<int64_t>(plan.image_entries());
-    const int64_t image_bytes = image_entries * static_cast<int64_t>(sizeof(int16_t));
-    const int64_t chunk_images = std::clamp<int64_t>(kChunkBudgetBytes / image_bytes, 1, N);
     // Rows as runs read in place (no im2col) where the kernels can: each kernel
     // position is one contiguous run of a pixel's group entries.
     const int64_t gw = plan.group_width;
-    bool runs_ok = stats.counters() == nullptr && plan.contiguous && gw * KS == plan.row_length &&
-                   reads_runs(*prepared->groups[0], gw);
-    for (int64_t kpos = 0; runs_ok && kpos < KS; ++kpos) {
-      runs_ok = plan.dest_by_kpos[kpos * gw] == kpos * gw;
+    bool as_runs = stats.counters() == nullptr && plan.contiguous && gw * KS == plan.row_length;
+    for (int64_t kpos = 0; as_runs && kpos < KS; ++kpos) {
+      as_runs = plan.dest_by_kpos[kpos * gw] == kpos * gw;
     }
-    const bool two_terms = runs_ok && cfg.threads == 2;
+    // T = 1 / 2: runs read in place; T = 4: runs with entry records made once
+    // per (pixel, group) and shared by the rows that read them.
+    // (KS > 1: a 1x1 conv reads each pixel in one row only.)
+    const bool gather_runs = as_runs && KS > 1 && reads_gather_runs(*prepared->groups[0], gw);
+    const bool runs_ok = gather_runs || (as_runs && reads_runs(*prepared->groups[0], gw));
+    const bool two_terms = runs_ok && !gather_runs && cfg.threads == 2;
+    // The chunk's quantized images and their entry records (T = 4) stay within the budget.
+    const int64_t rec_ints = gather_runs ? gather_record_ints(gw) : 0;
+    const int64_t image_bytes = image_entries * static_cast<int64_t>(sizeof(int16_t)) +
+                                image_entries / gw * rec_ints * static_cast<int64_t>(sizeof(int32_t));
+    const int64_t chunk_images = std::clamp<int64_t>(kChunkBudgetBytes / image_bytes, 1, N);
     // Buffer: the quantized images (E entries), a zero run; with T = 2 the same
     // again for the correction operands (RunSource::term1_offset = E + Z).
     const int64_t E = chunk_images * image_entries, Z = runs_ok ? gw : 0;
@@ -228,6 +283,11 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
     std::fill(xq + E, xq + E + Z, int16_t{0});
     if (two_terms) std::fill(xq + term1_offset + E, xq + term1_offset + E + Z, int16_t{0});
     const bool act_signed = cfg.act_signed;
+    // Entry records of the runs (T = 4): one per (image, pixel, group) of the chunk,
+    // then the zero run's (empty).
+    const std::unique_ptr<int32_t[]> records(
+        gather_runs ? new int32_t[static_cast<size_t>((E / gw + 1) * rec_ints)] : nullptr);
+    if (gather_runs) gather_run_entries(*prepared->groups[0], xq + E, gw, records.get() + (E / gw) * rec_ints);
     // A 1x1 conv with stride 1 and no padding whose pixel entries are exactly the
     // packed row (group = 1): the quantized image's pixels are the rows, no im2col.
     bool pixels_are_rows = group == 1 && KS == 1 && in_size == P &&
@@ -253,6 +313,18 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
                          i += s1 - s0;
                        }
                      });
+      if (gather_runs) {
+        par.for_ranges(images * in_size, grain_for(images * in_size, 64), [&](int64_t a, int64_t b) {
+          for (int64_t i = a; i < b; ++i) {  // pixel i % in_size of image i / in_size
+            const int16_t* px = xq + (i / in_size) * image_entries + (i % in_size) * plan.pixel_stride;
+            for (int64_t g = 0; g < group; ++g) {
+              const int16_t* run = px + g * gw;
+              gather_run_entries(*prepared->groups[g], run, gw,
+                                 records.get() + ((run - xq) / gw) * rec_ints);
+            }
+          }
+        });
+      }
       for (int64_t g = 0; g < group; ++g) {
         // Outputs scaled and written by the kernels' tile writer: row r is output
         // position r % P of image r / P; column m is output channel g * Mg + m.
@@ -272,7 +344,13 @@ void ConvKernel::compute(OrtKernelContext* ctx) const {
         Im2ColSource source{&plan, xq, image_entries, P, g};
         if (runs_ok) {
           Im2ColRuns runs{&plan, xq, xq + E, image_entries, P, g};
-          const RunSource run_source{&runs, Im2ColRuns::fill, KS, gw, term1_offset};
+          RunSource run_source{&runs, Im2ColRuns::fill, KS, gw, term1_offset};
+          if (gather_runs) {
+            runs.records = records.get();
+            runs.zero_record = records.get() + (E / gw) * rec_ints;
+            runs.record_ints = rec_ints;
+            run_source.fill_records = Im2ColRuns::fill_records;
+          }
           accumulate_prepared(*prepared->groups[g], rows, source.row_source(), run_source, out,
                               stats.counters(), par.get());
           continue;

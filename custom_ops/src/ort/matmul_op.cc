@@ -31,7 +31,8 @@ struct MatMulKernel {
   MatMulKernel(const OrtApi* api_, const OrtKernelInfo* info)
       : api(api_),
         label(node_label(api, info, kOpType)),
-        attrs(read_smt_attributes(KernelInfoAttrs(api, info, label), label)) {}
+        attrs(read_smt_attributes(KernelInfoAttrs(api, info, label), label)),
+        weights(is_constant_input(api, info, kBq)) {}
   void compute(OrtKernelContext* ctx) const;
   // Output shapes for ORT (InferOutputShapeFn), best effort.
   static OrtStatusPtr ORT_API_CALL infer_shape(const OrtCustomOp* op, OrtShapeInferContext* ctx);

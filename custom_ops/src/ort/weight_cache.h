@@ -7,6 +7,9 @@
 // shape and bytes with the copy the cached weights were built from (memcmp, in
 // full: a hit can never change a result) and rebuilds on any difference.
 //
+// A weight input that is a constant initializer (the usual case) cannot change:
+// there the comparison is skipped after the first build.
+//
 // One cache per kernel object, i.e. per node and session; it is freed with the
 // session. Memory: the raw weight bytes plus the prepared weights of the last
 // weights seen (see docs/ops.md, "Memory and work split"). No global state.
@@ -24,6 +27,7 @@
 
 #include "nbsmt/direct_conv.h"
 #include "nbsmt/kernels.h"
+#include "nbsmt/pointwise.h"
 #include "ort_api.h"
 
 namespace nbsmt::ort {
@@ -31,13 +35,20 @@ namespace nbsmt::ort {
 // Immutable once built.
 struct PreparedSet {
   std::vector<int64_t> dims;  // shape of the weight input they were built from
-  std::vector<int8_t> raw;    // its bytes
+  std::vector<int8_t> raw;    // its bytes (empty for a constant initializer: never compared)
   std::vector<std::shared_ptr<const PreparedWeights>> groups;  // one per Conv group (GEMM path)
   std::shared_ptr<const DirectConvWeights> direct;  // Conv direct path (direct_conv.h), or null
+  std::shared_ptr<const PointwiseWeights> pointwise;  // Conv pointwise path (pointwise.h), or null
 };
 
 class PreparedWeightsCache {
  public:
+  PreparedWeightsCache() = default;
+  // `constant`: the weight input is a constant initializer of the session (ORT
+  // KernelInfoGetConstantInput_tensor): its bytes cannot change between runs, so
+  // once built the prepared weights are reused without comparing them again.
+  explicit PreparedWeightsCache(bool constant) : constant_(constant) {}
+
   // The prepared weights of `w` (an int8 tensor): the cached set if w has the
   // same dims and bytes, else a set filled by build(PreparedSet&) (the GEMM
   // groups or the direct-conv weights), which becomes the cached one. build may
@@ -46,10 +57,10 @@ class PreparedWeightsCache {
   std::shared_ptr<const PreparedSet> get(const Tensor& w, const Build& build) {
     std::shared_ptr<const PreparedSet> current = snapshot();
     const auto* bytes = static_cast<const int8_t*>(w.data);
-    if (current != nullptr && matches(*current, w.dims, bytes)) return current;
+    if (current != nullptr && (constant_ || matches(*current, w.dims, bytes))) return current;
     auto fresh = std::make_shared<PreparedSet>();
     fresh->dims = w.dims;
-    fresh->raw.assign(bytes, bytes + w.size());
+    if (!constant_) fresh->raw.assign(bytes, bytes + w.size());  // only compared if not constant
     build(*fresh);
     std::shared_ptr<const PreparedSet> result = std::move(fresh);
     std::lock_guard<std::mutex> lock(mu_);
@@ -68,8 +79,22 @@ class PreparedWeightsCache {
            (set.raw.empty() || std::memcmp(set.raw.data(), bytes, set.raw.size()) == 0);
   }
 
+  const bool constant_ = false;
   mutable std::mutex mu_;
   std::shared_ptr<const PreparedSet> current_;  // guarded by mu_
 };
+
+// Whether input `index` of the node is a constant initializer (not overridable by a
+// feed); false when ORT cannot tell.
+inline bool is_constant_input(const OrtApi* api, const OrtKernelInfo* info, size_t index) {
+  int constant = 0;
+  const OrtValue* value = nullptr;
+  OrtStatus* status = api->KernelInfoGetConstantInput_tensor(info, index, &constant, &value);
+  if (status != nullptr) {
+    api->ReleaseStatus(status);
+    return false;
+  }
+  return constant != 0 && value != nullptr;
+}
 
 }  // namespace nbsmt::ort
