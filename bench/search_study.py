@@ -34,9 +34,9 @@ test set in its published order as for Fashion-MNIST, or pass
 ``make_data.py`` writes its crops grouped by source photo).
 
 The budgets (for each of ``--search-references``) are searched one after the
-other on the same split; every later
-search reuses the first one's base, sensitivities and built candidates
-(``search(..., reuse=...)``), so its cost column counts only what it added.
+other on the same split; every later search reuses the first one's base,
+sensitivities and built candidates (``search(..., reuse=...)``), so its cost
+column counts only what it added.
 The uniform T = 2 / T = 4 and int8 rows are the models the search built (the
 same ``transform`` calls: T = 1 base ranges, recalibrated under the
 assignment). ``--json OUT`` keeps the numbers; every search's own table (on

@@ -12,13 +12,15 @@ question for one model:
 2. **Sensitivity.** For every layer and every higher choice, the model with
    that layer alone moved up is built as ``transform`` builds it (recalibrated
    under that assignment unless ``sensitivity_recalibration=False``) and
-   scored: its loss is the drop in points against the reference.
+   scored: its loss is the metric of the base minus its metric, in points
+   (relative to the base, not to the reference, so a float32 reference above
+   the int8 base does not charge the base's own drop to every layer).
 3. **Order.** Moves are sorted by loss per cycle saved
    (``loss / (MACs_l * (1/T_old - 1/T_new))``, smallest first; a layer's moves
    are taken in increasing T). Applying them one after another gives a chain of
-   nested assignments of growing speed-up; the predicted loss of each is the
-   sum of its layers' sensitivities (additivity is the assumption, and is not
-   trusted: step 4 measures).
+   nested assignments of growing speed-up; the predicted drop of each is the
+   base's drop to the reference plus the sum of its layers' sensitivities
+   (additivity is the assumption, and is not trusted: step 4 measures).
 4. **Verification.** The longest prefix of the chain whose predicted loss is
    within the budget is built and scored for real. If it misses the budget,
    the search backs off by bisection along the chain (each step a real
@@ -211,7 +213,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class ChainStep:
-    """One assignment of the greedy chain: its speed-up and predicted drop (sum of sensitivities)."""
+    """One assignment of the greedy chain: its speed-up and predicted drop (base + sensitivities)."""
 
     label: str
     threads: dict[str, int]
@@ -221,7 +223,7 @@ class ChainStep:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer: MACs per sample, the threads it got, its sensitivity (loss per choice)."""
+    """One layer: MACs per sample, the threads it got, its sensitivity (loss vs the base per choice)."""
 
     name: str
     op_type: str
@@ -329,8 +331,8 @@ class SearchResult:
 
     def pareto_table(self) -> list[dict[str, Any]]:
         """Every assignment tried, by speed-up: the verified ones with their measured metric and
-        intervals (``evaluated``), and the chain's unverified ones with the metric the sum of
-        their layers' sensitivities predicts (``predicted``, no interval). ``pareto`` marks the
+        intervals (``evaluated``), and the chain's unverified ones with the metric the base's
+        and their layers' sensitivities predict (``predicted``, no interval). ``pareto`` marks the
         verified assignments on the front; ``chosen`` the accepted one. An assignment evaluated
         twice (the chain's end is also uniform at the highest choice) is one row."""
         front = {id(c) for c in self.pareto()}
