@@ -871,7 +871,7 @@ def _pareto_plot(report: Mapping[str, Any], name: str) -> str:
     if predicted:
         ax.plot(
             [float(r["speedup"]) for r in predicted], [float(r["metric"]) for r in predicted],
-            "o", mfc="none", color="#8c959f", label="predicted (sum of sensitivities)",
+            "o", mfc="none", color="#8c959f", label="predicted (base + sensitivities)",
         )  # fmt: skip
     if evaluated:
         xs = [float(r["speedup"]) for r in evaluated]
@@ -990,7 +990,7 @@ def _render_search(report: Mapping[str, Any]) -> str:
         parts.append(table)
         parts.append(
             '<p class="meta">Predicted rows (greyed) were not built: their figure is the '
-            "reference minus the sum of their layers' sensitivities.</p>"
+            "base's metric minus the sum of their layers' sensitivities.</p>"
         )
     else:
         parts.append(_na("the report has no assignments"))

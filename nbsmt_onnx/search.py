@@ -12,18 +12,28 @@ question for one model:
 2. **Sensitivity.** For every layer and every higher choice, the model with
    that layer alone moved up is built as ``transform`` builds it (recalibrated
    under that assignment unless ``sensitivity_recalibration=False``) and
-   scored: its loss is the drop in points against the reference.
+   scored: its loss is the metric of the base minus its metric, in points
+   (relative to the base, not to the reference, so a float32 reference above
+   the int8 base does not charge the base's own drop to every layer).
 3. **Order.** Moves are sorted by loss per cycle saved
    (``loss / (MACs_l * (1/T_old - 1/T_new))``, smallest first; a layer's moves
    are taken in increasing T). Applying them one after another gives a chain of
-   nested assignments of growing speed-up; the predicted loss of each is the
-   sum of its layers' sensitivities (additivity is the assumption, and is not
-   trusted: step 4 measures).
+   nested assignments of growing speed-up; the predicted drop of each is the
+   base's drop to the reference plus the sum of its layers' sensitivities
+   (additivity is the assumption, and is not trusted: step 4 measures).
 4. **Verification.** The longest prefix of the chain whose predicted loss is
    within the budget is built and scored for real. If it misses the budget,
    the search backs off by bisection along the chain (each step a real
    evaluation) to the longest prefix that meets it. Every verified assignment
    is kept: together with uniform T = 2 and T = 4 they form the Pareto table.
+
+Searching the same model and data under several budgets: pass the first
+result as ``reuse``. The base, the float and int8 predictions, the
+sensitivities and every candidate already built and scored are taken from it
+(the chain depends on the sensitivities only, so it is the same chain), and
+only assignments the earlier search never built cost a transform and an
+evaluation. ``model_evaluations`` counts the evaluations of this call,
+``reused_evaluations`` those taken over.
 
 The result holds the accepted assignment's transform (the model to deploy,
 recalibrated under that assignment), every layer's MACs, threads and
@@ -203,7 +213,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class ChainStep:
-    """One assignment of the greedy chain: its speed-up and predicted drop (sum of sensitivities)."""
+    """One assignment of the greedy chain: its speed-up and predicted drop (base + sensitivities)."""
 
     label: str
     threads: dict[str, int]
@@ -213,7 +223,7 @@ class ChainStep:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer: MACs per sample, the threads it got, its sensitivity (loss per choice)."""
+    """One layer: MACs per sample, the threads it got, its sensitivity (loss vs the base per choice)."""
 
     name: str
     op_type: str
@@ -229,6 +239,38 @@ class LayerPlan:
             "threads": self.threads,
             "sensitivity": {str(k): v for k, v in self.sensitivity.items()},
         }
+
+
+@dataclass
+class _Memo:
+    """What a search built and measured, for a later search of the same model, data and settings."""
+
+    #: model, calibration and search data, labels (compared by path, else identity)
+    sources: tuple[Any, ...]
+    #: the config without budget, bound and reference; image preprocessing; layout
+    settings: tuple[Any, ...]
+    base: TransformResult
+    float_pred: np.ndarray
+    base_pred: np.ndarray
+    sensitivity: dict[str, dict[int, float]]
+    #: every recalibrated candidate: its predictions on the search data and its model
+    built: dict[tuple[tuple[str, int], ...], tuple[np.ndarray, TransformResult]]
+
+    @staticmethod
+    def settings_of(config: SearchConfig, *more: Any) -> tuple[Any, ...]:
+        # the budget, its bound and the reference only change which candidates pass
+        neutral = replace(config, max_drop=0.0, bound="point", reference="int8", progress=False)
+        return (neutral, *more)
+
+    def matches(self, sources: tuple[Any, ...], settings: tuple[Any, ...]) -> bool:
+        def same(a: Any, b: Any) -> bool:
+            if isinstance(a, (str, Path)) and isinstance(b, (str, Path)):
+                return str(a) == str(b)
+            return a is b
+
+        return self.settings == settings and all(
+            same(a, b) for a, b in zip(self.sources, sources, strict=True)
+        )
 
 
 @dataclass
@@ -250,6 +292,9 @@ class SearchResult:
     model: str | None = None
     data: str | None = None
     samples: int = 0
+    #: evaluations taken over from ``search(..., reuse=...)`` instead of run again
+    reused_evaluations: int = 0
+    _memo: _Memo | None = field(default=None, repr=False, compare=False)
 
     @property
     def exit_code(self) -> int:
@@ -280,13 +325,14 @@ class SearchResult:
             "tried": [c.to_dict() for c in self.tried],
             "pareto": [c.label for c in self.pareto()],
             "model_evaluations": self.model_evaluations,
+            "reused_evaluations": self.reused_evaluations,
             "wall_time_s": round(self.wall_s, 3),
         }
 
     def pareto_table(self) -> list[dict[str, Any]]:
         """Every assignment tried, by speed-up: the verified ones with their measured metric and
-        intervals (``evaluated``), and the chain's unverified ones with the metric the sum of
-        their layers' sensitivities predicts (``predicted``, no interval). ``pareto`` marks the
+        intervals (``evaluated``), and the chain's unverified ones with the metric the base's
+        and their layers' sensitivities predict (``predicted``, no interval). ``pareto`` marks the
         verified assignments on the front; ``chosen`` the accepted one. An assignment evaluated
         twice (the chain's end is also uniform at the highest choice) is one row."""
         front = {id(c) for c in self.pareto()}
@@ -344,6 +390,16 @@ class SearchResult:
     def write_report(self, path: str | Path, *, force: bool = False) -> Path:
         """Write :meth:`report` atomically: HTML for ``.html`` / ``.htm``, JSON for ``.json``."""
         return write_report(self.report(), path, force=force)
+
+    def built(self, candidate: Candidate) -> TransformResult:
+        """The model ``candidate`` (one of ``tried``) was scored with, recalibrated as deployed."""
+        if self._memo is not None and _key(candidate.threads) in self._memo.built:
+            return self._memo.built[_key(candidate.threads)][1]
+        if self._memo is not None and candidate is self.tried[0]:  # the base (not recalibrated)
+            return self._memo.base
+        if _key(candidate.threads) == _key(self.best.threads):
+            return self.transform
+        raise ConfigError(f"{candidate.label} was not built by this search")
 
     def layer_threads(self) -> dict[str, int]:
         """The accepted assignment, as a ``--layer-threads`` file holds it."""
@@ -430,13 +486,27 @@ def search(
     images: ImagePreprocessing | None = None,
     layout: DataLayout | None = None,
     executor: Executor | None = None,
+    reuse: SearchResult | None = None,
 ) -> SearchResult:
-    """Search per-layer threads that maximise the speed-up within ``config.max_drop`` (module doc)."""
+    """Search per-layer threads that maximise the speed-up within ``config.max_drop`` (module doc).
+
+    ``reuse``: an earlier result for the same model, data, labels and config
+    except ``max_drop`` / ``bound``; what it built and measured is not redone.
+    """
     started = time.perf_counter()
     config = config or SearchConfig()
     executor = executor or LocalExecutor()
     if config.metric == "top1" and labels is None:
         raise ConfigError("--metric top1 needs --labels; without labels use --metric agreement")
+    sources = (model, calib_data, eval_data, labels)
+    settings = _Memo.settings_of(config, images, layout)
+    memo = None if reuse is None else reuse._memo
+    if reuse is not None and (memo is None or not memo.matches(sources, settings)):
+        raise ConfigError(
+            "reuse: the earlier search used another model, data, labels or settings "
+            "(only the budget and its bound may differ)"
+        )
+    reused = 0
     base_t = config.choices[0]
     tcfg = replace(config.transform, export="sim", collect_stats=False, progress=False)
     float_model = prepare_for_transform(model, tcfg, layout).model
@@ -473,10 +543,16 @@ def search(
         )  # fmt: skip
 
     # 1. the base: ranges, MACs, int8 predictions
-    base_cfg = replace(
-        tcfg, threads=base_t, recalibration=RecalibrationConfig(enabled=False), collect_stats=True
-    )
-    base = transform(model, calib_data, base_cfg, images=images, layout=layout, executor=executor)
+    if memo is not None:
+        base = memo.base
+    else:
+        base_cfg = replace(
+            tcfg, threads=base_t, recalibration=RecalibrationConfig(enabled=False),
+            collect_stats=True,
+        )  # fmt: skip
+        base = transform(
+            model, calib_data, base_cfg, images=images, layout=layout, executor=executor
+        )
     macs = {
         layer["node"]: float(layer["macs_per_sample"] or 0.0) for layer in base.report["layers"]
     }
@@ -487,7 +563,11 @@ def search(
     ]
     ops = {layer["node"]: layer["op_type"] for layer in base.report["layers"]}
     names = list(macs)
-    float_pred, base_pred = scorer.predictions([float_model, base.sim_model])
+    if memo is not None:
+        float_pred, base_pred = memo.float_pred, memo.base_pred
+        reused += 2
+    else:
+        float_pred, base_pred = scorer.predictions([float_model, base.sim_model])
     scorer.float_pred = float_pred
     if config.metric == "top1" and config.reference == "float32":
         reference_correct = scorer.correct(float_pred, "top1")
@@ -502,21 +582,19 @@ def search(
         layers = [LayerMacs(n, ops[n], macs[n], threads[n]) for n in names]
         return speedup(layers + floats)
 
-    def scored(
-        label: str, threads: dict[str, int], built: Any, predicted: float | None
-    ) -> Candidate:
-        model_ = built.sim_model if isinstance(built, TransformResult) else built
-        (pred,) = scorer.predictions([model_])
-        return Candidate(
-            label, threads, figure(threads), scorer.score(pred, config.metric), predicted
-        )
+    base_score = scorer.score(base_pred, config.metric)
 
     # 2. sensitivity: every layer alone at every higher choice
     moves = [(n, t) for n in names for t in config.choices[1:]]
     sensitivity: dict[str, dict[int, float]] = {n: {} for n in names}
+    if memo is not None:
+        sensitivity = {n: dict(memo.sensitivity[n]) for n in names}
+        reused += len(moves)
     chunk = 8
-    with Progress("sensitivity", len(moves), "candidates", enabled=config.progress) as bar:
-        for start in range(0, len(moves), chunk):
+    with Progress(
+        "sensitivity", len(moves), "candidates", enabled=config.progress and memo is None
+    ) as bar:
+        for start in range(0, len(moves) if memo is None else 0, chunk):
             part = moves[start : start + chunk]
             built = [
                 build({**dict.fromkeys(names, base_t), n: t}, config.sensitivity_recalibration)
@@ -526,7 +604,9 @@ def search(
                 [b.sim_model if isinstance(b, TransformResult) else b for b in built]
             )
             for (n, t), pred in zip(part, preds, strict=True):
-                sensitivity[n][t] = scorer.score(pred, config.metric).drop
+                # the loss of this move alone, relative to the base (not to the reference: with
+                # a float32 reference the base's own drop would be counted once per move)
+                sensitivity[n][t] = scorer.score(pred, config.metric).drop - base_score.drop
             bar.update(start + len(part))
 
     # 3. the chain of nested assignments, by loss per cycle saved
@@ -545,7 +625,9 @@ def search(
         )
         pending[n].pop(0)
         current[n] = t
-        predicted = sum(sensitivity[m][current[m]] for m in names if current[m] != base_t)
+        predicted = base_score.drop + sum(
+            sensitivity[m][current[m]] for m in names if current[m] != base_t
+        )
         chain.append((dict(current), predicted))
 
     # 4. verify the longest prefix within the budget; bisect back when it misses
@@ -554,13 +636,34 @@ def search(
         return drop <= config.max_drop
 
     tried: dict[int, tuple[Candidate, TransformResult]] = {}
+    known: dict[tuple[tuple[str, int], ...], tuple[np.ndarray, TransformResult]] = (
+        dict(memo.built) if memo is not None else {}
+    )
+    scored: dict[tuple[tuple[str, int], ...], tuple[Candidate, TransformResult]] = {}
+
+    def built_and_scored(
+        label: str, threads: dict[str, int], predicted: float | None
+    ) -> tuple[Candidate, TransformResult]:
+        """Build (recalibrated) and score an assignment once per search (and across ``reuse``)."""
+        nonlocal reused
+        key = _key(threads)
+        if key not in scored:
+            if key in known:  # built by the search reused: score its predictions again
+                reused += 1
+            else:
+                made = build(threads, True)
+                assert isinstance(made, TransformResult)
+                (pred,) = scorer.predictions([made.sim_model])
+                known[key] = (pred, made)
+            pred, made = known[key]
+            score = scorer.score(pred, config.metric)
+            scored[key] = (Candidate(label, threads, figure(threads), score, predicted), made)
+        return scored[key]
 
     def verify(k: int) -> Candidate:
         if k not in tried:
             threads, predicted = chain[k]
-            built = build(threads, True)
-            assert isinstance(built, TransformResult)
-            tried[k] = (scored(_label(threads), threads, built, predicted), built)
+            tried[k] = built_and_scored(_label(threads), threads, predicted)
         return tried[k][0]
 
     # The chain is assumed monotone in its measured drop (each step adds a move); the
@@ -589,13 +692,10 @@ def search(
     # uniform assignments: compared in the Pareto table, and candidates themselves
     uniform: list[tuple[Candidate, TransformResult]] = []
     for t in config.choices[1:]:
-        threads = dict.fromkeys(names, t)
-        made = build(threads, True)
-        assert isinstance(made, TransformResult)
-        uniform.append((scored(f"uniform T={t}", threads, made, None), made))
+        uniform.append(built_and_scored(f"uniform T={t}", dict.fromkeys(names, t), None))
     base_candidate = Candidate(
         f"uniform T={base_t}", dict.fromkeys(names, base_t), figure(dict.fromkeys(names, base_t)),
-        scorer.score(base_pred, config.metric),
+        base_score,
     )  # fmt: skip
 
     # The fastest verified assignment above the base that meets the budget (uniform ones
@@ -614,7 +714,13 @@ def search(
         best=best,
         met_budget=bool(passing),
         layers=layers,
-        tried=[base_candidate, *(c for c, _ in tried.values()), *(c for c, _ in uniform)],
+        # an assignment verified on the chain and uniform too (its end) is one candidate
+        tried=list(
+            {
+                id(c): c
+                for c in [base_candidate, *(c for c, _ in tried.values()), *(c for c, _ in uniform)]
+            }.values()
+        ),
         transform=best_transform,
         model_evaluations=scorer.evaluations,
         wall_s=time.perf_counter() - started,
@@ -622,6 +728,8 @@ def search(
         model=None if isinstance(model, onnx.ModelProto) else str(model),
         data=str(eval_data) if isinstance(eval_data, (str, Path)) else None,
         samples=len(float_pred),
+        reused_evaluations=reused,
+        _memo=_Memo(sources, settings, base, float_pred, base_pred, sensitivity, known),
     )
     log.info(
         "search: %s, speed-up %.2fx, %s %.2f %% (drop %.2f points), %d model evaluations",

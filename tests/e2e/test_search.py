@@ -217,3 +217,61 @@ def test_cli_refuses_an_unknown_report_suffix_before_searching(
     ])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "unknown report format" in result.output and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_second_budget_reuses_the_first_search_and_finds_the_same(
+    files: dict[str, Path], searched: SearchResult
+) -> None:
+    fresh = _search(files, max_drop=3.0)
+    again = search(
+        files["model"], files["calib"], files["eval"],
+        SearchConfig(transform=nb.TransformConfig(num_samples=64), max_drop=3.0),
+        reuse=searched,
+    )  # fmt: skip
+    assert again.best.threads == fresh.best.threads
+    assert again.best.score == fresh.best.score
+    assert [c.to_dict() for c in again.tried] == [c.to_dict() for c in fresh.tried]
+    assert again.layers == fresh.layers
+    # base, float and every sensitivity are taken over; only new chain prefixes are built
+    assert again.reused_evaluations >= 2 + 2 * len(MACS)
+    assert again.model_evaluations + again.reused_evaluations == fresh.model_evaluations
+    assert again.plan()["reused_evaluations"] == again.reused_evaluations
+    uniform4 = next(c for c in again.tried if c.label == "uniform T=4")
+    assert all(node_threads(n) == 4 for n in nbsmt_nodes(again.built(uniform4).sim_model))
+
+
+def test_reuse_refuses_another_configuration(
+    files: dict[str, Path], searched: SearchResult
+) -> None:
+    other = SearchConfig(transform=nb.TransformConfig(num_samples=32), max_drop=1.0)
+    with pytest.raises(ConfigError, match="reuse"):
+        search(files["model"], files["calib"], files["eval"], other, reuse=searched)
+    same = SearchConfig(transform=nb.TransformConfig(num_samples=64), max_drop=5.0)
+    with pytest.raises(ConfigError, match="reuse"):  # other calibration data
+        search(files["model"], files["eval"], files["eval"], same, reuse=searched)
+
+
+def test_sensitivities_are_relative_to_the_base_whatever_the_reference(
+    files: dict[str, Path], searched: SearchResult
+) -> None:
+    # the float32 reference is above the int8 base: the base's own drop enters each chain
+    # step's prediction once, not once per moved layer
+    config = SearchConfig(
+        transform=nb.TransformConfig(num_samples=64), max_drop=1.0, reference="float32"
+    )
+    fresh = search(files["model"], files["calib"], files["eval"], config)
+    reused = search(files["model"], files["calib"], files["eval"], config, reuse=searched)
+    base_drop = fresh.tried[0].score.drop
+    assert fresh.reference_metric == 100.0 and base_drop > 0
+    assert searched.tried[0].score.drop == 0.0  # int8 reference: the base itself
+    def sensitivities(r: SearchResult) -> dict[str, dict[int, float]]:
+        return {layer.name: layer.sensitivity for layer in r.layers}
+
+    assert sensitivities(fresh) == sensitivities(searched) == sensitivities(reused)
+    for step, ref in zip(fresh.chain, searched.chain, strict=True):
+        moved = [layer.sensitivity[step.threads[layer.name]]
+                 for layer in fresh.layers if step.threads[layer.name] != 1]  # fmt: skip
+        assert step.predicted_drop == pytest.approx(base_drop + sum(moved), abs=1e-9)
+        assert step.predicted_drop == pytest.approx(ref.predicted_drop + base_drop, abs=1e-9)
+    assert [c.to_dict() for c in reused.tried] == [c.to_dict() for c in fresh.tried]
+    assert reused.model_evaluations < fresh.model_evaluations
