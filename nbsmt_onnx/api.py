@@ -362,10 +362,10 @@ def _recalibrate(
             executor=executor,
         )
         second = _guard(float_model, shrunk, heldout, config, executor)
-        first = decision.to_dict()
+        first_try = {"shrink": rc.shrink, "summary": decision.summary()}
         if second is not None and second.kept:
             result, decision, report = shrunk, second, dict(shrunk.report)
-        report["guard_first_try"] = {"shrink": rc.shrink, "summary": first["summary"]}
+        report["guard_first_try"] = first_try
         report["guard_retry"] = {
             "shrink": retry,
             "kept": bool(second is not None and second.kept),
